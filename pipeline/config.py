@@ -1,0 +1,246 @@
+"""Typed job configuration: YAML file + CLI overrides, validated before any work starts.
+
+Every section forbids unknown keys so that a typo (``tile_sise``) stops the job with a message
+naming the field instead of silently running with a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+KNOWN_SCHEMES = {"", "file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory",
+                 "http", "https", "hf"}
+
+
+class ConfigError(ValueError):
+    """A job configuration that cannot run; the message names the offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_url(value: str, field: str) -> str:
+    if not value or not value.strip():
+        raise ValueError(f"{field} must not be empty")
+    scheme = urlparse(value).scheme.lower()
+    # Windows drive letters parse as a one-letter scheme; treat them as local paths.
+    if len(scheme) > 1 and scheme not in KNOWN_SCHEMES:
+        raise ValueError(f"{field}: unsupported URL scheme {scheme!r} in {value!r} "
+                         f"(use a local path or one of s3://, gs://, az://, memory://)")
+    if scheme in {"s3", "s3a", "gs", "gcs"} and not urlparse(value).netloc:
+        raise ValueError(f"{field}: {value!r} has no bucket name")
+    return value
+
+
+class TilingConfig(_Strict):
+    """Where tiles come from: physical resolution, size and tissue filter."""
+
+    mpp: float = Field(0.5, gt=0.05, le=64, description="target microns per pixel")
+    tile_size: int = Field(224, ge=16, le=4096, description="tile edge in pixels at target mpp")
+    min_tissue: float = Field(0.25, ge=0.0, le=1.0,
+                              description="minimum tissue fraction of a tile to keep it")
+    chunk_tiles: int = Field(64, ge=1, le=4096,
+                             description="tiles per chunk travelling from tiling to encoders")
+    thumbnail_px_per_tile: int = Field(8, ge=1, le=64,
+                                       description="tissue-mask resolution: mask pixels per tile edge")
+    region_tiles: int = Field(8, ge=1, le=64,
+                              description="tiles per edge of one region read from the slide")
+    mpp_tolerance: float = Field(0.02, ge=0, le=0.5,
+                                 description="relative mpp difference treated as 'exactly the target'")
+
+    def spec_hash(self) -> str:
+        """Hash of everything that changes which pixels a tile holds (not chunking)."""
+        keep = self.model_dump(exclude={"chunk_tiles", "region_tiles"})
+        keep["algorithm"] = TILING_ALGORITHM_VERSION
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+TILING_ALGORITHM_VERSION = 1
+
+
+class ModelConfig(_Strict):
+    """One tile encoder to run. ``weights`` says where its parameters come from."""
+
+    id: str = Field(description="registry id, see `python -m pipeline models`")
+    weights: str = Field(
+        "hub",
+        description="'hub' (Hugging Face repo of the registry entry, needs HF_TOKEN for gated "
+        "models), 'random' (untrained, for smoke tests only), a local file/dir, or an fsspec URL",
+    )
+    revision: str | None = Field(None, description="hub revision (commit, tag or branch)")
+    sha256: str | None = Field(None, description="expected sha256 of the weights file")
+    batch_size: int = Field(64, ge=1, le=8192)
+    actors: int = Field(1, ge=1, le=1024, description="encoder actors for this model")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v.lower())):
+            raise ValueError("sha256 must be 64 hex digits")
+        return v.lower() if v else v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        if v in {"hub", "random"}:
+            return v
+        return _check_url(v, "weights")
+
+    @field_validator("id")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pipeline.models import registry
+
+        if v not in registry.MODELS:
+            raise ValueError(f"unknown model {v!r}; known: {', '.join(sorted(registry.MODELS))}")
+        return v
+
+
+class StorageConfig(_Strict):
+    """Object-storage access. Credentials come from the usual environment/profile chain."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto, on-prem)")
+    region: str | None = None
+    anon: bool = False
+    profile: str | None = None
+    scratch_dir: str | None = Field(None, description="local dir for staged slides (default: tmp)")
+    scratch_limit_gb: float = Field(50.0, gt=0, description="max bytes of staged slides per node")
+    retries: int = Field(4, ge=0, le=20, description="retries on transient storage errors")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and urlparse(v).scheme not in {"http", "https"}:
+            raise ValueError(f"endpoint_url must be http(s)://host[:port], got {v!r}")
+        return v
+
+    def fsspec_options(self, protocol: str) -> dict[str, Any]:
+        """Keyword arguments for ``fsspec.filesystem(protocol, ...)``."""
+        if protocol not in {"s3", "s3a"}:
+            return {}
+        opts: dict[str, Any] = {"anon": self.anon}
+        client: dict[str, Any] = {}
+        if self.endpoint_url:
+            client["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client["region_name"] = self.region
+        if client:
+            opts["client_kwargs"] = client
+        if self.profile:
+            opts["profile"] = self.profile
+        return opts
+
+
+class RayConfig(_Strict):
+    """How the job maps onto Ray. Defaults suit a laptop and scale by configuration only."""
+
+    address: str | None = Field(None, description="cluster address; None: RAY_ADDRESS or local")
+    tiling_cpus: float = Field(1.0, gt=0, le=64, description="CPUs per tiling task")
+    tiling_concurrency: int | None = Field(None, ge=1, description="max parallel tiling tasks")
+    encoder_cpus: float = Field(1.0, ge=0, le=64, description="CPUs per encoder actor")
+    tiler_resource: str | None = Field(None, description="custom resource tiling tasks require")
+    encoder_resource: str | None = Field(None, description="custom resource encoders require")
+    object_store_memory_gb: float | None = Field(None, gt=0, description="local Ray only")
+    num_cpus: int | None = Field(None, ge=1, description="local Ray only: CPUs to use")
+
+
+class JobConfig(_Strict):
+    manifest: str = Field(description="CSV or Parquet manifest at any fsspec URL")
+    output: str = Field(description="root of the output lake at any fsspec URL")
+    models: list[ModelConfig] = Field(min_length=1)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    default_cohort: str = Field("default", min_length=1)
+    mean_pool: bool = True
+    errors_flush_seconds: float = Field(30.0, gt=0)
+
+    @field_validator("manifest", "output")
+    @classmethod
+    def _urls(cls, v: str, info: Any) -> str:
+        return _check_url(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> JobConfig:
+        ids = [m.id for m in self.models]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"models: {', '.join(dup)} listed more than once")
+        return self
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[int(key)]
+            continue
+        if key not in node or node[key] is None:
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``tiling.mpp=0.25`` -> ("tiling.mpp", 0.25); values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw else ""
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see README 'Job file')"
+        lines.append(f"  {where}: {msg}")
+    return "invalid job config:\n" + "\n".join(lines)
+
+
+def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> JobConfig:
+    data = json.loads(json.dumps(data or {}))  # deep copy, plain types
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Read a YAML job file (local path) and apply dotted overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"job file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"job file {str(path)!r} must be a mapping of fields")
+    base = path.parent.resolve()
+    for key in ("manifest", "output"):
+        # Relative local paths in a job file are relative to the file, like most tools do.
+        value = data.get(key)
+        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+            data[key] = str(base / value)
+    return build_config(data, overrides)
