@@ -1,0 +1,128 @@
+"""Command line: `python -m pipeline run job.yaml` (also installed as `wsi-embed`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, JobConfig, load_config, parse_override
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "manifest", None):
+        out["manifest"] = args.manifest
+    if getattr(args, "output", None):
+        out["output"] = args.output
+    if getattr(args, "models", None):
+        out["models"] = [{"id": m, "weights": args.weights or "hub"} for m in args.models]
+    elif getattr(args, "weights", None):
+        raise ConfigError("--weights needs --model (it applies to the models named there)")
+    for item in getattr(args, "set", None) or []:
+        key, value = parse_override(item)
+        out[key] = value
+    return out
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="YAML job file")
+    p.add_argument("--manifest", help="override `manifest:`")
+    p.add_argument("--output", help="override `output:`")
+    p.add_argument("--model", dest="models", action="append",
+                   help="run only this model (repeatable); replaces `models:`")
+    p.add_argument("--weights", help="weights for the --model models ('random', 'hub', a path)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any field, e.g. --set tiling.mpp=0.25 --set models.0.batch_size=32")
+
+
+def _load(args: argparse.Namespace) -> JobConfig:
+    return load_config(args.job, _overrides(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.run import run_job
+
+    cfg = _load(args)
+    record = run_job(cfg, run_id=args.run_id)
+    counts = record["counts"]
+    print(json.dumps({"run_id": record["run_id"], "status": record["status"],
+                      "wall_s": record["wall_s"], **counts}, indent=2))
+    print(f"outputs: {cfg.output.rstrip('/')}/{{tiles,slides,errors,runs}}")
+    return 0 if record["status"] == "succeeded" else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.run import plan_job
+    from pipeline.sink import Lake
+
+    cfg = _load(args)
+    plan = plan_job(cfg, Lake(cfg.output, cfg.storage))
+    print(json.dumps(plan.summary(), indent=2))
+    for e in plan.errors:
+        print(f"error: row {e['manifest_row']} {e['slide_id']}: {e['reason']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pipeline.models import registry
+
+    rows = [("id", "dim", "params", "precision", "tile", "weights", "licence")]
+    for spec in registry.MODELS.values():
+        rows.append((spec.id, str(spec.dim), f"{spec.params:,}", spec.precision,
+                     f"{spec.input_size}px", spec.hub_repo or "-", spec.licence))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(Path(args.output))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsi-embed", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a job: tile, encode, commit")
+    _job_args(p)
+    p.add_argument("--run-id", help="fixed run id (e.g. one per night, for schedulers)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("plan", help="validate the job and show what a run would do; no Ray")
+    _job_args(p)
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("models", help="list the model registry")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("demo", help="run the bundled offline demo (random weights)")
+    p.add_argument("--output", default="demo-output")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from pipeline.manifest import ManifestError
+        from pipeline.models.weights import WeightsError
+
+        if isinstance(err, (ManifestError, WeightsError)):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

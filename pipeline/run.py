@@ -1,0 +1,471 @@
+"""Builds and runs the Ray Data pipeline; the job entry point.
+
+    manifest -> plan (validate, fingerprint, skip what is committed) -> one slide per block
+      -> tiling tasks (CPU) -> one encoder actor pool per model -> driver-side sink (commit
+      each slide as soon as all its tiles are embedded) -> run record
+
+Only embeddings reach the driver: tiles are dropped after the last encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.config import JobConfig, StorageConfig, TilingConfig
+from pipeline.manifest import Manifest, SlideEntry, read_manifest
+from pipeline.models import registry
+from pipeline.models.weights import WeightsRef, resolve_weights
+from pipeline.sink import Lake, SlideBuffer, now, slide_row
+from pipeline.storage import Fingerprint, StagingError, fingerprint, staged_slide, url_to_fs
+
+log = logging.getLogger("pipeline")
+
+RECIPE_VERSION = 1  # bump when an embedding recipe changes meaning: forces recomputation
+TILE_ORDER = "row-major"
+
+
+def code_version() -> str:
+    return __version__
+
+
+def work_key(fp: Fingerprint, model_id: str, weights: WeightsRef, tiling: TilingConfig) -> str:
+    """Everything that changes a slide's rows for a model; equal keys mean nothing to redo."""
+    parts = [str(fp), model_id, weights.identity, tiling.spec_hash(), RECIPE_VERSION]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+@dataclass
+class SlideTask:
+    entry: SlideEntry
+    fingerprint: Fingerprint
+    models: list[str]
+    work_keys: dict[str, str]
+    stale_cohort: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    manifest: Manifest
+    weights: dict[str, WeightsRef]
+    tasks: list[SlideTask]
+    errors: list[dict[str, Any]]
+    up_to_date: dict[str, int]
+
+    def summary(self) -> dict[str, Any]:
+        per_model = {m: sum(m in t.models for t in self.tasks) for m in self.weights}
+        return {
+            "manifest_rows": len(self.manifest.entries) + len(self.manifest.problems),
+            "slides_to_process": len(self.tasks),
+            "work_per_model": per_model,
+            "up_to_date_per_model": self.up_to_date,
+            "errors_before_tiling": len(self.errors),
+        }
+
+
+def error_row(*, slide_id: str | None, uri: str | None, cohort: str | None, stage: str,
+              reason: str, model: str | None = None, row: int | None = None) -> dict[str, Any]:
+    return {"slide_id": slide_id, "uri": uri, "cohort": cohort, "model": model, "stage": stage,
+            "reason": reason, "manifest_row": row, "at": now()}
+
+
+def resolve_all_weights(cfg: JobConfig) -> dict[str, WeightsRef]:
+    """Fails the job, before any slide is touched, when any model's weights are unusable."""
+    refs = {}
+    for m in cfg.models:
+        refs[m.id] = resolve_weights(m, cfg.storage)
+        if refs[m.id].random:
+            log.warning("=" * 78)
+            log.warning("MODEL %s RUNS WITH RANDOM WEIGHTS (%s): its embeddings are meaningless. "
+                        "Recorded as random_weights=true in every output row.",
+                        m.id, refs[m.id].identity)
+            log.warning("=" * 78)
+    return refs
+
+
+def plan_job(cfg: JobConfig, lake: Lake, weights: dict[str, WeightsRef] | None = None) -> Plan:
+    weights = weights or resolve_all_weights(cfg)
+    manifest = read_manifest(cfg.manifest, cfg.storage, cfg.default_cohort)
+    errors = [error_row(slide_id=p.slide_id, uri=p.uri, cohort=p.cohort, stage="manifest",
+                        reason=p.reason, row=p.row) for p in manifest.problems]
+    committed = lake.committed()
+    tasks: list[SlideTask] = []
+    up_to_date = {m: 0 for m in weights}
+    for e in manifest.entries:
+        try:
+            fs, path = url_to_fs(e.uri, cfg.storage)
+            fp = fingerprint(fs, path)
+        except FileNotFoundError:
+            errors.append(error_row(slide_id=e.slide_id, uri=e.uri, cohort=e.cohort,
+                                    stage="stage", reason=f"slide file not found: {e.uri}",
+                                    row=e.row))
+            continue
+        except Exception as err:  # noqa: BLE001 - any storage failure is this slide's error
+            errors.append(error_row(slide_id=e.slide_id, uri=e.uri, cohort=e.cohort,
+                                    stage="stage", row=e.row,
+                                    reason=f"cannot stat slide: {type(err).__name__}: {err}"))
+            continue
+        keys = {m: work_key(fp, m, ref, cfg.tiling) for m, ref in weights.items()}
+        todo, stale = [], {}
+        for m, key in keys.items():
+            done = committed.get((e.slide_id, m))
+            if done and done.work_key == key and done.cohort == e.cohort:
+                up_to_date[m] += 1
+            else:
+                todo.append(m)
+                stale[m] = done.cohort if done else None
+        if todo:
+            tasks.append(SlideTask(e, fp, todo, keys, stale))
+    return Plan(manifest, weights, tasks, errors, up_to_date)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiling stage (Ray task): one slide in, chunks of uint8 tiles out.
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() or ""
+    except Exception:  # noqa: BLE001 - outside Ray
+        return ""
+
+
+def _rows(slide_id: str, models: str, tiles: np.ndarray, *, x: np.ndarray, y: np.ndarray,
+          tissue: np.ndarray, index: np.ndarray, num_tiles: int, meta: str = "",
+          error: str = "", stage: str = "") -> dict[str, np.ndarray]:
+    n = len(tiles)
+    metas = np.full(n, "", dtype=object)
+    if n:
+        metas[0] = meta
+    return {
+        "slide_id": np.full(n, slide_id, dtype=object),
+        "tile": tiles,
+        "x": x.astype(np.int64), "y": y.astype(np.int64),
+        "tissue": tissue.astype(np.float32),
+        "index": index.astype(np.int64),
+        "num_tiles": np.full(n, num_tiles, np.int64),
+        "models": np.full(n, models, dtype=object),
+        "error": np.full(n, error, dtype=object),
+        "error_stage": np.full(n, stage, dtype=object),
+        "meta": metas,
+        "t_chunk": np.full(n, time.time(), np.float64),
+        "rss_mb": np.full(n, _rss_mb(), np.float32),
+    }
+
+
+def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
+                storage: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+    """Tile each slide of the batch; a failing slide becomes one error row, never an exception."""
+    from pipeline.slides import SlideError
+    from pipeline.tiling import tile_slide
+
+    cfg = TilingConfig(**tiling)
+    store = StorageConfig(**storage)
+    t = cfg.tile_size
+    for slide_id, uri, mpp, models in zip(batch["slide_id"], batch["uri"], batch["mpp"],
+                                          batch["models"], strict=True):
+        mpp_override = None if mpp is None or np.isnan(mpp) else float(mpp)
+        started = time.time()
+
+        def failure(stage: str, reason: str, slide_id: str = slide_id) -> dict[str, np.ndarray]:
+            one = np.zeros(1, np.int64)
+            return _rows(slide_id, "", np.zeros((1, t, t, 3), np.uint8), x=one, y=one,
+                         tissue=np.zeros(1), index=one - 1, num_tiles=0, error=reason,
+                         stage=stage, meta=json.dumps({"tiling_started_at": started}))
+
+        try:
+            with staged_slide(str(uri), store) as local:
+                plan, chunks = tile_slide(local, mpp_override=mpp_override, cfg=cfg)
+                meta = json.dumps({**asdict(plan), "tiling_started_at": started,
+                                   "node": _node_id(), "pid": os.getpid()})
+                for chunk in chunks:
+                    yield _rows(str(slide_id), str(models), chunk.tiles, x=chunk.x, y=chunk.y,
+                                tissue=chunk.tissue, index=chunk.index,
+                                num_tiles=plan.num_tiles, meta=meta)
+                    meta = ""
+        except SlideError as err:
+            yield failure(err.stage, err.reason)
+        except StagingError as err:
+            yield failure("stage", str(err))
+        except Exception as err:  # noqa: BLE001 - one bad slide must not fail the job
+            log.exception("tiling %s failed", slide_id)
+            yield failure("tiling", f"unexpected {type(err).__name__}: {err}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The job.
+
+
+def init_ray(cfg: JobConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False}
+    if cfg.ray.num_cpus:
+        kwargs["num_cpus"] = cfg.ray.num_cpus
+    if cfg.ray.object_store_memory_gb:
+        kwargs["object_store_memory"] = int(cfg.ray.object_store_memory_gb * 2**30)
+    log.info("no cluster address given: starting an embedded local Ray")
+    ray.init(**kwargs)
+
+
+def versions() -> dict[str, str]:
+    out = {"pipeline": code_version(), "python": platform.python_version()}
+    for name in ("ray", "torch", "timm", "pyarrow", "openslide"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "")
+            if name == "openslide":
+                out["libopenslide"] = getattr(mod, "__library_version__", "")
+        except Exception:  # noqa: BLE001 - informational only
+            out[name] = "unavailable"
+    return out
+
+
+def _use_gpu(device: str) -> bool:
+    import ray
+
+    if device == "cuda":
+        return True
+    if device == "cpu":
+        return False
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_dataset(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]) -> Any:
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from pipeline.encode import TileEncoder
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    items = [{"slide_id": t.entry.slide_id, "uri": t.entry.uri,
+              "mpp": t.entry.mpp if t.entry.mpp is not None else float("nan"),
+              "models": ",".join(t.models)} for t in plan.tasks]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    tiler_args: dict[str, Any] = {"num_cpus": cfg.ray.tiling_cpus,
+                                  # A memory request also keeps Ray from fusing tiling into the
+                                  # encoder actors, which would serialise the two stages.
+                                  "memory": 512 * 2**20}
+    if cfg.ray.tiler_resource:
+        tiler_args["resources"] = {cfg.ray.tiler_resource: 0.001}
+    if cfg.ray.tiling_concurrency:
+        tiler_args["compute"] = TaskPoolStrategy(size=cfg.ray.tiling_concurrency)
+    ds = ds.map_batches(tile_slides, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"tiling": cfg.tiling.model_dump(),
+                                   "storage": cfg.storage.model_dump()},
+                        **tiler_args)
+    for m in cfg.models:
+        if not any(m.id in t.models for t in plan.tasks):
+            continue
+        enc_args: dict[str, Any] = {"num_cpus": cfg.ray.encoder_cpus,
+                                    "num_gpus": 1 if use_gpu[m.id] else 0}
+        if cfg.ray.encoder_resource:
+            enc_args["resources"] = {cfg.ray.encoder_resource: 0.001}
+        model_cfg = m.model_dump()
+        model_cfg["cpu_threads"] = max(1, int(cfg.ray.encoder_cpus))
+        ds = ds.map_batches(
+            TileEncoder, batch_size=m.batch_size, batch_format="numpy",
+            compute=ActorPoolStrategy(size=m.actors),
+            fn_constructor_kwargs={"model_cfg": model_cfg,
+                                   "weights": asdict(plan.weights[m.id]),
+                                   "storage_cfg": cfg.storage.model_dump()},
+            **enc_args)
+    return ds.drop_columns(["tile"])
+
+
+class Committer:
+    """Driver-side sink: buffers each slide's embeddings and commits it once complete."""
+
+    def __init__(self, cfg: JobConfig, plan: Plan, lake: Lake, run_id: str,
+                 use_gpu: dict[str, bool]):
+        self.cfg, self.plan, self.lake, self.run_id = cfg, plan, lake, run_id
+        self.tasks = {t.entry.slide_id: t for t in plan.tasks}
+        self.dims = {m: registry.get(m).dim for m in plan.weights}
+        self.use_gpu = use_gpu
+        self.buffers: dict[str, SlideBuffer] = {}
+        self.done: set[str] = set()
+        self.errors: list[dict[str, Any]] = list(plan.errors)
+        self.errors_written = 0
+        self.error_parts = 0
+        self.last_flush = time.monotonic()
+        self.committed: dict[str, int] = {m: 0 for m in plan.weights}
+        self.tiles_encoded: dict[str, int] = {m: 0 for m in plan.weights}
+        self.timings: list[dict[str, Any]] = []
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        ids = batch["slide_id"]
+        for sid in np.unique(ids):
+            sid = str(sid)
+            rows = np.nonzero(ids == sid)[0]
+            if sid in self.done:
+                continue  # a retried task re-delivered rows of a slide already committed
+            task = self.tasks[sid]
+            err = str(batch["error"][rows[0]])
+            if err:
+                self._fail(task, str(batch["error_stage"][rows[0]]), err)
+                continue
+            buf = self.buffers.get(sid)
+            if buf is None:
+                buf = SlideBuffer(sid, int(batch["num_tiles"][rows[0]]),
+                                  {m: self.dims[m] for m in task.models})
+                self.buffers[sid] = buf
+            cols = {m: f"emb__{m}" for m in task.models}
+            buf.add(rows, batch, cols)
+            if buf.complete:
+                self._commit(task, buf)
+        if time.monotonic() - self.last_flush > self.cfg.errors_flush_seconds:
+            self.flush_errors()
+
+    def _fail(self, task: SlideTask, stage: str, reason: str) -> None:
+        e = task.entry
+        self.errors.append(error_row(slide_id=e.slide_id, uri=e.uri, cohort=e.cohort,
+                                     stage=stage, reason=reason, row=e.row))
+        self.buffers.pop(e.slide_id, None)
+        self.done.add(e.slide_id)
+
+    def _commit(self, task: SlideTask, buf: SlideBuffer) -> None:
+        e, meta = task.entry, buf.meta
+        tiling_json = json.dumps(self.cfg.tiling.model_dump(), sort_keys=True)
+        for m in task.models:
+            ref = self.plan.weights[m]
+            spec = registry.get(m)
+            gpu = self.use_gpu[m]
+            values = {
+                "slide_id": e.slide_id, "uri": e.uri, "fingerprint": str(task.fingerprint),
+                "size_bytes": task.fingerprint.size, "width": meta["width"],
+                "height": meta["height"], "mpp": meta["mpp"], "mpp_source": meta["mpp_source"],
+                "vendor": meta.get("vendor"), "objective_power": meta.get("objective_power"),
+                "target_mpp": meta["target_mpp"], "tile_px": meta["tile_px"],
+                "tile_l0": meta["tile_l0"], "level": meta["level"],
+                "num_tiles": buf.num_tiles, "tissue_area_mm2": meta["tissue_area_mm2"],
+                "tile_order": TILE_ORDER, "aggregation": "mean", "model_dim": spec.dim,
+                "precision": spec.precision if gpu else "fp32", "device": "cuda" if gpu else "cpu",
+                "weights": ref.source, "weights_identity": ref.identity,
+                "weights_sha256": ref.sha256, "random_weights": ref.random,
+                "tiling": tiling_json, "tiling_hash": self.cfg.tiling.spec_hash(),
+                "work_key": task.work_keys[m], "code_version": code_version(),
+                "run_id": self.run_id,
+                "tiling_started_at": _ts(meta.get("tiling_started_at", buf.t_first)),
+                "committed_at": now(), "extra": json.dumps(e.extra, default=str),
+            }
+            self.lake.commit_slide(m, e.cohort, e.slide_id, buf.tiles_table(m),
+                                   slide_row(spec.dim, values, buf.mean_embedding(m)),
+                                   stale_cohort=task.stale_cohort.get(m))
+            self.committed[m] += 1
+            self.tiles_encoded[m] += buf.num_tiles
+        self.timings.append({
+            "slide_id": e.slide_id, "num_tiles": buf.num_tiles, "models": task.models,
+            "tiling_started_at": meta.get("tiling_started_at"), "last_chunk_at": buf.t_last,
+            "committed_at": time.time(), "tiler_peak_rss_mb": buf.rss_mb,
+            "tiler_node": meta.get("node"), "tiler_pid": meta.get("pid"),
+        })
+        log.info("committed %s (%d tiles, %s)", e.slide_id, buf.num_tiles, ",".join(task.models))
+        del self.buffers[e.slide_id]
+        self.done.add(e.slide_id)
+
+    def finish(self, job_error: str | None) -> None:
+        """Every planned slide not committed or failed by now gets an error row: nothing lost."""
+        reason = f"job stopped before this slide finished: {job_error}" if job_error else \
+            "slide produced no output (internal error: please report)"
+        for sid, task in self.tasks.items():
+            if sid not in self.done:
+                self._fail(task, "incomplete", reason)
+        self.flush_errors()
+
+    def flush_errors(self) -> None:
+        pending = self.errors[self.errors_written:]
+        if pending:
+            self.lake.write_errors(self.run_id, self.error_parts, pending)
+            self.error_parts += 1
+            self.errors_written = len(self.errors)
+        self.last_flush = time.monotonic()
+
+
+def _ts(t: float | None) -> Any:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(t, timezone.utc) if t else None
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def run_job(cfg: JobConfig, run_id: str | None = None) -> dict[str, Any]:
+    """Run one job to completion and return its run record (also written to OUT/runs/)."""
+    run_id = run_id or new_run_id()
+    started = time.time()
+    lake = Lake(cfg.output, cfg.storage)
+    weights = resolve_all_weights(cfg)
+    plan = plan_job(cfg, lake, weights)
+    record: dict[str, Any] = {
+        "run_id": run_id, "status": "running", "started_at": _ts(started),
+        "config": cfg.model_dump(), "versions": versions(), "plan": plan.summary(),
+        "weights": {m: asdict(r) for m, r in weights.items()},
+    }
+    lake.write_run(run_id, record)
+    log.info("run %s: %s", run_id, json.dumps(plan.summary()))
+    use_gpu: dict[str, bool] = {}
+    committer = None
+    job_error = None
+    try:
+        if plan.tasks:
+            init_ray(cfg)
+            use_gpu = {m.id: _use_gpu(m.device) for m in cfg.models}
+            for m, gpu in use_gpu.items():
+                if not gpu:
+                    log.warning("model %s: no GPU in the cluster; encoding on CPU (slow)", m)
+            committer = Committer(cfg, plan, lake, run_id, use_gpu)
+            ds = build_dataset(cfg, plan, use_gpu)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                committer.add(batch)
+        else:
+            committer = Committer(cfg, plan, lake, run_id, use_gpu)
+    except BaseException as err:
+        job_error = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        if committer is not None:
+            committer.finish(job_error)
+            record.update({
+                "status": "failed" if job_error else "succeeded",
+                "error": job_error,
+                "finished_at": _ts(time.time()),
+                "wall_s": round(time.time() - started, 3),
+                "counts": {
+                    "committed": committer.committed,
+                    "tiles_encoded": committer.tiles_encoded,
+                    "up_to_date": plan.up_to_date,
+                    "errors": len(committer.errors),
+                },
+                "encoders": {m: ("cuda" if g else "cpu") for m, g in use_gpu.items()},
+                "slides": committer.timings,
+            })
+            lake.write_run(run_id, record)
+    return record

@@ -1,0 +1,117 @@
+"""Staging slides from object storage: retries, scratch bound, cleanup."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from pipeline.config import StorageConfig
+from pipeline.storage import (
+    ScratchBudget,
+    StagingError,
+    atomic_write_bytes,
+    fingerprint,
+    resolve_relative,
+    staged_slide,
+    url_to_fs,
+    with_retries,
+)
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_stage_from_s3_and_clean_up(s3_endpoint: str, s3_bucket: str, tmp_path: Path) -> None:
+    src = DATA / "CMU-1-Small-Region.svs"
+    boto3.client("s3", endpoint_url=s3_endpoint).upload_file(str(src), s3_bucket, "a/s.svs")
+    storage = StorageConfig(endpoint_url=s3_endpoint, scratch_dir=str(tmp_path / "scratch"))
+    with staged_slide(f"s3://{s3_bucket}/a/s.svs", storage) as local:
+        assert Path(local).read_bytes() == src.read_bytes()
+        assert local.startswith(str(tmp_path / "scratch"))
+    assert not Path(local).exists()
+    assert not list((tmp_path / "scratch").glob(".reserve-*"))
+
+
+def test_missing_object_is_a_clear_error(s3_endpoint: str, s3_bucket: str) -> None:
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    with pytest.raises(StagingError, match="not found in object storage"):
+        with staged_slide(f"s3://{s3_bucket}/nope.svs", storage):
+            pass
+    with pytest.raises(StagingError, match="slide file not found"):
+        with staged_slide("/no/such/file.svs", storage):
+            pass
+
+
+def test_fingerprint_changes_when_file_is_rewritten(s3_endpoint: str, s3_bucket: str) -> None:
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    fs, path = url_to_fs(f"s3://{s3_bucket}/f.bin", storage)
+    fs.pipe_file(path, b"one")
+    a = fingerprint(fs, path)
+    fs.pipe_file(path, b"two")
+    b = fingerprint(fs, path)
+    assert a.size == b.size == 3 and a != b and "etag" in a.version
+
+
+def test_retries_transient_but_not_permanent_errors() -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("reset by peer")
+        return "ok"
+
+    assert with_retries(flaky, retries=4, what="t", base_delay=0.01) == "ok"
+    assert len(calls) == 3
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("x")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        with_retries(missing, retries=4, what="t", base_delay=0.01)
+    assert len(calls) == 1
+
+
+def test_scratch_budget_blocks_until_space_frees(tmp_path: Path) -> None:
+    budget = ScratchBudget(str(tmp_path), limit_bytes=100)
+    order = []
+    with budget.reserve(70):
+        def second() -> None:
+            with budget.reserve(50):
+                order.append("second")
+
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(1.2)
+        order.append("first-done")
+    t.join(10)
+    assert order == ["first-done", "second"]
+    with pytest.raises(StagingError, match="larger than the scratch limit"):
+        with budget.reserve(101):
+            pass
+
+
+def test_scratch_reservation_of_dead_process_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / ".reserve-999999999-x").write_text("100")
+    budget = ScratchBudget(str(tmp_path), limit_bytes=100)
+    with budget.reserve(100):
+        pass
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    fs, path = url_to_fs(str(tmp_path / "d" / "x.parquet"), StorageConfig())
+    atomic_write_bytes(fs, path, b"abc")
+    assert Path(path).read_bytes() == b"abc"
+    assert os.listdir(tmp_path / "d") == ["x.parquet"]
+
+
+def test_relative_uris() -> None:
+    assert resolve_relative("a/b.svs", "/data/m.csv") == "/data/a/b.svs"
+    assert resolve_relative("b.svs", "s3://bkt/p/m.csv") == "s3://bkt/p/b.svs"
+    assert resolve_relative("s3://x/y.svs", "/data/m.csv") == "s3://x/y.svs"
