@@ -1,0 +1,31 @@
+# Two commands a new user needs: `make demo` and `make test`. Both set up .venv first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The exact torch pair we test. On this project's CI machines pip takes both wheels from the
+# local disk (no multi-GB download); elsewhere pip fetches them from PyPI.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PINS)
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/python -m pipeline demo --output demo-output
+
+test: setup
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/pytest -q -ra --durations=15 tests
+
+lint: setup
+	$(BIN)/ruff check pipeline tests
+
+clean:
+	rm -rf demo-output .pytest_cache
