@@ -1,0 +1,79 @@
+"""Helpers for end-to-end job tests: manifests, job files, and reading a lake back."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import yaml
+
+from pipeline.config import JobConfig, StorageConfig, build_config
+from pipeline.sink import read_errors, read_slides, read_tiles
+
+DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_manifest(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
+    rows = list(rows)
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def job_config(manifest: str, output: str, models: list[str] | None = None,
+               **extra: Any) -> JobConfig:
+    data: dict[str, Any] = {
+        "manifest": manifest, "output": output,
+        "models": [{"id": m, "weights": "random", "batch_size": 32}
+                   for m in (models or ["kaiko-vits16"])],
+        "tiling": {"mpp": 0.5, "tile_size": 224, "chunk_tiles": 16},
+        "errors_flush_seconds": 1.0,
+    }
+    data.update(extra)
+    return build_config(data)
+
+
+def write_job(path: Path, cfg: JobConfig) -> Path:
+    path.write_text(yaml.safe_dump(cfg.model_dump(exclude_defaults=True), sort_keys=False))
+    return path
+
+
+def copy_slide(name: str, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DATA / name, dest)
+    return dest
+
+
+def embeddings(table: pa.Table) -> np.ndarray:
+    col = table["embedding"].combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+
+
+def lake_snapshot(output: str, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """Content of a lake that must not depend on timing: tiles keyed by (model, slide, x, y)."""
+    tiles = read_tiles(output, storage=storage)
+    slides = read_slides(output, storage=storage)
+    emb = embeddings(tiles)
+    keys = list(zip(tiles["model"].to_pylist(), tiles["slide_id"].to_pylist(),
+                    tiles["x"].to_pylist(), tiles["y"].to_pylist(), strict=True))
+    volatile = {"run_id", "committed_at", "tiling_started_at", "embedding"}
+    srows = sorted(
+        ({k: v for k, v in r.items() if k not in volatile} for r in slides.to_pylist()),
+        key=lambda r: (r["model"], r["slide_id"]))
+    return {"keys": keys, "emb": dict(zip(keys, emb, strict=True)), "slides": srows}
+
+
+def errors_by_slide(output: str, run_id: str, storage: StorageConfig | None = None
+                    ) -> dict[str | None, dict[str, Any]]:
+    return {r["slide_id"]: r for r in read_errors(output, run_id, storage).to_pylist()}

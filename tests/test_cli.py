@@ -1,0 +1,55 @@
+"""The command line stops bad jobs before any work and explains why."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from jobkit import DATA, REPO, write_manifest
+
+from pipeline.cli import main
+
+
+def write(tmp: Path, text: str) -> Path:
+    (tmp / "job.yaml").write_text(text)
+    return tmp / "job.yaml"
+
+
+def test_unknown_key_stops_before_work(tmp_path: Path, capsys) -> None:
+    job = write(tmp_path, "manifest: m.csv\noutput: out\nmodels:\n  - id: kaiko-vits16\n"
+                          "tiling:\n  tile_sise: 256\n")
+    assert main(["run", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert "tiling.tile_sise" in err and "unknown key" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_weights_stop_before_any_slide(tmp_path: Path, capsys) -> None:
+    write_manifest(tmp_path / "m.csv", [{"slide_id": "a", "uri": str(DATA / "tiny-16px.svs")}])
+    job = write(tmp_path, "manifest: m.csv\noutput: out\nmodels:\n  - id: uni\n"
+                          "    weights: /nowhere/uni.bin\n")
+    assert main(["run", str(job)]) == 2
+    assert "/nowhere/uni.bin" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_with_overrides(tmp_path: Path, capsys) -> None:
+    write_manifest(tmp_path / "m.csv", [
+        {"slide_id": "a", "uri": str(DATA / "CMU-1-Small-Region.svs")},
+        {"slide_id": "b", "uri": ""}])
+    job = write(tmp_path, "manifest: m.csv\noutput: out\nmodels:\n  - id: uni\n")
+    assert main(["plan", str(job), "--model", "kaiko-vits16", "--weights", "random",
+                 "--set", "tiling.mpp=1.0"]) == 0
+    out = capsys.readouterr().out
+    assert '"slides_to_process": 1' in out and "empty uri" in out
+    assert '"kaiko-vits16": 1' in out
+
+
+def test_console_script_and_module_agree() -> None:
+    exe = Path(sys.executable).parent / "wsi-embed"
+    a = subprocess.run([str(exe), "models"], capture_output=True, text=True, cwd=REPO)
+    b = subprocess.run([sys.executable, "-m", "pipeline", "models"], capture_output=True,
+                       text=True, cwd=REPO)
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
+    assert "kaiko-vits16" in a.stdout and "uni" in a.stdout

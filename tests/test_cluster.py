@@ -1,0 +1,147 @@
+"""The job as users run it: a separate process, killed and re-run, and `ray job submit`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from jobkit import REPO, job_config, lake_snapshot, write_job, write_manifest
+from lake_fixtures import free_port
+from slidegen import write_pyramid_svs
+
+from pipeline.sink import read_slides, read_tiles
+
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+       "PYTHONUNBUFFERED": "1"}
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    d = tmp_path_factory.mktemp("cohort")
+    n = 10
+    rows = []
+    for i in range(n):
+        write_pyramid_svs(d / f"s{i}.svs", width=2200, height=1800, mpp=0.5, levels=(1, 4),
+                          seed=100 + i)
+        rows.append({"slide_id": f"s{i:02d}", "uri": str(d / f"s{i}.svs"),
+                     "cohort": "even" if i % 2 == 0 else "odd"})
+    write_manifest(d / "manifest.csv", rows)
+    return d / "manifest.csv", n
+
+
+def job_file(tmp: Path, manifest: Path, out: Path, name: str) -> Path:
+    cfg = job_config(str(manifest), str(out), ray={"num_cpus": 2})
+    return write_job(tmp / f"{name}.yaml", cfg)
+
+
+def run_cli(job: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(job)], env=ENV,
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def committed_files(out: Path) -> list[Path]:
+    return sorted((out / "slides").glob("model=*/cohort=*/*.parquet"))
+
+
+def test_kill_mid_job_then_rerun_equals_uninterrupted_run(cohort: tuple[Path, int],
+                                                          tmp_path: Path) -> None:
+    manifest, n = cohort
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    run_cli(job_file(tmp_path, manifest, clean, "clean"))
+
+    job = job_file(tmp_path, manifest, killed, "killed")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job)], env=ENV,
+                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while len(committed_files(killed)) < 2 and time.time() < deadline:
+            assert proc.poll() is None, "job ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait(30)
+    visible = committed_files(killed)
+    assert 2 <= len(visible) < n, f"kill landed at {len(visible)} of {n} slides"
+
+    # Nothing half-visible: each committed slide has exactly its tiles, each file is whole.
+    slides = read_slides(str(killed))
+    tiles = read_tiles(str(killed))
+    for row in slides.to_pylist():
+        count = sum(1 for s in tiles["slide_id"].to_pylist() if s == row["slide_id"])
+        assert count == row["num_tiles"]
+    for f in (killed / "tiles").rglob("*.parquet"):
+        pq.read_table(f)
+
+    run_cli(job)
+    a, b = lake_snapshot(str(clean)), lake_snapshot(str(killed))
+    assert len(b["keys"]) == len(set(b["keys"])), "duplicate tiles after re-run"
+    assert sorted(a["keys"]) == sorted(b["keys"])
+    assert a["slides"] == b["slides"]
+    for key, emb in a["emb"].items():
+        np.testing.assert_allclose(emb.astype(np.float32), b["emb"][key].astype(np.float32),
+                                   atol=2e-3, rtol=1e-2)
+
+
+@pytest.fixture
+def ray_head() -> Iterator[str]:
+    """`ray start --head` on 127.0.0.1 in its own temp dir; stopped whatever happens."""
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: unix socket paths are limited
+    dash = free_port()
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=true",
+         "--disable-usage-stats"],
+        env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert head.poll() is None, "ray start --head exited"
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
+
+
+def test_ray_job_submit_to_a_local_head(ray_head: str, cohort: tuple[Path, int],
+                                        tmp_path: Path) -> None:
+    manifest, n = cohort
+    out = tmp_path / "lake"
+    job = write_job(tmp_path / "job.yaml", job_config(str(manifest), str(out)))
+    sub = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+         "--submission-id", "nightly-test", "--", "python", "-m", "pipeline", "run", str(job)],
+        env=ENV, capture_output=True, text=True, timeout=600)
+    assert sub.returncode == 0, sub.stdout[-4000:] + sub.stderr[-4000:]
+    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", ray_head,
+                             "nightly-test"], env=ENV, capture_output=True, text=True,
+                            timeout=60)
+    assert "SUCCEEDED" in status.stdout + status.stderr
+    slides = read_slides(str(out))
+    assert slides.num_rows == n
+    assert read_tiles(str(out)).num_rows == sum(slides["num_tiles"].to_pylist())

@@ -1,0 +1,242 @@
+"""End-to-end jobs on a real local Ray: outputs per the contract, refresh, streaming, S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import boto3
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+from jobkit import DATA, embeddings, errors_by_slide, job_config, lake_snapshot, write_manifest
+from slidegen import write_blank_slide, write_not_a_slide, write_pyramid_svs, write_truncated
+
+from pipeline.config import StorageConfig
+from pipeline.run import run_job
+from pipeline.sink import read_slides, read_tiles
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+@pytest.fixture(scope="module")
+def slide_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("slides")
+    shutil.copy(DATA / "CMU-1-Small-Region.svs", d / "cmu.svs")
+    shutil.copy(DATA / "tiny-16px.svs", d / "tiny.svs")
+    write_pyramid_svs(d / "pyr.svs", width=3000, height=2400, mpp=0.25)
+    write_pyramid_svs(d / "nompp.tiff", width=1600, height=1200, mpp=None)
+    write_blank_slide(d / "blank.svs")
+    write_truncated(d / "trunc.svs", d / "pyr.svs")
+    write_not_a_slide(d / "notaslide.svs")
+    return d
+
+
+GOOD = {"cmu", "pyr", "nompp-override"}
+BAD = {  # slide_id -> expected error stage
+    "nompp": "mpp", "tiny": "too_small", "blank": "no_tissue", "notaslide": "open",
+    "missing": "stage", "empty-uri": "manifest",
+}
+
+
+def contract_manifest(d: Path, out: Path) -> Path:
+    return write_manifest(out / "manifest.csv", [
+        {"slide_id": "cmu", "uri": str(d / "cmu.svs"), "cohort": "skin", "mpp": "",
+         "stain": "H&E"},
+        {"slide_id": "pyr", "uri": str(d / "pyr.svs"), "cohort": "synth", "mpp": "",
+         "stain": "H&E"},
+        {"slide_id": "nompp-override", "uri": str(d / "nompp.tiff"), "cohort": "synth",
+         "mpp": "0.5", "stain": "H&E"},
+        {"slide_id": "nompp", "uri": str(d / "nompp.tiff"), "cohort": "synth", "mpp": ""},
+        {"slide_id": "tiny", "uri": str(d / "tiny.svs"), "cohort": "skin", "mpp": ""},
+        {"slide_id": "blank", "uri": str(d / "blank.svs"), "cohort": "synth", "mpp": ""},
+        {"slide_id": "trunc", "uri": str(d / "trunc.svs"), "cohort": "synth", "mpp": ""},
+        {"slide_id": "notaslide", "uri": str(d / "notaslide.svs"), "cohort": "synth"},
+        {"slide_id": "missing", "uri": str(d / "missing.svs"), "cohort": "synth"},
+        {"slide_id": "empty-uri", "uri": "", "cohort": "synth"},
+    ])
+
+
+def test_job_outputs_follow_the_contract(slide_dir: Path, tmp_path: Path) -> None:
+    manifest = contract_manifest(slide_dir, tmp_path)
+    out = str(tmp_path / "lake")
+    record = run_job(job_config(str(manifest), out))
+    assert record["status"] == "succeeded"
+
+    slides = read_slides(out)
+    tiles = read_tiles(out)
+    errors = errors_by_slide(out, record["run_id"])
+    committed = set(slides["slide_id"].to_pylist())
+    # Nothing lost: every manifest row is committed or an error with a reason.
+    assert committed | set(errors) == GOOD | set(BAD) | {"trunc"}
+    assert committed == GOOD
+    for sid, stage in BAD.items():
+        assert errors[sid]["stage"] == stage, errors[sid]
+        assert errors[sid]["reason"]
+    assert errors["trunc"]["stage"] in {"open", "read"}, errors["trunc"]
+    assert "mpp" in errors["nompp"]["reason"]
+
+    # Types: half-float fixed-size lists, readable without Ray.
+    assert tiles.schema.field("embedding").type == pa.list_(pa.float16(), 384)
+    assert slides.schema.field("embedding").type == pa.list_(pa.float16(), 384)
+
+    by_id = {r["slide_id"]: r for r in slides.to_pylist()}
+    cmu = by_id["cmu"]
+    assert cmu["cohort"] == "skin" and cmu["model"] == "kaiko-vits16"
+    assert cmu["mpp_source"] == "file" and abs(cmu["mpp"] - 0.499) < 1e-3
+    assert by_id["nompp-override"]["mpp_source"] == "manifest"
+    assert cmu["random_weights"] is True and cmu["weights_identity"].startswith("random")
+    assert json.loads(cmu["extra"]) == {"stain": "H&E"}
+    assert by_id["pyr"]["level"] == 0 and by_id["pyr"]["tile_l0"] == pytest.approx(448)
+    for sid, row in by_id.items():
+        t = tiles.filter(pa.compute.equal(tiles["slide_id"], sid))
+        assert t.num_rows == row["num_tiles"] > 0
+        assert sorted(t["tile_index"].to_pylist()) == list(range(row["num_tiles"]))
+        xs, ys = np.array(t["x"]), np.array(t["y"])
+        assert xs.min() >= 0 and ys.min() >= 0
+        assert (xs + row["tile_l0"]).max() <= row["width"] + 1
+        assert (ys + row["tile_l0"]).max() <= row["height"] + 1
+        # slide embedding = mean of its tile embeddings
+        mean = embeddings(t).astype(np.float32).mean(0)
+        np.testing.assert_allclose(embeddings(slides.filter(
+            pa.compute.equal(slides["slide_id"], sid)))[0], mean, atol=2e-3, rtol=1e-2)
+        assert np.abs(embeddings(t).astype(np.float32)).sum() > 0
+
+    run = json.loads((Path(out) / "runs" / f"{record['run_id']}.json").read_text())
+    assert run["status"] == "succeeded" and run["counts"]["committed"] == {"kaiko-vits16": 3}
+
+
+def test_duckdb_and_pyarrow_read_the_lake(slide_dir: Path, tmp_path: Path) -> None:
+    """The read paths documented in the README, verbatim."""
+    manifest = write_manifest(tmp_path / "m.csv", [
+        {"slide_id": "cmu", "uri": str(slide_dir / "cmu.svs"), "cohort": "skin"}])
+    out = str(tmp_path / "lake")
+    run_job(job_config(str(manifest), out))
+    rows = duckdb.sql(f"""
+        SELECT s.slide_id, s.cohort, s.num_tiles, t.x, t.y, t.embedding
+        FROM read_parquet('{out}/tiles/**/*.parquet', hive_partitioning = true) t
+        JOIN read_parquet('{out}/slides/**/*.parquet', hive_partitioning = true) s
+          USING (model, cohort, slide_id)
+        WHERE s.model = 'kaiko-vits16';
+    """).fetchall()
+    assert rows and all(r[0] == "cmu" and r[1] == "skin" and len(r[5]) == 384 for r in rows)
+    assert len(rows) == rows[0][2]
+
+    tiles = pads.dataset(f"{out}/tiles", format="parquet", partitioning="hive").to_table(
+        filter=pads.field("model") == "kaiko-vits16")
+    emb = tiles["embedding"].combine_chunks()
+    x = emb.values.to_numpy(zero_copy_only=False).reshape(len(emb), emb.type.list_size)
+    assert x.dtype == np.float16 and x.shape == (len(rows), 384)
+    duck = np.array(sorted(rows, key=lambda r: (r[4], r[3]))[0][5], np.float32)
+    order = np.lexsort((np.array(tiles["x"]), np.array(tiles["y"])))
+    np.testing.assert_allclose(x[order[0]].astype(np.float32), duck, rtol=0, atol=0)
+
+
+def test_incremental_refresh(slide_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "slides"
+    d.mkdir()
+    for name in ("a", "b"):
+        write_pyramid_svs(d / f"{name}.svs", width=1400, height=1100, mpp=0.5, levels=(1, 4),
+                          seed=ord(name))
+    rows = [{"slide_id": n, "uri": str(d / f"{n}.svs"), "cohort": "c"} for n in ("a", "b")]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = str(tmp_path / "lake")
+    cfg = job_config(str(manifest), out)
+
+    first = run_job(cfg)
+    assert first["counts"]["committed"] == {"kaiko-vits16": 2}
+    before = lake_snapshot(out)
+
+    second = run_job(cfg)  # nothing changed: no model work at all
+    assert second["plan"]["slides_to_process"] == 0
+    assert second["counts"]["tiles_encoded"] == {"kaiko-vits16": 0}
+    assert lake_snapshot(out) == before
+
+    write_pyramid_svs(d / "c.svs", width=1400, height=1100, mpp=0.5, levels=(1, 4), seed=3)
+    write_manifest(tmp_path / "m.csv", [*rows, {"slide_id": "c", "uri": str(d / "c.svs"),
+                                                "cohort": "c"}])
+    third = run_job(cfg)  # a new slide: only it
+    assert [s["slide_id"] for s in third["slides"]] == ["c"]
+
+    write_pyramid_svs(d / "a.svs", width=1500, height=1100, mpp=0.5, levels=(1, 4), seed=9)
+    fourth = run_job(cfg)  # a rewritten file: only it, replacing its rows
+    assert [s["slide_id"] for s in fourth["slides"]] == ["a"]
+    a_tiles = read_tiles(out).filter(pa.compute.equal(read_tiles(out)["slide_id"], "a"))
+    a_row = read_slides(out).filter(pa.compute.equal(read_slides(out)["slide_id"], "a"))
+    assert a_tiles.num_rows == a_row["num_tiles"][0].as_py()
+    assert a_row["width"][0].as_py() == 1500
+
+    cfg2 = job_config(str(manifest), out, models=["kaiko-vits16", "uni"])
+    fifth = run_job(cfg2)  # a new model: all slides, that model only
+    assert fifth["counts"]["tiles_encoded"]["kaiko-vits16"] == 0
+    assert fifth["counts"]["committed"] == {"kaiko-vits16": 0, "uni": 3}
+    uni = read_tiles(out, model="uni")
+    assert uni.schema.field("embedding").type == pa.list_(pa.float16(), 1024)
+    assert run_job(cfg2)["plan"]["slides_to_process"] == 0
+
+
+def test_streaming_commits_before_tiling_ends_and_tiler_memory_is_flat(
+        tmp_path: Path) -> None:
+    d = tmp_path / "slides"
+    d.mkdir()
+    n = 14
+    rows = []
+    for i in range(n):
+        write_pyramid_svs(d / f"s{i}.svs", width=2000, height=1600, mpp=0.5, levels=(1, 4),
+                          seed=i)
+        rows.append({"slide_id": f"s{i:02d}", "uri": str(d / f"s{i}.svs"), "cohort": "c"})
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = str(tmp_path / "lake")
+    record = run_job(job_config(str(manifest), out,
+                                ray={"tiling_concurrency": 1}))
+    assert record["counts"]["committed"] == {"kaiko-vits16": n}
+    timings = record["slides"]
+    last_tiled = max(s["last_chunk_at"] for s in timings)
+    first_commit = min(s["committed_at"] for s in timings)
+    assert first_commit < last_tiled, "no slide was committed before the last slide was tiled"
+    # Slides committed while the job ran, not at its end.
+    commits = sorted(s["committed_at"] for s in timings)
+    assert commits[0] < commits[-1] - 1.0
+    # Tiler memory does not grow with the number of slides processed by a worker.
+    by_pid: dict[int, list[float]] = {}
+    for s in sorted(timings, key=lambda s: s["tiling_started_at"]):
+        by_pid.setdefault(s["tiler_pid"], []).append(s["tiler_peak_rss_mb"])
+    longest = max(by_pid.values(), key=len)
+    assert len(longest) >= 4
+    early, late = max(longest[:3]), max(longest)
+    assert late <= early * 1.15 + 40, f"tiler RSS grew from {early:.0f} to {late:.0f} MB"
+
+
+def test_whole_job_in_s3(slide_dir: Path, s3_endpoint: str, s3_bucket: str,
+                         tmp_path: Path) -> None:
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.upload_file(str(slide_dir / "pyr.svs"), s3_bucket, "slides/pyr.svs")
+    manifest = write_manifest(tmp_path / "m.csv", [
+        {"slide_id": "cmu", "uri": "slides/cmu.svs", "cohort": "skin"},       # relative
+        {"slide_id": "pyr", "uri": f"s3://{s3_bucket}/slides/pyr.svs", "cohort": "synth"},
+        {"slide_id": "gone", "uri": f"s3://{s3_bucket}/slides/gone.svs", "cohort": "synth"},
+    ])
+    s3.upload_file(str(manifest), s3_bucket, "manifests/m.csv")
+    storage = {"endpoint_url": s3_endpoint, "scratch_dir": str(tmp_path / "scratch")}
+    out = f"s3://{s3_bucket}/lake"
+    cfg = job_config(f"s3://{s3_bucket}/manifests/m.csv", out, storage=storage)
+    # The relative uri resolves next to the manifest, in the bucket.
+    s3.upload_file(str(slide_dir / "cmu.svs"), s3_bucket, "manifests/slides/cmu.svs")
+    record = run_job(cfg)
+    assert record["status"] == "succeeded"
+    sc = StorageConfig(**storage)
+    slides = read_slides(out, storage=sc)
+    assert sorted(slides["slide_id"].to_pylist()) == ["cmu", "pyr"]
+    assert all("etag=" in f for f in slides["fingerprint"].to_pylist())
+    assert read_tiles(out, storage=sc).num_rows == sum(slides["num_tiles"].to_pylist())
+    errs = errors_by_slide(out, record["run_id"], sc)
+    assert errs["gone"]["stage"] == "stage" and "not found" in errs["gone"]["reason"]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert f"lake/runs/{record['run_id']}.json" in keys
+    assert not os.listdir(tmp_path / "scratch") or all(
+        f.startswith(".") for f in os.listdir(tmp_path / "scratch"))  # staged slides removed
+    assert run_job(cfg)["plan"]["slides_to_process"] == 0
