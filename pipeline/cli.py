@@ -36,7 +36,8 @@ def _job_args(p: argparse.ArgumentParser) -> None:
                    help="run only this model (repeatable); replaces `models:`")
     p.add_argument("--weights", help="weights for the --model models ('random', 'hub', a path)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override any field, e.g. --set tiling.mpp=0.25 --set models.0.batch_size=32")
+                   help="override any field, e.g. --set tiling.mpp=0.25 "
+                        "--set models.0.batch_size=32")
 
 
 def _load(args: argparse.Namespace) -> JobConfig:

@@ -49,12 +49,12 @@ class TilingConfig(_Strict):
                               description="minimum tissue fraction of a tile to keep it")
     chunk_tiles: int = Field(64, ge=1, le=4096,
                              description="tiles per chunk travelling from tiling to encoders")
-    thumbnail_px_per_tile: int = Field(8, ge=1, le=64,
-                                       description="tissue-mask resolution: mask pixels per tile edge")
+    thumbnail_px_per_tile: int = Field(
+        8, ge=1, le=64, description="tissue-mask resolution: mask pixels per tile edge")
     region_tiles: int = Field(8, ge=1, le=64,
                               description="tiles per edge of one region read from the slide")
-    mpp_tolerance: float = Field(0.02, ge=0, le=0.5,
-                                 description="relative mpp difference treated as 'exactly the target'")
+    mpp_tolerance: float = Field(
+        0.02, ge=0, le=0.5, description="relative mpp difference treated as 'exactly the target'")
 
     def spec_hash(self) -> str:
         """Hash of everything that changes which pixels a tile holds (not chunking)."""

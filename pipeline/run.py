@@ -186,7 +186,8 @@ def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
         mpp_override = None if mpp is None or np.isnan(mpp) else float(mpp)
         started = time.time()
 
-        def failure(stage: str, reason: str, slide_id: str = slide_id) -> dict[str, np.ndarray]:
+        def failure(stage: str, reason: str, slide_id: str = slide_id,
+                    started: float = started) -> dict[str, np.ndarray]:
             one = np.zeros(1, np.int64)
             return _rows(slide_id, "", np.zeros((1, t, t, 3), np.uint8), x=one, y=one,
                          tissue=np.zeros(1), index=one - 1, num_tiles=0, error=reason,
@@ -230,7 +231,7 @@ def init_ray(cfg: JobConfig) -> None:
     if cfg.ray.object_store_memory_gb:
         kwargs["object_store_memory"] = int(cfg.ray.object_store_memory_gb * 2**30)
     log.info("no cluster address given: starting an embedded local Ray")
-    ray.init(**kwargs)
+    ray.init(address="local", **kwargs)
 
 
 def versions() -> dict[str, str]:

@@ -101,10 +101,10 @@ def is_transient(err: BaseException) -> bool:
         return True
     name = type(err).__name__
     text = str(err)
-    return any(s in name for s in ("Timeout", "Connection", "Throttl", "EndpointConnection")) or any(
-        s in text for s in ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
-                            "503", "500 ")
-    )
+    if any(s in name for s in ("Timeout", "Connection", "Throttl")):
+        return True
+    return any(s in text for s in ("SlowDown", "RequestTimeout", "InternalError",
+                                   "ServiceUnavailable", "503", "500 "))
 
 
 def with_retries(fn: Callable[[], T], *, retries: int, what: str, base_delay: float = 0.5) -> T:
@@ -227,7 +227,8 @@ def staged_slide(uri: str, storage: StorageConfig) -> Iterator[str]:
             try:
                 with_retries(fetch, retries=storage.retries, what=f"download {uri}")
             except Exception as err:  # noqa: BLE001 - reported as a slide error
-                raise StagingError(f"could not download {uri}: {type(err).__name__}: {err}") from err
+                raise StagingError(
+                    f"could not download {uri}: {type(err).__name__}: {err}") from err
             yield local
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -52,8 +52,8 @@ def local_ray() -> Iterator[None]:
     """One embedded local Ray for all in-process job tests (start-up costs seconds)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=1_500_000_000,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=1_500_000_000, log_to_driver=False)
     try:
         yield
     finally:

@@ -1,0 +1,75 @@
+"""Model input preprocessing on the device the model runs on.
+
+Tiles travel as uint8 (4x smaller than float) and are converted on the GPU, where resize and
+normalisation cost nothing next to the forward pass. ``reference_preprocess_pil`` is the
+model-card recipe (PIL + torchvision transforms); tests hold the device path against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.models.registry import TileModelSpec
+
+
+def _resized_hw(h: int, w: int, size: int) -> tuple[int, int]:
+    # torchvision Resize(int): shorter side -> size, longer side truncated, aspect kept.
+    if h <= w:
+        return size, int(size * w / h)
+    return int(size * h / w), size
+
+
+def preprocess(tiles_uint8: torch.Tensor, spec: TileModelSpec) -> torch.Tensor:
+    """(N, H, W, 3) uint8 on any device -> normalised float32 (N, 3, S, S) on that device."""
+    if tiles_uint8.ndim != 4 or tiles_uint8.shape[-1] != 3:
+        raise ValueError(f"expected tiles of shape (N, H, W, 3), got {tuple(tiles_uint8.shape)}")
+    x = tiles_uint8.permute(0, 3, 1, 2).float()  # 0..255
+    h, w = x.shape[-2:]
+    size = spec.input_size
+    if spec.crop:
+        target = _resized_hw(h, w, spec.resize_size)
+    else:
+        target = (size, size)
+    if (h, w) != target:
+        down = target[0] < h or target[1] < w
+        x = F.interpolate(x, size=target, mode=spec.interpolation, align_corners=False,
+                          antialias=down)
+        if spec.interpolation == "bicubic":
+            x = x.clamp_(0.0, 255.0)  # bicubic overshoots; PIL clamps to the uint8 range
+    if spec.crop:
+        h, w = x.shape[-2:]
+        if h < size or w < size:
+            raise ValueError(f"{spec.id}: resize {spec.resize_size} smaller than crop {size}")
+        top = int(round((h - size) / 2.0))  # same rounding as torchvision CenterCrop
+        left = int(round((w - size) / 2.0))
+        x = x[..., top:top + size, left:left + size]
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x / 255.0 - mean) / std
+
+
+def reference_preprocess_pil(img: Image.Image, spec: TileModelSpec) -> torch.Tensor:
+    """The model card's transform (PIL resize, centre crop, ToTensor, Normalize) -> (3, S, S)."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+    interp = mode[spec.interpolation]
+    steps: list = []
+    if spec.crop:
+        steps += [transforms.Resize(spec.resize_size, interpolation=interp),
+                  transforms.CenterCrop(spec.input_size)]
+    else:
+        steps.append(transforms.Resize((spec.input_size, spec.input_size), interpolation=interp))
+    steps += [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
+    return transforms.Compose(steps)(img.convert("RGB"))
+
+
+def denormalise(x: torch.Tensor, spec: TileModelSpec) -> torch.Tensor:
+    """Back to 0-1 pixel units, to compare preprocessings in units people understand."""
+    shape = (1,) * (x.ndim - 3) + (3, 1, 1)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(shape)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(shape)
+    return x * std + mean

@@ -1,0 +1,202 @@
+"""Opening slides, microns-per-pixel resolution, pyramid level choice and region reads.
+
+Everything here turns OpenSlide's failures into :class:`SlideError` with a stage and a reason a
+person can act on, because a failed slide becomes an error row in the output lake, not a crash.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+
+# Microscope scans sit between ~0.1 (100x) and ~10 (1x macro) microns per pixel. A file value
+# far outside is a default resolution tag (72 dpi = 352.8 um/px), not a calibration.
+PLAUSIBLE_MPP = (0.02, 20.0)
+# Relative mpp-x / mpp-y difference above which we mention the anisotropy.
+MPP_XY_TOLERANCE = 0.01
+
+
+class SlideError(Exception):
+    """A slide that cannot be tiled; ``stage`` says where it failed, ``reason`` what to do."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        super().__init__(reason)
+        self.stage = stage
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+    def __reduce__(self) -> tuple[type[SlideError], tuple[str, str]]:
+        # Keeps the error intact when Ray or multiprocessing pickles it across processes.
+        return (SlideError, (self.stage, self.reason))
+
+
+def open_slide(path: str | os.PathLike[str]) -> openslide.OpenSlide:
+    """Open a slide, turning every way a file can be unusable into ``SlideError('open')``."""
+    p = Path(path)
+    if not p.exists():
+        raise SlideError("open", f"slide file not found: {str(p)!r}")
+    if not p.is_file():
+        raise SlideError("open", f"slide path is not a regular file: {str(p)!r}")
+    if p.stat().st_size == 0:
+        raise SlideError("open", f"slide file is empty (0 bytes): {str(p)!r}")
+    try:
+        return openslide.OpenSlide(str(p))
+    except openslide.OpenSlideUnsupportedFormatError as err:
+        raise SlideError("open", f"not a readable slide ({type(err).__name__}: {err})") from None
+    except openslide.OpenSlideError as err:
+        raise SlideError(
+            "open", f"slide file is corrupt or truncated ({type(err).__name__}: {err})"
+        ) from None
+    except OSError as err:  # permissions, I/O errors
+        raise SlideError("open", f"cannot read slide file ({type(err).__name__}: {err})") from None
+
+
+def _float_prop(slide: openslide.OpenSlide, key: str) -> float | None:
+    raw = slide.properties.get(key)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def resolve_mpp(slide: openslide.OpenSlide, override: float | None) -> tuple[float, str]:
+    """Level-0 microns per pixel and where it came from ("manifest" wins over "file").
+
+    Tiles are square in level-0 pixels, so only mpp-x is used; an mpp-y that differs by more
+    than 1% (rare, scanner calibration) is accepted and the tiles are slightly non-square in
+    microns.
+    """
+    lo, hi = PLAUSIBLE_MPP
+    if override is not None:
+        value = float(override)
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise SlideError(
+                "mpp",
+                f"manifest mpp {override!r} is outside the plausible range {lo}-{hi} microns per "
+                "pixel (the column is microns per pixel at level 0, e.g. 0.25 for 40x)",
+            )
+        return value, "manifest"
+    mpp_x = _float_prop(slide, openslide.PROPERTY_NAME_MPP_X)
+    if mpp_x is None:
+        raise SlideError(
+            "mpp",
+            "no microns-per-pixel in the file (openslide.mpp-x missing) and no mpp given in the "
+            "manifest: add an `mpp` column for this slide",
+        )
+    if not lo <= mpp_x <= hi:
+        unit = slide.properties.get("tiff.ResolutionUnit")
+        origin = f" (derived from TIFF resolution tags, unit {unit})" if unit else ""
+        raise SlideError(
+            "mpp",
+            f"the file's microns-per-pixel {mpp_x:.6g}{origin} is outside the plausible range "
+            f"{lo}-{hi} for a microscope scan, most likely a default resolution tag: add an "
+            "`mpp` column for this slide in the manifest",
+        )
+    return mpp_x, "file"
+
+
+def level_mpps(slide: openslide.OpenSlide, mpp0: float) -> list[float]:
+    """Microns per pixel of every pyramid level, using OpenSlide's level downsamples."""
+    return [mpp0 * float(ds) for ds in slide.level_downsamples]
+
+
+def choose_level(slide: openslide.OpenSlide, mpp0: float, target_mpp: float,
+                 tolerance: float) -> int:
+    """Coarsest level still at least as fine as the target (within tolerance).
+
+    Reading the coarsest such level decodes the fewest pixels while only ever downsampling.
+    When even level 0 is coarser than the target, level 0 is returned and the caller upsamples
+    (see :func:`needs_upsampling`).
+    """
+    limit = target_mpp * (1.0 + tolerance)
+    mpps = level_mpps(slide, mpp0)
+    fine_enough = [i for i, mpp in enumerate(mpps) if mpp <= limit]
+    return max(fine_enough, key=lambda i: mpps[i]) if fine_enough else 0
+
+
+def needs_upsampling(mpp0: float, target_mpp: float, tolerance: float) -> bool:
+    """True when level 0 is coarser than the target: tiles are interpolated, flag it."""
+    return mpp0 > target_mpp * (1.0 + tolerance)
+
+
+def vendor(slide: openslide.OpenSlide) -> str | None:
+    """Format name OpenSlide detected (aperio, generic-tiff, hamamatsu, ...)."""
+    return slide.properties.get(openslide.PROPERTY_NAME_VENDOR)
+
+
+def objective_power(slide: openslide.OpenSlide) -> float | None:
+    """Scanner objective magnification if the file records it (informational only)."""
+    return _float_prop(slide, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+
+
+def _read_error(slide_path: str, level: int, err: Exception) -> SlideError:
+    return SlideError(
+        "read",
+        f"failed reading pixels of level {level} from {slide_path!r}: the file is corrupt or "
+        f"truncated ({type(err).__name__}: {err})",
+    )
+
+
+def read_rgb(slide: openslide.OpenSlide, level: int, x: int, y: int, w: int, h: int,
+             *, path: str = "") -> np.ndarray:
+    """Read an integer box of ``level`` pixels (x, y in level pixels) as RGB on white.
+
+    OpenSlide returns un-premultiplied RGBA where pixels outside the scanned area are fully
+    transparent; compositing on white makes them look like glass, not like black tissue.
+    """
+    ds = float(slide.level_downsamples[level])
+    location = (int(round(x * ds)), int(round(y * ds)))
+    try:
+        region = slide.read_region(location, level, (int(w), int(h)))
+    except openslide.OpenSlideError as err:
+        raise _read_error(path, level, err) from None
+    rgba = np.asarray(region)
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    alpha = rgba[..., 3]
+    if alpha.min() < 255:
+        a = alpha[..., None].astype(np.float32) / 255.0
+        rgb = (rgb.astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
+    return rgb
+
+
+def read_resampled(slide: openslide.OpenSlide, level: int,
+                   box: tuple[float, float, float, float], size: tuple[int, int],
+                   resample: Image.Resampling, *, path: str = "") -> np.ndarray:
+    """RGB pixels of a fractional ``box`` (x0, y0, x1, y1 in level pixels) resampled to ``size``.
+
+    One resize from the exact fractional box keeps tiles on the physical grid whatever the
+    scale (0.499 -> 0.5, 0.25 -> 0.5, non-integer pyramid downsamples). A margin around the
+    box feeds the filter real neighbours instead of clamped edges, so neighbouring regions
+    produce the same pixels along their seams.
+    """
+    x0, y0, x1, y1 = box
+    out_w, out_h = size
+    if (x0, y0) == (int(x0), int(y0)) and (x1 - x0, y1 - y0) == (out_w, out_h):
+        return read_rgb(slide, level, int(x0), int(y0), out_w, out_h, path=path)
+    lw, lh = slide.level_dimensions[level]
+    margin = int(math.ceil(max((x1 - x0) / out_w, (y1 - y0) / out_h, 1.0))) + 1
+    # Wanted integer box (may poke out of the level by a pixel when the pyramid's downsample
+    # is not an integer) and the part of it that exists; the rest is edge-replicated, as a
+    # filter would clamp at the border, rather than blended with white.
+    wx0, wy0 = int(math.floor(x0)) - margin, int(math.floor(y0)) - margin
+    wx1, wy1 = int(math.ceil(x1)) + margin, int(math.ceil(y1)) + margin
+    ix0, iy0, ix1, iy1 = max(0, wx0), max(0, wy0), min(lw, wx1), min(lh, wy1)
+    if ix1 <= ix0 or iy1 <= iy0:  # entirely outside the level: glass
+        return np.full((out_h, out_w, 3), 255, np.uint8)
+    src = read_rgb(slide, level, ix0, iy0, ix1 - ix0, iy1 - iy0, path=path)
+    pad = ((iy0 - wy0, wy1 - iy1), (ix0 - wx0, wx1 - ix1), (0, 0))
+    if any(a or b for a, b in pad):
+        src = np.pad(src, pad, mode="edge")
+    rel = (x0 - wx0, y0 - wy0, x1 - wx0, y1 - wy0)
+    img = Image.fromarray(src).resize((out_w, out_h), resample, box=rel)
+    return np.asarray(img)

@@ -1,0 +1,255 @@
+"""Generated whole-slide images for tests and benchmarks, written with tifffile.
+
+``write_pyramid_svs`` writes a tiled, JPEG-compressed, multi-level pyramid that OpenSlide
+opens as Aperio SVS (when an mpp is given) or generic tiled TIFF (``mpp=None``, so the file
+carries no microns-per-pixel). The content is real H&E: mirrored crops of the bundled
+CMU-1-Small-Region scan, placed as irregular tissue pieces on near-white glass so that tissue
+detection has something to do. Tiles are rendered one at a time and streamed to tifffile, so
+large slides need memory for a tile, not for the image.
+
+Facts checked against OpenSlide 4.0 (see tests/test_tiling.py::test_generated_*):
+- pyramid levels are successive tiled pages (the Aperio and generic-tiff drivers both take
+  every tiled page as a level; SubIFDs are not read by either);
+- JPEG must be written with photometric RGB: tifffile's YCbCr JPEG tiles decode with wrong
+  colours in OpenSlide (mean error ~47 levels), RGB tiles decode within ~2 levels.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+DATA_DIR = Path(__file__).parent / "data"
+CMU_SMALL = DATA_DIR / "CMU-1-Small-Region.svs"
+TINY_SLIDE = DATA_DIR / "tiny-16px.svs"
+BOXES_GENERIC = DATA_DIR / "boxes-generic.tiff"
+
+GLASS = np.array([243, 242, 240], np.float32)  # faintly warm white, like a real scan's glass
+
+# Renders level-0 pixels of the box (x, y, w, h) as uint8 RGB; outside the image is glass.
+Renderer = Callable[[int, int, int, int], np.ndarray]
+
+
+@lru_cache(maxsize=1)
+def tissue_source() -> np.ndarray:
+    """Level-0 RGB of the bundled real H&E scan (2967 x 2220 x 3), read once per process."""
+    import openslide
+
+    with openslide.OpenSlide(str(CMU_SMALL)) as slide:
+        rgba = np.asarray(slide.read_region((0, 0), 0, slide.dimensions))
+    rgb = rgba[..., :3].copy()
+    rgb[rgba[..., 3] == 0] = 255
+    rgb.setflags(write=False)
+    return rgb
+
+
+def _mirror(coords: np.ndarray, n: int) -> np.ndarray:
+    """Index into a length-n axis, reflecting at both ends so the texture stays continuous."""
+    m = np.mod(coords, 2 * n)
+    return np.where(m < n, m, 2 * n - 1 - m)
+
+
+def _glass(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    noise = rng.normal(0.0, 1.2, size=(h, w, 1)).astype(np.float32)
+    return np.clip(GLASS + noise, 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One irregular tissue piece: a wobbly rotated ellipse showing a shifted tissue texture."""
+
+    cx: float
+    cy: float
+    ax: float
+    ay: float
+    angle: float
+    phases: tuple[float, float, float]
+    shift: tuple[int, int]
+
+    def bbox(self) -> tuple[float, float, float, float]:
+        r = 1.35 * max(self.ax, self.ay)
+        return self.cx - r, self.cy - r, self.cx + r, self.cy + r
+
+    def inside(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        dx, dy = xs[None, :] - self.cx, ys[:, None] - self.cy
+        c, s = math.cos(self.angle), math.sin(self.angle)
+        u, v = (dx * c + dy * s) / self.ax, (-dx * s + dy * c) / self.ay
+        theta = np.arctan2(v, u)
+        p1, p2, p3 = self.phases
+        edge = (1 + 0.18 * np.sin(3 * theta + p1) + 0.10 * np.sin(5 * theta + p2)
+                + 0.04 * np.sin(11 * theta + p3))
+        return u * u + v * v < edge * edge
+
+
+def _pieces(width: int, height: int, seed: int) -> list[_Piece]:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 6))
+    out = []
+    for _ in range(n):
+        out.append(_Piece(
+            cx=float(rng.uniform(0.15, 0.85) * width), cy=float(rng.uniform(0.15, 0.85) * height),
+            ax=float(rng.uniform(0.08, 0.2) * width), ay=float(rng.uniform(0.08, 0.2) * height),
+            angle=float(rng.uniform(0, math.pi)),
+            phases=tuple(float(p) for p in rng.uniform(0, 2 * math.pi, 3)),  # type: ignore[arg-type]
+            shift=(int(rng.integers(0, 4000)), int(rng.integers(0, 4000))),
+        ))
+    return out
+
+
+def tissue_renderer(width: int, height: int, *, background: bool = True,
+                    seed: int = 0) -> Renderer:
+    """Renderer of a generated slide: tissue pieces on glass, or tissue everywhere."""
+    src = tissue_source()
+    sh, sw = src.shape[:2]
+    pieces = _pieces(width, height, seed) if background else []
+
+    def render(x: int, y: int, w: int, h: int) -> np.ndarray:
+        rng = np.random.default_rng((seed, x, y, w))
+        xs = np.arange(x, x + w)
+        ys = np.arange(y, y + h)
+        if not background:
+            out = src[_mirror(ys, sh)[:, None], _mirror(xs, sw)[None, :]].copy()
+        else:
+            out = _glass(h, w, rng)
+            for p in pieces:
+                bx0, by0, bx1, by1 = p.bbox()
+                if bx1 < x or by1 < y or bx0 > x + w or by0 > y + h:
+                    continue
+                sel = p.inside(xs.astype(np.float64), ys.astype(np.float64))
+                if not sel.any():
+                    continue
+                tex = src[_mirror(ys + p.shift[1], sh)[:, None],
+                          _mirror(xs + p.shift[0], sw)[None, :]]
+                out[sel] = tex[sel]
+        outside = (xs[None, :] >= width) | (ys[:, None] >= height)
+        if outside.any():
+            out[outside] = _glass(h, w, rng)[outside]
+        return out
+
+    return render
+
+
+def array_renderer(rgb: np.ndarray) -> Renderer:
+    """Renderer of a given (H, W, 3) uint8 image; outside it is glass."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"rgb must be (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+    height, width = rgb.shape[:2]
+
+    def render(x: int, y: int, w: int, h: int) -> np.ndarray:
+        out = np.empty((h, w, 3), np.uint8)
+        out[:] = GLASS.astype(np.uint8)
+        x1, y1 = min(width, x + w), min(height, y + h)
+        if x1 > x and y1 > y:
+            out[: y1 - y, : x1 - x] = rgb[y:y1, x:x1]
+        return out
+
+    return render
+
+
+def blank_renderer(seed: int = 0) -> Renderer:
+    """Renderer of empty glass: no tissue anywhere."""
+
+    def render(x: int, y: int, w: int, h: int) -> np.ndarray:
+        return _glass(h, w, np.random.default_rng((seed, x, y, w)))
+
+    return render
+
+
+def _level_tiles(render: Renderer, ds: int, lw: int, lh: int, tile: int) -> Iterator[np.ndarray]:
+    """Tiles of one pyramid level in row-major order, each an area average of level 0."""
+    for ty in range(0, lh, tile):
+        for tx in range(0, lw, tile):
+            block = render(tx * ds, ty * ds, tile * ds, tile * ds)
+            if ds > 1:
+                block = block.reshape(tile, ds, tile, ds, 3).mean(axis=(1, 3), dtype=np.float32)
+                block = (block + 0.5).astype(np.uint8)
+            yield block
+
+
+def write_slide(path: str | Path, render: Renderer, *, width: int, height: int,
+                mpp: float | None = 0.25, levels: Sequence[int] = (1, 4, 16), tile: int = 256,
+                quality: int = 80) -> Path:
+    """Write a tiled JPEG pyramid of ``render``'s content (Aperio SVS, or generic if no mpp)."""
+    path = Path(path)
+    if list(levels) != sorted(set(levels)) or levels[0] != 1:
+        raise ValueError(f"levels must be increasing integer downsamples starting at 1: {levels}")
+    if tile % 16:
+        raise ValueError("tile must be a multiple of 16 (TIFF tiles)")
+    bigtiff = width * height * 3 > 2**31  # JPEG shrinks ~10x; this is conservative
+    header = f"Aperio Image Library v12.0.0 (generated by tests/slidegen.py)\n{width}x{height}"
+    header += f" [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
+        for i, ds in enumerate(levels):
+            lw, lh = math.ceil(width / ds), math.ceil(height / ds)
+            kwargs: dict[str, object] = {}
+            if mpp is not None:
+                if i == 0:
+                    mag = 10.0 / mpp
+                    kwargs["description"] = f"{header}|AppMag = {mag:g}|MPP = {mpp:g}"
+                else:
+                    kwargs["description"] = f"{header} -> {lw}x{lh} JPEG/RGB Q={quality}"
+            elif i > 0:
+                kwargs["subfiletype"] = 1  # reduced-resolution image
+            tw.write(
+                _level_tiles(render, ds, lw, lh, tile), shape=(lh, lw, 3), dtype=np.uint8,
+                tile=(tile, tile), photometric="rgb", compression="jpeg",
+                compressionargs={"level": quality}, metadata=None, **kwargs,
+            )
+    return path
+
+
+def write_pyramid_svs(path: str | Path, *, rgb: np.ndarray | None = None,
+                      width: int | None = None, height: int | None = None,
+                      mpp: float | None = 0.25, levels: Sequence[int] = (1, 4, 16),
+                      tile: int = 256, quality: int = 80, background: bool = True,
+                      seed: int = 0) -> Path:
+    """Write a realistic generated slide; ``rgb`` (H, W, 3) replaces the generated content.
+
+    ``background=True`` places tissue pieces on glass; False fills the slide with tissue.
+    ``mpp=None`` writes a generic tiled TIFF without any resolution, so no mpp is known.
+    """
+    if rgb is not None:
+        height, width = rgb.shape[:2]
+        render = array_renderer(rgb)
+    else:
+        if width is None or height is None:
+            raise ValueError("give width and height, or rgb")
+        render = tissue_renderer(width, height, background=background, seed=seed)
+    return write_slide(path, render, width=width, height=height, mpp=mpp, levels=levels,
+                       tile=tile, quality=quality)
+
+
+def write_blank_slide(path: str | Path, *, width: int = 2048, height: int = 1536,
+                      mpp: float | None = 0.25, levels: Sequence[int] = (1, 4),
+                      tile: int = 256) -> Path:
+    """A valid slide of empty glass with a valid mpp: the pipeline must report no tissue."""
+    return write_slide(path, blank_renderer(), width=width, height=height, mpp=mpp,
+                       levels=levels, tile=tile)
+
+
+def write_truncated(path: str | Path, src: str | Path, fraction: float = 0.5) -> Path:
+    """Copy of ``src`` cut after ``fraction`` of its bytes (an interrupted upload/copy)."""
+    path = Path(path)
+    size = Path(src).stat().st_size
+    with open(src, "rb") as fin, open(path, "wb") as fout:
+        fout.write(fin.read(int(size * fraction)))
+    return path
+
+
+def write_not_a_slide(path: str | Path) -> Path:
+    """A text file with a slide's extension (a mislabelled export)."""
+    path = Path(path)
+    path.write_text("slide_id,uri\nthis is a CSV file, not a whole-slide image\n")
+    return path
+
+
+def copy_tiny(path: str | Path) -> Path:
+    """The bundled 16x16 Aperio slide: smaller than any tile."""
+    return Path(shutil.copyfile(TINY_SLIDE, path))
