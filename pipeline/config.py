@@ -149,6 +149,9 @@ class RayConfig(_Strict):
     encoder_cpus: float = Field(1.0, ge=0, le=64, description="CPUs per encoder actor")
     tiler_resource: str | None = Field(None, description="custom resource tiling tasks require")
     encoder_resource: str | None = Field(None, description="custom resource encoders require")
+    object_store_budget_gb: float | None = Field(
+        None, gt=0, description="bound on tiles in flight in the object store; tiling waits "
+        "(Ray Data backpressure) when encoders fall behind. None: Ray Data's default share")
     object_store_memory_gb: float | None = Field(None, gt=0, description="local Ray only")
     num_cpus: int | None = Field(None, ge=1, description="local Ray only: CPUs to use")
 

@@ -145,7 +145,10 @@ class TileEncoder:
     """Actor-pool callable: loads one model once, then embeds batches of tiles."""
 
     def __init__(self, model_cfg: dict[str, Any], weights: dict[str, Any],
-                 storage_cfg: dict[str, Any]) -> None:
+                 storage_cfg: dict[str, Any], drop_tiles: bool = False) -> None:
+        # The last encoder drops the pixels itself: a separate drop stage would be a task
+        # that waits for a free CPU behind the tiling tasks, stalling commits.
+        self.drop_tiles = drop_tiles
         self.spec = registry.get(model_cfg["id"])
         self.device = select_device(model_cfg.get("device") or "auto")
         if self.device.type == "cpu":
@@ -167,4 +170,7 @@ class TileEncoder:
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return encode_batch(batch, self.spec, self.model, self.device, self.precision)
+        out = encode_batch(batch, self.spec, self.model, self.device, self.precision)
+        if self.drop_tiles:
+            del out[TILE_COLUMN]
+        return out

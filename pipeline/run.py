@@ -14,23 +14,22 @@ import json
 import logging
 import os
 import platform
-import resource
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from pipeline import __version__
-from pipeline.config import JobConfig, StorageConfig, TilingConfig
+from pipeline.config import JobConfig, TilingConfig
 from pipeline.manifest import Manifest, SlideEntry, read_manifest
 from pipeline.models import registry
 from pipeline.models.weights import WeightsRef, resolve_weights
 from pipeline.sink import Lake, SlideBuffer, now, slide_row
-from pipeline.storage import Fingerprint, StagingError, fingerprint, staged_slide, url_to_fs
+from pipeline.storage import Fingerprint, fingerprint, url_to_fs
+from pipeline.tiling import tile_slides
 
 log = logging.getLogger("pipeline")
 
@@ -133,86 +132,6 @@ def plan_job(cfg: JobConfig, lake: Lake, weights: dict[str, WeightsRef] | None =
 
 
 # ----------------------------------------------------------------------------------------------
-# The tiling stage (Ray task): one slide in, chunks of uint8 tiles out.
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _node_id() -> str:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() or ""
-    except Exception:  # noqa: BLE001 - outside Ray
-        return ""
-
-
-def _rows(slide_id: str, models: str, tiles: np.ndarray, *, x: np.ndarray, y: np.ndarray,
-          tissue: np.ndarray, index: np.ndarray, num_tiles: int, meta: str = "",
-          error: str = "", stage: str = "") -> dict[str, np.ndarray]:
-    n = len(tiles)
-    metas = np.full(n, "", dtype=object)
-    if n:
-        metas[0] = meta
-    return {
-        "slide_id": np.full(n, slide_id, dtype=object),
-        "tile": tiles,
-        "x": x.astype(np.int64), "y": y.astype(np.int64),
-        "tissue": tissue.astype(np.float32),
-        "index": index.astype(np.int64),
-        "num_tiles": np.full(n, num_tiles, np.int64),
-        "models": np.full(n, models, dtype=object),
-        "error": np.full(n, error, dtype=object),
-        "error_stage": np.full(n, stage, dtype=object),
-        "meta": metas,
-        "t_chunk": np.full(n, time.time(), np.float64),
-        "rss_mb": np.full(n, _rss_mb(), np.float32),
-    }
-
-
-def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
-                storage: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
-    """Tile each slide of the batch; a failing slide becomes one error row, never an exception."""
-    from pipeline.slides import SlideError
-    from pipeline.tiling import tile_slide
-
-    cfg = TilingConfig(**tiling)
-    store = StorageConfig(**storage)
-    t = cfg.tile_size
-    for slide_id, uri, mpp, models in zip(batch["slide_id"], batch["uri"], batch["mpp"],
-                                          batch["models"], strict=True):
-        mpp_override = None if mpp is None or np.isnan(mpp) else float(mpp)
-        started = time.time()
-
-        def failure(stage: str, reason: str, slide_id: str = slide_id,
-                    started: float = started) -> dict[str, np.ndarray]:
-            one = np.zeros(1, np.int64)
-            return _rows(slide_id, "", np.zeros((1, t, t, 3), np.uint8), x=one, y=one,
-                         tissue=np.zeros(1), index=one - 1, num_tiles=0, error=reason,
-                         stage=stage, meta=json.dumps({"tiling_started_at": started}))
-
-        try:
-            with staged_slide(str(uri), store) as local:
-                plan, chunks = tile_slide(local, mpp_override=mpp_override, cfg=cfg)
-                meta = json.dumps({**asdict(plan), "tiling_started_at": started,
-                                   "node": _node_id(), "pid": os.getpid()})
-                for chunk in chunks:
-                    yield _rows(str(slide_id), str(models), chunk.tiles, x=chunk.x, y=chunk.y,
-                                tissue=chunk.tissue, index=chunk.index,
-                                num_tiles=plan.num_tiles, meta=meta)
-                    meta = ""
-        except SlideError as err:
-            yield failure(err.stage, err.reason)
-        except StagingError as err:
-            yield failure("stage", str(err))
-        except Exception as err:  # noqa: BLE001 - one bad slide must not fail the job
-            log.exception("tiling %s failed", slide_id)
-            yield failure("tiling", f"unexpected {type(err).__name__}: {err}")
-
-
-# ----------------------------------------------------------------------------------------------
 # The job.
 
 
@@ -265,6 +184,9 @@ def build_dataset(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]) -> Any:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
+    if cfg.ray.object_store_budget_gb:
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            object_store_memory=int(cfg.ray.object_store_budget_gb * 2**30))
     items = [{"slide_id": t.entry.slide_id, "uri": t.entry.uri,
               "mpp": t.entry.mpp if t.entry.mpp is not None else float("nan"),
               "models": ",".join(t.models)} for t in plan.tasks]
@@ -281,9 +203,8 @@ def build_dataset(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]) -> Any:
                         fn_kwargs={"tiling": cfg.tiling.model_dump(),
                                    "storage": cfg.storage.model_dump()},
                         **tiler_args)
-    for m in cfg.models:
-        if not any(m.id in t.models for t in plan.tasks):
-            continue
+    active = [m for m in cfg.models if any(m.id in t.models for t in plan.tasks)]
+    for i, m in enumerate(active):
         enc_args: dict[str, Any] = {"num_cpus": cfg.ray.encoder_cpus,
                                     "num_gpus": 1 if use_gpu[m.id] else 0}
         if cfg.ray.encoder_resource:
@@ -295,9 +216,10 @@ def build_dataset(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]) -> Any:
             compute=ActorPoolStrategy(size=m.actors),
             fn_constructor_kwargs={"model_cfg": model_cfg,
                                    "weights": asdict(plan.weights[m.id]),
-                                   "storage_cfg": cfg.storage.model_dump()},
+                                   "storage_cfg": cfg.storage.model_dump(),
+                                   "drop_tiles": i == len(active) - 1},
             **enc_args)
-    return ds.drop_columns(["tile"])
+    return ds
 
 
 class Committer:

@@ -59,7 +59,7 @@ def tiles_schema(dim: int) -> pa.Schema:
         ("tile_l0", pa.float32()),        # tile edge in level-0 pixels
         ("mpp", pa.float32()),            # microns per pixel of the tile as encoded
         ("level", pa.int16()),            # pyramid level the pixels were read from
-        ("read_mpp", pa.float32()),       # microns per pixel of that level
+        ("level_mpp", pa.float32()),      # microns per pixel of that level
         ("tissue", pa.float32()),         # tissue fraction of the tile
         ("embedding", embedding_type(dim)),
     ])
@@ -147,6 +147,7 @@ class Lake:
     def __init__(self, url: str, storage: StorageConfig):
         self.url = url.rstrip("/")
         self.fs, self.root = url_to_fs(self.url, storage)
+        self.fs.invalidate_cache()  # fsspec instances are shared: never plan from a stale listing
         self.storage = storage
 
     def _path(self, *parts: str) -> str:
@@ -158,15 +159,10 @@ class Lake:
 
     def committed(self) -> dict[tuple[str, str], CommittedSlide]:
         """(slide_id, model) -> where and with which work key it is committed."""
-        base = self._path(SLIDES)
-        if not self.fs.exists(base):
+        if not self.fs.exists(self._path(SLIDES)):
             return {}
-        ds = pads.dataset(base, filesystem=self.fs, format="parquet",
-                          partitioning=pads.partitioning(
-                              pa.schema([("model", pa.string()), ("cohort", pa.string())]),
-                              flavor="hive"),
-                          exclude_invalid_files=False)
-        table = ds.to_table(columns=["slide_id", "model", "cohort", "work_key"])
+        table = read_slides(self.url, columns=["slide_id", "cohort", "work_key"],
+                            storage=self.storage)
         return {(r["slide_id"], r["model"]): CommittedSlide(r["cohort"], r["work_key"])
                 for r in table.to_pylist()}
 
@@ -251,7 +247,7 @@ class SlideBuffer:
             pa.array(self.x), pa.array(self.y),
             pa.array(np.full(n, m["tile_px"], np.int32)),
             pa.array(np.full(n, m["tile_l0"], np.float32)),
-            pa.array(np.full(n, m["target_mpp"], np.float32)),
+            pa.array(np.full(n, m["read_mpp"], np.float32)),
             pa.array(np.full(n, m["level"], np.int16)),
             pa.array(np.full(n, m["mpp"] * m["level_downsample"], np.float32)),
             pa.array(self.tissue),
@@ -282,17 +278,39 @@ def _dataset(url: str, table: str, storage: StorageConfig | None = None) -> pads
     return pads.dataset(join(root, table), filesystem=fs, format="parquet", partitioning="hive")
 
 
+def _read_per_model(url: str, table: str, model: str | None, columns: Iterable[str] | None,
+                    storage: StorageConfig | None) -> pa.Table:
+    """Models differ in embedding width, so each model's partition is read as its own dataset."""
+    fs, root = url_to_fs(url.rstrip("/"), storage or StorageConfig())
+    base = join(root, table)
+    models = sorted(p.rsplit("model=", 1)[1] for p in fs.ls(base, detail=False)
+                    if p.rstrip("/").rsplit("/", 1)[-1].startswith("model="))
+    if model is not None:
+        models = [m for m in models if m == model]
+    if len(models) > 1 and (columns is None or "embedding" in columns):
+        raise ValueError(f"{table} holds several models ({', '.join(models)}) whose embeddings "
+                         "differ in width: pass model=... (or columns without 'embedding')")
+    parts = []
+    for m in models:
+        ds = pads.dataset(join(base, f"model={m}"), filesystem=fs, format="parquet",
+                          partitioning=pads.partitioning(pa.schema([("cohort", pa.string())]),
+                                                         flavor="hive"))
+        t = ds.to_table(columns=list(columns) if columns else None)
+        parts.append(t.append_column("model", pa.array([m] * t.num_rows, pa.string())))
+    if not parts:
+        raise FileNotFoundError(f"no {table} under {url} for model {model!r}")
+    return pa.concat_tables(parts)
+
+
 def read_tiles(url: str, model: str | None = None, columns: Iterable[str] | None = None,
                storage: StorageConfig | None = None) -> pa.Table:
-    ds = _dataset(url, TILES, storage)
-    flt = pads.field("model") == model if model else None
-    return ds.to_table(columns=list(columns) if columns else None, filter=flt)
+    """Tiles of one model (or of all models, when they share an embedding width)."""
+    return _read_per_model(url, TILES, model, columns, storage)
 
 
-def read_slides(url: str, model: str | None = None, storage: StorageConfig | None = None
-                ) -> pa.Table:
-    ds = _dataset(url, SLIDES, storage)
-    return ds.to_table(filter=pads.field("model") == model if model else None)
+def read_slides(url: str, model: str | None = None, columns: Iterable[str] | None = None,
+                storage: StorageConfig | None = None) -> pa.Table:
+    return _read_per_model(url, SLIDES, model, columns, storage)
 
 
 def read_errors(url: str, run_id: str | None = None, storage: StorageConfig | None = None

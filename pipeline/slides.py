@@ -17,8 +17,6 @@ from PIL import Image
 # Microscope scans sit between ~0.1 (100x) and ~10 (1x macro) microns per pixel. A file value
 # far outside is a default resolution tag (72 dpi = 352.8 um/px), not a calibration.
 PLAUSIBLE_MPP = (0.02, 20.0)
-# Relative mpp-x / mpp-y difference above which we mention the anisotropy.
-MPP_XY_TOLERANCE = 0.01
 
 
 class SlideError(Exception):

@@ -13,14 +13,20 @@ the antialiased bilinear resize most pathology foundation models were trained wi
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import resource
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import openslide
 from PIL import Image
 
-from pipeline.config import TilingConfig
+from pipeline.config import StorageConfig, TilingConfig
 from pipeline.slides import (
     SlideError,
     choose_level,
@@ -31,8 +37,10 @@ from pipeline.slides import (
     resolve_mpp,
     vendor,
 )
+from pipeline.storage import StagingError, staged_slide
 from pipeline.tissue import TileGrid, plan_grid, read_thumbnail, thumbnail_size, tissue_mask
 
+log = logging.getLogger(__name__)
 RESAMPLE = Image.Resampling.BILINEAR
 
 
@@ -244,3 +252,80 @@ def _chunk(grid: TileGrid, tiles: np.ndarray, start: int) -> TileChunk:
         tissue=grid.tissue[sl].copy(), index=np.arange(sl.start, sl.stop, dtype=np.int64),
     )
 
+
+# ----------------------------------------------------------------------------------------------
+# The Ray Data stage: a batch of slides in, chunks of uint8 tiles (or one error row) out.
+# Kept free of torch imports so tiling workers stay small.
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() or ""
+    except Exception:  # noqa: BLE001 - outside Ray
+        return ""
+
+
+def _rows(slide_id: str, models: str, tiles: np.ndarray, *, x: np.ndarray, y: np.ndarray,
+          tissue: np.ndarray, index: np.ndarray, num_tiles: int, meta: str = "",
+          error: str = "", stage: str = "") -> dict[str, np.ndarray]:
+    n = len(tiles)
+    metas = np.full(n, "", dtype=object)
+    if n:
+        metas[0] = meta
+    return {
+        "slide_id": np.full(n, slide_id, dtype=object),
+        "tile": tiles,
+        "x": x.astype(np.int64), "y": y.astype(np.int64),
+        "tissue": tissue.astype(np.float32),
+        "index": index.astype(np.int64),
+        "num_tiles": np.full(n, num_tiles, np.int64),
+        "models": np.full(n, models, dtype=object),
+        "error": np.full(n, error, dtype=object),
+        "error_stage": np.full(n, stage, dtype=object),
+        "meta": metas,
+        "t_chunk": np.full(n, time.time(), np.float64),
+        "rss_mb": np.full(n, _rss_mb(), np.float32),
+    }
+
+
+def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
+                storage: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+    """Tile each slide of the batch; a failing slide becomes one error row, never an exception."""
+    cfg = TilingConfig(**tiling)
+    store = StorageConfig(**storage)
+    t = cfg.tile_size
+    for slide_id, uri, mpp, models in zip(batch["slide_id"], batch["uri"], batch["mpp"],
+                                          batch["models"], strict=True):
+        mpp_override = None if mpp is None or np.isnan(mpp) else float(mpp)
+        started = time.time()
+
+        def failure(stage: str, reason: str, slide_id: str = slide_id,
+                    started: float = started) -> dict[str, np.ndarray]:
+            one = np.zeros(1, np.int64)
+            return _rows(slide_id, "", np.zeros((1, t, t, 3), np.uint8), x=one, y=one,
+                         tissue=np.zeros(1), index=one - 1, num_tiles=0, error=reason,
+                         stage=stage, meta=json.dumps({"tiling_started_at": started}))
+
+        try:
+            with staged_slide(str(uri), store) as local:
+                plan, chunks = tile_slide(local, mpp_override=mpp_override, cfg=cfg)
+                meta = json.dumps({**asdict(plan), "tiling_started_at": started,
+                                   "node": _node_id(), "pid": os.getpid()})
+                for chunk in chunks:
+                    yield _rows(str(slide_id), str(models), chunk.tiles, x=chunk.x, y=chunk.y,
+                                tissue=chunk.tissue, index=chunk.index,
+                                num_tiles=plan.num_tiles, meta=meta)
+                    meta = ""
+        except SlideError as err:
+            yield failure(err.stage, err.reason)
+        except StagingError as err:
+            yield failure("stage", str(err))
+        except Exception as err:  # noqa: BLE001 - one bad slide must not fail the job
+            log.exception("tiling %s failed", slide_id)
+            yield failure("tiling", f"unexpected {type(err).__name__}: {err}")

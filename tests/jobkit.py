@@ -77,3 +77,13 @@ def lake_snapshot(output: str, storage: StorageConfig | None = None) -> dict[str
 def errors_by_slide(output: str, run_id: str, storage: StorageConfig | None = None
                     ) -> dict[str | None, dict[str, Any]]:
     return {r["slide_id"]: r for r in read_errors(output, run_id, storage).to_pylist()}
+
+
+def assert_same_lake(a: dict[str, Any], b: dict[str, Any], atol: float = 0.0) -> None:
+    """Same tile keys (no duplicates), same slide rows, embeddings equal within ``atol``."""
+    assert len(b["keys"]) == len(set(b["keys"])), "duplicate tiles"
+    assert sorted(a["keys"]) == sorted(b["keys"])
+    assert a["slides"] == b["slides"]
+    for key, emb in a["emb"].items():
+        np.testing.assert_allclose(emb.astype(np.float32), b["emb"][key].astype(np.float32),
+                                   atol=atol, rtol=0)

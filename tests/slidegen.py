@@ -33,8 +33,9 @@ BOXES_GENERIC = DATA_DIR / "boxes-generic.tiff"
 
 GLASS = np.array([243, 242, 240], np.float32)  # faintly warm white, like a real scan's glass
 
-# Renders level-0 pixels of the box (x, y, w, h) as uint8 RGB; outside the image is glass.
-Renderer = Callable[[int, int, int, int], np.ndarray]
+# render(x, y, w, h, step): a (h, w, 3) uint8 image of level-0 box (x, y, w*step, h*step),
+# one output pixel per step x step level-0 pixels; outside the image is glass.
+Renderer = Callable[[int, int, int, int, int], np.ndarray]
 
 
 @lru_cache(maxsize=1)
@@ -48,6 +49,25 @@ def tissue_source() -> np.ndarray:
     rgb[rgba[..., 3] == 0] = 255
     rgb.setflags(write=False)
     return rgb
+
+
+# A 768x512 window of CMU-1-Small-Region that is tissue from edge to edge (dermis and
+# epidermis): the texture of slides generated with background=False.
+DENSE_WINDOW = (slice(2272, 2784), slice(704, 1472))
+
+
+@lru_cache(maxsize=16)
+def _reduced_source(step: int, dense: bool = False) -> np.ndarray:
+    """The tissue source area-averaged by ``step``: pyramid levels render at their own size."""
+    src = tissue_source()[DENSE_WINDOW] if dense else tissue_source()
+    # Crop to a multiple of 64 so every level mirrors the texture at the same level-0 seams.
+    h, w = (src.shape[0] // 64) * 64, (src.shape[1] // 64) * 64
+    if step == 1:
+        return src[:h, :w]
+    if 64 % step:
+        raise ValueError(f"pyramid downsamples must divide 64, got {step}")
+    out = src[:h, :w].reshape(h // step, step, w // step, step, 3).mean(axis=(1, 3))
+    return (out + 0.5).astype(np.uint8)
 
 
 def _mirror(coords: np.ndarray, n: int) -> np.ndarray:
@@ -88,17 +108,35 @@ class _Piece:
         return u * u + v * v < edge * edge
 
 
+@lru_cache(maxsize=1)
+def _tissue_anchors() -> np.ndarray:
+    """Source (x, y) points in dense tissue: each piece shows tissue around its centre."""
+    cell = 32
+    src = _reduced_source(cell).astype(np.float32)
+    vmax, vmin = src.max(axis=-1), src.min(axis=-1)
+    tissue = (vmax - vmin) / np.maximum(vmax, 1) > 0.15
+    dense = tissue.copy()
+    for dy in (-2, 0, 2):
+        for dx in (-2, 0, 2):
+            dense &= np.roll(np.roll(tissue, dy, axis=0), dx, axis=1)
+    ys, xs = np.nonzero(dense)
+    return np.stack([(xs + 0.5) * cell, (ys + 0.5) * cell], axis=1).astype(np.int64)
+
+
 def _pieces(width: int, height: int, seed: int) -> list[_Piece]:
     rng = np.random.default_rng(seed)
+    anchors = _tissue_anchors()
     n = int(rng.integers(3, 6))
     out = []
     for _ in range(n):
+        cx, cy = rng.uniform(0.15, 0.85) * width, rng.uniform(0.15, 0.85) * height
+        ax_, ay_ = anchors[rng.integers(len(anchors))]
         out.append(_Piece(
-            cx=float(rng.uniform(0.15, 0.85) * width), cy=float(rng.uniform(0.15, 0.85) * height),
+            cx=float(cx), cy=float(cy),
             ax=float(rng.uniform(0.08, 0.2) * width), ay=float(rng.uniform(0.08, 0.2) * height),
             angle=float(rng.uniform(0, math.pi)),
             phases=tuple(float(p) for p in rng.uniform(0, 2 * math.pi, 3)),  # type: ignore[arg-type]
-            shift=(int(rng.integers(0, 4000)), int(rng.integers(0, 4000))),
+            shift=(int(ax_ - cx) // 64 * 64, int(ay_ - cy) // 64 * 64),  # level-aligned
         ))
     return out
 
@@ -106,28 +144,33 @@ def _pieces(width: int, height: int, seed: int) -> list[_Piece]:
 def tissue_renderer(width: int, height: int, *, background: bool = True,
                     seed: int = 0) -> Renderer:
     """Renderer of a generated slide: tissue pieces on glass, or tissue everywhere."""
-    src = tissue_source()
-    sh, sw = src.shape[:2]
     pieces = _pieces(width, height, seed) if background else []
 
-    def render(x: int, y: int, w: int, h: int) -> np.ndarray:
-        rng = np.random.default_rng((seed, x, y, w))
-        xs = np.arange(x, x + w)
-        ys = np.arange(y, y + h)
+    def render(x: int, y: int, w: int, h: int, step: int = 1) -> np.ndarray:
+        rng = np.random.default_rng((seed, x, y, w, step))
+        src = _reduced_source(step, dense=not background)
+        sh, sw = src.shape[:2]
+        # level-0 coordinates of the output pixel centres
+        xs = x + (np.arange(w, dtype=np.float32) + 0.5) * step
+        ys = y + (np.arange(h, dtype=np.float32) + 0.5) * step
         if not background:
-            out = src[_mirror(ys, sh)[:, None], _mirror(xs, sw)[None, :]].copy()
+            out = src[_mirror(ys // step, sh).astype(np.int64)[:, None],
+                      _mirror(xs // step, sw).astype(np.int64)[None, :]].copy()
         else:
             out = _glass(h, w, rng)
             for p in pieces:
                 bx0, by0, bx1, by1 = p.bbox()
-                if bx1 < x or by1 < y or bx0 > x + w or by0 > y + h:
+                i0, i1 = np.searchsorted(xs, [bx0, bx1])
+                j0, j1 = np.searchsorted(ys, [by0, by1])
+                if i1 <= i0 or j1 <= j0:
                     continue
-                sel = p.inside(xs.astype(np.float64), ys.astype(np.float64))
+                sel = p.inside(xs[i0:i1], ys[j0:j1])
                 if not sel.any():
                     continue
-                tex = src[_mirror(ys + p.shift[1], sh)[:, None],
-                          _mirror(xs + p.shift[0], sw)[None, :]]
-                out[sel] = tex[sel]
+                tx = _mirror((xs[i0:i1] + p.shift[0]) // step, sw).astype(np.int64)
+                ty = _mirror((ys[j0:j1] + p.shift[1]) // step, sh).astype(np.int64)
+                window = out[j0:j1, i0:i1]
+                window[sel] = src[ty[:, None], tx[None, :]][sel]
         outside = (xs[None, :] >= width) | (ys[:, None] >= height)
         if outside.any():
             out[outside] = _glass(h, w, rng)[outside]
@@ -142,13 +185,16 @@ def array_renderer(rgb: np.ndarray) -> Renderer:
         raise ValueError(f"rgb must be (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
     height, width = rgb.shape[:2]
 
-    def render(x: int, y: int, w: int, h: int) -> np.ndarray:
-        out = np.empty((h, w, 3), np.uint8)
-        out[:] = GLASS.astype(np.uint8)
-        x1, y1 = min(width, x + w), min(height, y + h)
+    def render(x: int, y: int, w: int, h: int, step: int = 1) -> np.ndarray:
+        full = np.empty((h * step, w * step, 3), np.uint8)
+        full[:] = GLASS.astype(np.uint8)
+        x1, y1 = min(width, x + w * step), min(height, y + h * step)
         if x1 > x and y1 > y:
-            out[: y1 - y, : x1 - x] = rgb[y:y1, x:x1]
-        return out
+            full[: y1 - y, : x1 - x] = rgb[y:y1, x:x1]
+        if step == 1:
+            return full
+        out = full.reshape(h, step, w, step, 3).mean(axis=(1, 3), dtype=np.float32)
+        return (out + 0.5).astype(np.uint8)
 
     return render
 
@@ -156,21 +202,17 @@ def array_renderer(rgb: np.ndarray) -> Renderer:
 def blank_renderer(seed: int = 0) -> Renderer:
     """Renderer of empty glass: no tissue anywhere."""
 
-    def render(x: int, y: int, w: int, h: int) -> np.ndarray:
-        return _glass(h, w, np.random.default_rng((seed, x, y, w)))
+    def render(x: int, y: int, w: int, h: int, step: int = 1) -> np.ndarray:
+        return _glass(h, w, np.random.default_rng((seed, x, y, w, step)))
 
     return render
 
 
 def _level_tiles(render: Renderer, ds: int, lw: int, lh: int, tile: int) -> Iterator[np.ndarray]:
-    """Tiles of one pyramid level in row-major order, each an area average of level 0."""
+    """Tiles of one pyramid level in row-major order."""
     for ty in range(0, lh, tile):
         for tx in range(0, lw, tile):
-            block = render(tx * ds, ty * ds, tile * ds, tile * ds)
-            if ds > 1:
-                block = block.reshape(tile, ds, tile, ds, 3).mean(axis=(1, 3), dtype=np.float32)
-                block = (block + 0.5).astype(np.uint8)
-            yield block
+            yield render(tx * ds, ty * ds, tile, tile, ds)
 
 
 def write_slide(path: str | Path, render: Renderer, *, width: int, height: int,
@@ -214,6 +256,8 @@ def write_pyramid_svs(path: str | Path, *, rgb: np.ndarray | None = None,
 
     ``background=True`` places tissue pieces on glass; False fills the slide with tissue.
     ``mpp=None`` writes a generic tiled TIFF without any resolution, so no mpp is known.
+    ``levels`` are integer downsamples starting at 1; generated content needs them to divide
+    64 (a level's texture is the source area-averaged by its downsample).
     """
     if rgb is not None:
         height, width = rgb.shape[:2]
@@ -240,6 +284,26 @@ def write_truncated(path: str | Path, src: str | Path, fraction: float = 0.5) ->
     size = Path(src).stat().st_size
     with open(src, "rb") as fin, open(path, "wb") as fout:
         fout.write(fin.read(int(size * fraction)))
+    return path
+
+
+def write_corrupt_tiles(path: str | Path, src: str | Path, *, page: int = 0,
+                        every: int = 2) -> Path:
+    """Copy of ``src`` whose every ``every``-th tile of TIFF page ``page`` is overwritten.
+
+    Models bit rot or a partial overwrite: the directory is intact, so the slide opens and
+    plans, and the damage only shows when those tiles are decoded. (A truncated copy fails
+    already at open with OpenSlide 4, which walks every directory and hashes the smallest
+    level's tiles.)
+    """
+    path = Path(shutil.copyfile(src, path))
+    with tifffile.TiffFile(path) as tif:
+        tiff_page = tif.pages[page]
+        offsets, counts = tiff_page.dataoffsets, tiff_page.databytecounts  # type: ignore[union-attr]
+    with open(path, "r+b") as f:
+        for i in range(0, len(offsets), every):
+            f.seek(offsets[i])
+            f.write(b"\0" * min(16, counts[i]))  # destroys the JPEG start-of-image marker
     return path
 
 

@@ -12,10 +12,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from jobkit import REPO, job_config, lake_snapshot, write_job, write_manifest
+from jobkit import REPO, assert_same_lake, job_config, lake_snapshot, write_job, write_manifest
 from lake_fixtures import free_port
 from slidegen import write_pyramid_svs
 
@@ -86,13 +85,9 @@ def test_kill_mid_job_then_rerun_equals_uninterrupted_run(cohort: tuple[Path, in
         pq.read_table(f)
 
     run_cli(job)
-    a, b = lake_snapshot(str(clean)), lake_snapshot(str(killed))
-    assert len(b["keys"]) == len(set(b["keys"])), "duplicate tiles after re-run"
-    assert sorted(a["keys"]) == sorted(b["keys"])
-    assert a["slides"] == b["slides"]
-    for key, emb in a["emb"].items():
-        np.testing.assert_allclose(emb.astype(np.float32), b["emb"][key].astype(np.float32),
-                                   atol=2e-3, rtol=1e-2)
+    # Batches group tiles differently between runs; CPU matmul results may differ in the
+    # last bits, so embeddings are compared to fp16 resolution.
+    assert_same_lake(lake_snapshot(str(clean)), lake_snapshot(str(killed)), atol=2e-3)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pipeline.config import StorageConfig
 from pipeline.sink import Lake, SlideBuffer, read_slides, read_tiles, safe_name, slide_row
 
 META = {"tile_px": 224, "tile_l0": 448.0, "target_mpp": 0.5, "level": 0, "mpp": 0.25,
-        "level_downsample": 1.0}
+        "level_downsample": 1.0, "read_mpp": 0.5}
 
 
 def batch(idx: list[int], dim: int = 4) -> dict[str, np.ndarray]:
