@@ -35,6 +35,20 @@ def embedding_column(model_id: str) -> str:
     return EMB_PREFIX + model_id
 
 
+def node_column(model_id: str) -> str:
+    """Output column naming the Ray node that encoded each row (placement is auditable)."""
+    return "node__" + model_id
+
+
+def _ray_node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() or ""
+    except Exception:  # noqa: BLE001 - outside Ray
+        return ""
+
+
 def select_device(requested: str = "auto") -> torch.device:
     """'auto' -> cuda when visible, else CPU with a warning; 'cuda' without a GPU is an error."""
     if requested == "cpu":
@@ -158,6 +172,7 @@ class TileEncoder:
         self.model = load_model(self.spec, self.weights, storage, self.device)
         self.precision = precision_for(self.spec, self.device)
         self.column = embedding_column(self.spec.id)
+        self.node_id = _ray_node_id()
         self.info: dict[str, Any] = {
             "model": self.spec.id,
             "device": str(self.device),
@@ -171,6 +186,7 @@ class TileEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = encode_batch(batch, self.spec, self.model, self.device, self.precision)
+        out[node_column(self.spec.id)] = np.full(len(out[self.column]), self.node_id, object)
         if self.drop_tiles:
             del out[TILE_COLUMN]
         return out

@@ -205,7 +205,7 @@ class SlideBuffer:
     t_first: float = float("inf")
     t_last: float = 0.0
     rss_mb: float = 0.0
-    node: str = ""
+    encoder_nodes: dict[str, set[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = self.num_tiles
@@ -224,6 +224,9 @@ class SlideBuffer:
         self.tissue[idx] = batch["tissue"][rows]
         for model, col in columns.items():
             self.emb[model][idx] = batch[col][rows]
+            nodes = batch.get("node__" + model)
+            if nodes is not None:
+                self.encoder_nodes.setdefault(model, set()).update(str(n) for n in nodes[rows])
         self.received[idx] = True
         for m in batch["meta"][rows]:
             if m:
