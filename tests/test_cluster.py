@@ -123,7 +123,7 @@ def ray_head() -> Iterator[str]:
 def stop_process_group(leader: subprocess.Popen) -> None:
     """SIGTERM lets Ray's processes exit cleanly; `ray start --block` itself then needs KILL."""
     os.killpg(leader.pid, signal.SIGTERM)
-    deadline = time.time() + 20
+    deadline = time.time() + 8
     while time.time() < deadline and any(
             p.pid != leader.pid for p in psutil.process_iter()
             if _pgid(p.pid) == leader.pid and _alive(p)):
