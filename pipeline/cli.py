@@ -70,11 +70,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from pipeline.models import registry
+    from pipeline.slide_encode import SLIDE_MODELS
 
-    rows = [("id", "dim", "params", "precision", "tile", "weights", "licence")]
+    if args.markdown:
+        print(registry.markdown_table(), end="")
+        return 0
+    rows = [("id", "dim", "params", "precision", "tile spec", "weights", "licence")]
     for spec in registry.MODELS.values():
+        px, mpp = registry.tiling_spec(spec)
         rows.append((spec.id, str(spec.dim), f"{spec.params:,}", spec.precision,
-                     f"{spec.input_size}px", spec.hub_repo or "-", spec.licence))
+                     f"{px}px@{mpp:g}mpp->{spec.input_size}", spec.hub_repo or "-",
+                     spec.licence))
+    for s in SLIDE_MODELS.values():
+        rows.append((s.id, str(s.dim), f"{s.params:,}", "fp16", f"slide encoder of {s.input_model}",
+                     s.hub_repo, s.licence))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
@@ -99,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(p)
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("models", help="list the model registry")
+    p.add_argument("--markdown", action="store_true", help="the README's table")
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("demo", help="run the bundled offline demo (random weights)")
     p.add_argument("--output", default="demo-output")

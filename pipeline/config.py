@@ -66,6 +66,44 @@ class TilingConfig(_Strict):
 TILING_ALGORITHM_VERSION = 1
 
 
+def _check_weights(v: str) -> str:
+    if v in {"hub", "random"}:
+        return v
+    return _check_url(v, "weights")
+
+
+def _check_sha(v: str | None) -> str | None:
+    if v is not None and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v.lower())):
+        raise ValueError("sha256 must be 64 hex digits")
+    return v.lower() if v else v
+
+
+class SlideEncoderConfig(_Strict):
+    """A slide encoder fed by this tile model's embeddings (e.g. Prov-GigaPath's LongNet)."""
+
+    id: str = "gigapath-slide"
+    weights: str = Field("hub", description="as for tile models: hub, random, path or URL")
+    revision: str | None = None
+    sha256: str | None = None
+    layers: list[int] = Field(default_factory=list,
+                              description="extra layers to output besides the last, e.g. [11]")
+    global_pool: bool = Field(True, description="mean of tile tokens (the authors' advice) "
+                                                "instead of the untrained CLS token")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+    _weights = field_validator("weights")(classmethod(lambda cls, v: _check_weights(v)))
+    _sha = field_validator("sha256")(classmethod(lambda cls, v: _check_sha(v)))
+
+    @field_validator("id")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pipeline.slide_encode import SLIDE_MODELS
+
+        if v not in SLIDE_MODELS:
+            raise ValueError(f"unknown slide encoder {v!r}; known: {', '.join(SLIDE_MODELS)}")
+        return v
+
+
 class ModelConfig(_Strict):
     """One tile encoder to run. ``weights`` says where its parameters come from."""
 
@@ -80,20 +118,22 @@ class ModelConfig(_Strict):
     batch_size: int = Field(64, ge=1, le=8192)
     actors: int = Field(1, ge=1, le=1024, description="encoder actors for this model")
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    slide_encoder: SlideEncoderConfig | None = Field(
+        None, description="also run a slide encoder on each slide's tile embeddings")
 
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, v: str | None) -> str | None:
-        if v is not None and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v.lower())):
-            raise ValueError("sha256 must be 64 hex digits")
-        return v.lower() if v else v
+    _weights = field_validator("weights")(classmethod(lambda cls, v: _check_weights(v)))
+    _sha = field_validator("sha256")(classmethod(lambda cls, v: _check_sha(v)))
 
-    @field_validator("weights")
-    @classmethod
-    def _weights(cls, v: str) -> str:
-        if v in {"hub", "random"}:
-            return v
-        return _check_url(v, "weights")
+    @model_validator(mode="after")
+    def _slide_encoder_input(self) -> ModelConfig:
+        if self.slide_encoder is not None:
+            from pipeline.slide_encode import get_slide_model
+
+            spec = get_slide_model(self.slide_encoder.id)
+            if spec.input_model != self.id:
+                raise ValueError(f"slide encoder {spec.id} reads {spec.input_model} tile "
+                                 f"embeddings; attach it to model {spec.input_model}")
+        return self
 
     @field_validator("id")
     @classmethod

@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.config import JobConfig, TilingConfig
+from pipeline.config import JobConfig, SlideEncoderConfig, TilingConfig
 from pipeline.manifest import Manifest, SlideEntry, read_manifest
 from pipeline.models import registry
 from pipeline.models.weights import WeightsRef, resolve_weights
 from pipeline.sink import Lake, SlideBuffer, now, slide_row
+from pipeline.slide_encode import SlideEncoderStage, get_slide_model
 from pipeline.storage import Fingerprint, fingerprint, url_to_fs
 from pipeline.tiling import tile_slides
 
@@ -47,25 +48,37 @@ def work_key(fp: Fingerprint, model_id: str, weights: WeightsRef, tiling: Tiling
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
+def slide_work_key(tile_key: str, weights: WeightsRef, cfg: SlideEncoderConfig) -> str:
+    """A slide encoder's output depends on its input tile embeddings and its own settings."""
+    parts = [tile_key, cfg.id, weights.identity, sorted(cfg.layers), cfg.global_pool]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+def slide_encoders(cfg: JobConfig) -> dict[str, SlideEncoderConfig]:
+    """tile model id -> its slide encoder config, for models that have one."""
+    return {m.id: m.slide_encoder for m in cfg.models if m.slide_encoder is not None}
+
+
 @dataclass
 class SlideTask:
     entry: SlideEntry
     fingerprint: Fingerprint
-    models: list[str]
-    work_keys: dict[str, str]
+    models: list[str]  # tile models to run; their slide encoders run with them
+    work_keys: dict[str, str]  # per output model (tile models and slide encoders)
     stale_cohort: dict[str, str | None] = field(default_factory=dict)
 
 
 @dataclass
 class Plan:
     manifest: Manifest
-    weights: dict[str, WeightsRef]
+    weights: dict[str, WeightsRef]  # per output model (tile models and slide encoders)
     tasks: list[SlideTask]
     errors: list[dict[str, Any]]
     up_to_date: dict[str, int]
 
     def summary(self) -> dict[str, Any]:
-        per_model = {m: sum(m in t.models for t in self.tasks) for m in self.weights}
+        per_model = {m: sum(m in t.work_keys and m in t.stale_cohort for t in self.tasks)
+                     for m in self.weights}
         return {
             "manifest_rows": len(self.manifest.entries) + len(self.manifest.problems),
             "slides_to_process": len(self.tasks),
@@ -86,11 +99,15 @@ def resolve_all_weights(cfg: JobConfig) -> dict[str, WeightsRef]:
     refs = {}
     for m in cfg.models:
         refs[m.id] = resolve_weights(m, cfg.storage)
-        if refs[m.id].random:
+        if m.slide_encoder is not None:
+            s = m.slide_encoder
+            refs[s.id] = resolve_weights(s, cfg.storage, spec=get_slide_model(s.id))
+    for model_id, ref in refs.items():
+        if ref.random:
             log.warning("=" * 78)
             log.warning("MODEL %s RUNS WITH RANDOM WEIGHTS (%s): its embeddings are meaningless. "
                         "Recorded as random_weights=true in every output row.",
-                        m.id, refs[m.id].identity)
+                        model_id, ref.identity)
             log.warning("=" * 78)
     return refs
 
@@ -101,6 +118,7 @@ def plan_job(cfg: JobConfig, lake: Lake, weights: dict[str, WeightsRef] | None =
     errors = [error_row(slide_id=p.slide_id, uri=p.uri, cohort=p.cohort, stage="manifest",
                         reason=p.reason, row=p.row) for p in manifest.problems]
     committed = lake.committed()
+    slides_of = slide_encoders(cfg)
     tasks: list[SlideTask] = []
     up_to_date = {m: 0 for m in weights}
     for e in manifest.entries:
@@ -117,15 +135,21 @@ def plan_job(cfg: JobConfig, lake: Lake, weights: dict[str, WeightsRef] | None =
                                     stage="stage", row=e.row,
                                     reason=f"cannot stat slide: {type(err).__name__}: {err}"))
             continue
-        keys = {m: work_key(fp, m, ref, cfg.tiling) for m, ref in weights.items()}
+        keys = {m.id: work_key(fp, m.id, weights[m.id], cfg.tiling) for m in cfg.models}
+        for m, s in slides_of.items():
+            keys[s.id] = slide_work_key(keys[m], weights[s.id], s)
         todo, stale = [], {}
-        for m, key in keys.items():
-            done = committed.get((e.slide_id, m))
-            if done and done.work_key == key and done.cohort == e.cohort:
-                up_to_date[m] += 1
-            else:
-                todo.append(m)
-                stale[m] = done.cohort if done else None
+        for m in cfg.models:
+            # A slide encoder needs its tile model's embeddings: both run, or neither.
+            outputs = [m.id] + ([m.slide_encoder.id] if m.slide_encoder else [])
+            previous = {o: committed.get((e.slide_id, o)) for o in outputs}
+            if all(d and d.work_key == keys[o] and d.cohort == e.cohort
+                   for o, d in previous.items()):
+                for o in outputs:
+                    up_to_date[o] += 1
+                continue
+            todo.append(m.id)
+            stale.update({o: d.cohort if d else None for o, d in previous.items()})
         if todo:
             tasks.append(SlideTask(e, fp, todo, keys, stale))
     return Plan(manifest, weights, tasks, errors, up_to_date)
@@ -222,15 +246,39 @@ def build_dataset(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]) -> Any:
     return ds
 
 
+def start_slide_encoders(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]
+                         ) -> dict[str, Any]:
+    """One slide-encoder actor per tile model that has one (it runs once per slide)."""
+    import ray
+
+    actors = {}
+    for m, s in slide_encoders(cfg).items():
+        if not any(m in t.models for t in plan.tasks):
+            continue
+        opts: dict[str, Any] = {"num_gpus": 1 if use_gpu[m] else 0,
+                                # No CPU reservation: it would starve tiling on small machines;
+                                # it runs briefly once per slide.
+                                "num_cpus": 0}
+        if cfg.ray.encoder_resource:
+            opts["resources"] = {cfg.ray.encoder_resource: 0.001}
+        actors[m] = ray.remote(SlideEncoderStage).options(**opts).remote(
+            s.model_dump(), asdict(plan.weights[s.id]), cfg.storage.model_dump())
+    return actors
+
+
 class Committer:
     """Driver-side sink: buffers each slide's embeddings and commits it once complete."""
 
     def __init__(self, cfg: JobConfig, plan: Plan, lake: Lake, run_id: str,
-                 use_gpu: dict[str, bool]):
+                 use_gpu: dict[str, bool], slide_actors: dict[str, Any] | None = None):
         self.cfg, self.plan, self.lake, self.run_id = cfg, plan, lake, run_id
         self.tasks = {t.entry.slide_id: t for t in plan.tasks}
-        self.dims = {m: registry.get(m).dim for m in plan.weights}
+        self.dims = {m.id: registry.get(m.id).dim for m in cfg.models}
         self.use_gpu = use_gpu
+        self.slides_of = slide_encoders(cfg)
+        self.slide_actors = slide_actors or {}
+        # slide-encoder results in flight: future -> (task, tile model, slide-row values)
+        self.pending: dict[Any, tuple[SlideTask, str, dict[str, Any]]] = {}
         self.buffers: dict[str, SlideBuffer] = {}
         self.done: set[str] = set()
         self.errors: list[dict[str, Any]] = list(plan.errors)
@@ -262,24 +310,24 @@ class Committer:
             buf.add(rows, batch, cols)
             if buf.complete:
                 self._commit(task, buf)
+        self.collect_slide_embeddings(wait=False)
         if time.monotonic() - self.last_flush > self.cfg.errors_flush_seconds:
             self.flush_errors()
 
-    def _fail(self, task: SlideTask, stage: str, reason: str) -> None:
+    def _fail(self, task: SlideTask, stage: str, reason: str, model: str | None = None) -> None:
         e = task.entry
         self.errors.append(error_row(slide_id=e.slide_id, uri=e.uri, cohort=e.cohort,
-                                     stage=stage, reason=reason, row=e.row))
+                                     stage=stage, reason=reason, row=e.row, model=model))
         self.buffers.pop(e.slide_id, None)
         self.done.add(e.slide_id)
 
-    def _commit(self, task: SlideTask, buf: SlideBuffer) -> None:
+    def _values(self, task: SlideTask, buf: SlideBuffer, m: str) -> dict[str, Any]:
+        """The slide row of tile model ``m`` (mean pooling), lineage included."""
         e, meta = task.entry, buf.meta
-        tiling_json = json.dumps(self.cfg.tiling.model_dump(), sort_keys=True)
-        for m in task.models:
-            ref = self.plan.weights[m]
-            spec = registry.get(m)
-            gpu = self.use_gpu[m]
-            values = {
+        ref = self.plan.weights[m]
+        spec = registry.get(m)
+        gpu = self.use_gpu[m]
+        return {
                 "slide_id": e.slide_id, "uri": e.uri, "fingerprint": str(task.fingerprint),
                 "size_bytes": task.fingerprint.size, "width": meta["width"],
                 "height": meta["height"], "mpp": meta["mpp"], "mpp_source": meta["mpp_source"],
@@ -287,21 +335,33 @@ class Committer:
                 "target_mpp": meta["target_mpp"], "tile_px": meta["tile_px"],
                 "tile_l0": meta["tile_l0"], "level": meta["level"],
                 "num_tiles": buf.num_tiles, "tissue_area_mm2": meta["tissue_area_mm2"],
-                "tile_order": TILE_ORDER, "aggregation": "mean", "model_dim": spec.dim,
+                "tile_order": TILE_ORDER, "aggregation": "mean", "layer": None,
+                "source_model": m, "model_dim": spec.dim,
                 "precision": spec.precision if gpu else "fp32", "device": "cuda" if gpu else "cpu",
                 "weights": ref.source, "weights_identity": ref.identity,
                 "weights_sha256": ref.sha256, "random_weights": ref.random,
-                "tiling": tiling_json, "tiling_hash": self.cfg.tiling.spec_hash(),
+                "tiling": json.dumps(self.cfg.tiling.model_dump(), sort_keys=True),
+                "tiling_hash": self.cfg.tiling.spec_hash(),
                 "work_key": task.work_keys[m], "code_version": code_version(),
                 "run_id": self.run_id,
                 "tiling_started_at": _ts(meta.get("tiling_started_at", buf.t_first)),
                 "committed_at": now(), "extra": json.dumps(e.extra, default=str),
             }
+
+    def _commit(self, task: SlideTask, buf: SlideBuffer) -> None:
+        e, meta = task.entry, buf.meta
+        for m in task.models:
+            values = self._values(task, buf, m)
             self.lake.commit_slide(m, e.cohort, e.slide_id, buf.tiles_table(m),
-                                   slide_row(spec.dim, values, buf.mean_embedding(m)),
+                                   slide_row(self.dims[m], [values], buf.mean_embedding(m)),
                                    stale_cohort=task.stale_cohort.get(m))
             self.committed[m] += 1
             self.tiles_encoded[m] += buf.num_tiles
+            if m in self.slides_of:
+                # Tiling order is the buffer's index order; coordinates are level-0 px.
+                coords = np.stack([buf.x, buf.y], axis=1)
+                fut = self.slide_actors[m].__call__.remote(buf.emb[m], coords, meta["tile_l0"])
+                self.pending[fut] = (task, m, values)
         self.timings.append({
             "slide_id": e.slide_id, "num_tiles": buf.num_tiles, "models": task.models,
             "tiling_started_at": meta.get("tiling_started_at"), "last_chunk_at": buf.t_last,
@@ -313,10 +373,48 @@ class Committer:
         del self.buffers[e.slide_id]
         self.done.add(e.slide_id)
 
+    def collect_slide_embeddings(self, wait: bool) -> None:
+        """Commit the slide-encoder rows whose results are back (all of them if ``wait``)."""
+        if not self.pending:
+            return
+        import ray
+
+        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending),
+                            timeout=None if wait else 0)
+        for fut in ready:
+            task, m, values = self.pending.pop(fut)
+            s = self.slides_of[m]
+            try:
+                layers = ray.get(fut)
+            except Exception as err:  # noqa: BLE001 - this slide's failure, not the job's
+                self._fail(task, "slide_encoder", f"{s.id}: {type(err).__name__}: {err}", s.id)
+                continue
+            ref = self.plan.weights[s.id]
+            gpu = self.use_gpu[m]
+            spec = get_slide_model(s.id)
+            pooling = "global-pool" if s.global_pool else "cls"
+            rows = [{**values, "aggregation": f"{s.id} ({pooling})", "layer": layer,
+                     "model_dim": spec.dim, "precision": "fp16" if gpu else "fp32",
+                     "weights": ref.source, "weights_identity": ref.identity,
+                     "weights_sha256": ref.sha256, "random_weights": ref.random,
+                     "work_key": task.work_keys[s.id], "committed_at": now()}
+                    for layer in layers]
+            emb = np.stack([layers[r["layer"]] for r in rows])
+            e = task.entry
+            self.lake.commit_slide(s.id, e.cohort, e.slide_id, None,
+                                   slide_row(spec.dim, rows, emb),
+                                   stale_cohort=task.stale_cohort.get(s.id))
+            self.committed[s.id] = self.committed.get(s.id, 0) + 1
+
     def finish(self, job_error: str | None) -> None:
         """Every planned slide not committed or failed by now gets an error row: nothing lost."""
         reason = f"job stopped before this slide finished: {job_error}" if job_error else \
             "slide produced no output (internal error: please report)"
+        if job_error is None:
+            self.collect_slide_embeddings(wait=True)
+        for task, m, _ in self.pending.values():
+            self._fail(task, "incomplete", reason, self.slides_of[m].id)
+        self.pending.clear()
         for sid, task in self.tasks.items():
             if sid not in self.done:
                 self._fail(task, "incomplete", reason)
@@ -365,7 +463,8 @@ def run_job(cfg: JobConfig, run_id: str | None = None) -> dict[str, Any]:
             for m, gpu in use_gpu.items():
                 if not gpu:
                     log.warning("model %s: no GPU in the cluster; encoding on CPU (slow)", m)
-            committer = Committer(cfg, plan, lake, run_id, use_gpu)
+            committer = Committer(cfg, plan, lake, run_id, use_gpu,
+                                  start_slide_encoders(cfg, plan, use_gpu))
             ds = build_dataset(cfg, plan, use_gpu)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 committer.add(batch)

@@ -88,7 +88,9 @@ def slides_schema(dim: int) -> pa.Schema:
         ("tissue_area_mm2", pa.float64()),
         ("tile_order", pa.string()),
         ("embedding", embedding_type(dim)),
-        ("aggregation", pa.string()),
+        ("aggregation", pa.string()),     # "mean", or the slide encoder that produced it
+        ("layer", pa.int16()),            # slide-encoder layer (null for mean pooling)
+        ("source_model", pa.string()),    # the tile model whose embeddings were aggregated
         ("model_dim", pa.int32()),
         ("precision", pa.string()),
         ("device", pa.string()),
@@ -166,10 +168,11 @@ class Lake:
         return {(r["slide_id"], r["model"]): CommittedSlide(r["cohort"], r["work_key"])
                 for r in table.to_pylist()}
 
-    def commit_slide(self, model: str, cohort: str, slide_id: str, tiles: pa.Table,
+    def commit_slide(self, model: str, cohort: str, slide_id: str, tiles: pa.Table | None,
                      slide_row: pa.Table, stale_cohort: str | None = None) -> None:
-        atomic_write_bytes(self.fs, self.part_path(TILES, model, cohort, slide_id),
-                           _parquet_bytes(tiles))
+        if tiles is not None:  # slide encoders have no tiles of their own
+            atomic_write_bytes(self.fs, self.part_path(TILES, model, cohort, slide_id),
+                               _parquet_bytes(tiles))
         atomic_write_bytes(self.fs, self.part_path(SLIDES, model, cohort, slide_id),
                            _parquet_bytes(slide_row))
         if stale_cohort and stale_cohort != cohort:
@@ -261,14 +264,15 @@ class SlideBuffer:
         return self.emb[model].astype(np.float32).mean(axis=0, keepdims=True).astype(np.float16)
 
 
-def slide_row(dim: int, values: dict[str, Any], embedding: np.ndarray) -> pa.Table:
+def slide_row(dim: int, rows: list[dict[str, Any]], embeddings: np.ndarray) -> pa.Table:
+    """The slides-table rows of one (slide, model): usually one; one per layer for encoders."""
     schema = slides_schema(dim)
     cols = []
     for f in schema:
         if f.name == "embedding":
-            cols.append(embedding_array(embedding))
+            cols.append(embedding_array(embeddings))
         else:
-            cols.append(pa.array([values.get(f.name)], f.type))
+            cols.append(pa.array([r.get(f.name) for r in rows], f.type))
     return pa.Table.from_arrays(cols, schema=schema)
 
 

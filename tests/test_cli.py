@@ -53,3 +53,11 @@ def test_console_script_and_module_agree() -> None:
                        text=True, cwd=REPO)
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
     assert "kaiko-vits16" in a.stdout and "uni" in a.stdout
+
+
+def test_readme_model_table_is_the_registry() -> None:
+    from pipeline.models.registry import markdown_table
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("<!-- models:start -->\n", 1)[1].split("<!-- models:end -->", 1)[0]
+    assert section == markdown_table(), "regenerate: python -m pipeline models --markdown"

@@ -84,7 +84,8 @@ def test_param_count_on_meta_matches_published(model_id: str) -> None:
     spec = registry.get(model_id)
     model = registry.build(spec, device="meta")
     assert sum(p.numel() for p in model.parameters()) == spec.params
-    assert model.num_features == spec.dim
+    width = 2 * model.num_features if spec.embedding == "cls_patch_mean" else model.num_features
+    assert width == spec.dim
     assert all(p.is_meta for p in model.parameters())
 
 

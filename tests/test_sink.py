@@ -44,7 +44,7 @@ def test_commit_overwrites_deterministic_files(tmp_path: Path) -> None:
     lake = Lake(str(tmp_path), StorageConfig())
     buf = SlideBuffer("a/b c", 2, {"m": 4})
     buf.add(np.arange(2), batch([0, 1]), {"m": "emb__m"})
-    row = slide_row(4, {"slide_id": "a/b c", "work_key": "k1", "num_tiles": 2},
+    row = slide_row(4, [{"slide_id": "a/b c", "work_key": "k1", "num_tiles": 2}],
                     buf.mean_embedding("m"))
     for _ in range(2):
         lake.commit_slide("m", "c1", "a/b c", buf.tiles_table("m"), row)

@@ -7,6 +7,7 @@ model-card recipe (PIL + torchvision transforms); tests hold the device path aga
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -34,8 +35,11 @@ def preprocess(tiles_uint8: torch.Tensor, spec: TileModelSpec) -> torch.Tensor:
         target = (size, size)
     if (h, w) != target:
         down = target[0] < h or target[1] < w
+        # PIL's bicubic kernel is a=-0.5 in both directions; torch's antialiased bicubic uses
+        # the same kernel, plain bicubic uses a=-0.75 (up to 13/255 off when upsampling).
+        # Bilinear upsampling is the same with or without antialias.
         x = F.interpolate(x, size=target, mode=spec.interpolation, align_corners=False,
-                          antialias=down)
+                          antialias=down or spec.interpolation == "bicubic")
         if spec.interpolation == "bicubic":
             x = x.clamp_(0.0, 255.0)  # bicubic overshoots; PIL clamps to the uint8 range
     if spec.crop:
@@ -65,6 +69,21 @@ def reference_preprocess_pil(img: Image.Image, spec: TileModelSpec) -> torch.Ten
         steps.append(transforms.Resize((spec.input_size, spec.input_size), interpolation=interp))
     steps += [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
     return transforms.Compose(steps)(img.convert("RGB"))
+
+
+def preprocess_cpu(tiles_uint8: np.ndarray, spec: TileModelSpec) -> torch.Tensor:
+    """Exact model-card preprocessing (PIL) of (N, H, W, 3) uint8 tiles -> (N, 3, S, S) float32.
+
+    For specs with ``preprocess_on == "cpu"``: bit-for-bit the authors' transform, at the cost
+    of CPU time per tile in the encoder actor. Move the result to the model's device.
+    """
+    if tiles_uint8.ndim != 4 or tiles_uint8.shape[-1] != 3 or tiles_uint8.dtype != np.uint8:
+        raise ValueError(f"expected uint8 tiles (N, H, W, 3), got {tiles_uint8.dtype} "
+                         f"{tuple(tiles_uint8.shape)}")
+    size = spec.input_size
+    if len(tiles_uint8) == 0:
+        return torch.empty((0, 3, size, size), dtype=torch.float32)
+    return torch.stack([reference_preprocess_pil(Image.fromarray(t), spec) for t in tiles_uint8])
 
 
 def denormalise(x: torch.Tensor, spec: TileModelSpec) -> torch.Tensor:

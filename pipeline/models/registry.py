@@ -5,6 +5,8 @@ count, preprocessing, embedding recipe, weights location, licence). The code tha
 network (``BUILDERS``, keyed by ``family``) and turns its output into one vector per tile
 (``RECIPES``, keyed by ``embedding``) is shared, so adding a model is adding an entry, plus a
 builder or recipe only when its construction or read-out differs from the existing ones.
+``ADAPTERS`` (by family) turn an authors' checkpoint layout into the built module's names
+(CONCH's whole-CoCa checkpoint, transformers Dinov2 names) before the strict load.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ import torch
 
 Interpolation = Literal["bilinear", "bicubic"]
 Precision = Literal["fp16", "bf16", "fp32"]
+PreprocessOn = Literal["device", "cpu"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 
 
 @dataclass(frozen=True)
@@ -28,8 +35,8 @@ class TileModelSpec:
     """Everything needed to reproduce one published tile encoder, as plain data."""
 
     id: str
-    family: str  # selects the builder in BUILDERS
-    timm_name: str
+    family: str  # selects the builder in BUILDERS (and the checkpoint adapter in ADAPTERS)
+    timm_name: str  # the timm architecture (for CONCH: of the trunk)
     timm_kwargs: Mapping[str, Any]
     dim: int  # embedding width
     params: int  # published parameter count; the built architecture must match it exactly
@@ -42,67 +49,267 @@ class TileModelSpec:
     embedding: str  # selects the recipe in RECIPES
     precision: Precision  # autocast dtype on GPU (CPU always runs fp32)
     native_tile_px: int  # tile edge the model was trained on ...
-    native_mpp: float | None  # ... at this resolution (None: only a magnification is published)
+    native_mpp: float  # ... at this resolution (um/px; 20x is taken as ~0.5)
     hub_repo: str | None
     hub_filename: str | None
     licence: str  # shown to the user; uncertain facts are marked "(verify)"
     gated: bool = False
+    native_magnification: str | None = None  # as published, when given as a magnification
+    # "cpu": the GPU resize cannot match the model card within tolerance; preprocess with PIL.
+    preprocess_on: PreprocessOn = "device"
     notes: str = ""
 
 
-MODELS: dict[str, TileModelSpec] = {
-    spec.id: spec
-    for spec in (
-        TileModelSpec(
-            id="kaiko-vits16",
-            family="timm",
-            timm_name="vit_small_patch16_224",
-            timm_kwargs={"dynamic_img_size": True, "num_classes": 0},
-            dim=384,
-            params=21_665_664,
-            input_size=224,
-            resize_size=224,
-            interpolation="bilinear",  # torchvision Resize default in kaiko's example (verify)
-            crop=True,
-            mean=HALF,
-            std=HALF,
-            embedding="cls",
-            precision="fp16",  # no published recommendation (verify); fp16 is safe for ViT-S
-            native_tile_px=224,
-            native_mpp=0.5,  # (verify) trained on mixed magnifications
-            # Authors ship via torch hub (github kaiko-ai/towards_large_pathology_fms).
-            hub_repo="1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms",
-            hub_filename="model.safetensors",
-            licence="kaiko non-commercial licence per the HF mirror's tag; the authors' GitHub "
-            "repo may differ, Apache-2.0? (verify). Weights from 1aurent/"
-            "vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms (community mirror, "
-            "verify)",
+def _timm_vit_spec(**kw: Any) -> TileModelSpec:
+    return TileModelSpec(family="timm", **kw)
+
+
+def _swiglu_kwargs() -> dict[str, Any]:
+    # Virchow / UNI2-h / their kin: packed SwiGLU MLP with SiLU, as in the authors' timm calls.
+    from timm.layers import SwiGLUPacked
+
+    return {"mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU}
+
+
+def _kaiko(name: str, timm_name: str, dim: int, params: int, img: int = 224) -> TileModelSpec:
+    size_kw = {"img_size": img} if img != 224 else {}
+    return _timm_vit_spec(
+        id=f"kaiko-{name}",
+        timm_name=timm_name,
+        timm_kwargs={**size_kw, "dynamic_img_size": True, "num_classes": 0},
+        dim=dim,
+        params=params,
+        input_size=224,
+        resize_size=224,
+        interpolation="bilinear",  # torchvision Resize default in kaiko's example (verify)
+        crop=True,
+        mean=HALF,
+        std=HALF,
+        embedding="cls",
+        precision="fp16",  # no published recommendation (verify)
+        native_tile_px=224,
+        native_mpp=0.5,  # (verify) trained on mixed magnifications
+        # Authors ship via torch hub (github kaiko-ai/towards_large_pathology_fms).
+        hub_repo=f"1aurent/{timm_name}.kaiko_ai_towards_large_pathology_fms",
+        hub_filename="model.safetensors",
+        licence="kaiko non-commercial licence per the HF mirror's tag; the authors' GitHub "
+        "repo may differ, Apache-2.0? (verify). Weights from the 1aurent/ community mirror of "
+        "the torch-hub release (verify)",
+    )
+
+
+def _all_specs() -> tuple[TileModelSpec, ...]:
+    swiglu = _swiglu_kwargs()
+    virchow_kwargs = {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, **swiglu,
+                      "global_pool": "", "dynamic_img_size": True, "num_classes": 0}
+    hoptimus_kwargs = {"img_size": 224, "init_values": 1e-5, "global_pool": "token",
+                       "dynamic_img_size": False, "num_classes": 0}
+    return (
+        _timm_vit_spec(
+            id="virchow",
+            timm_name="vit_huge_patch14_224",
+            timm_kwargs=virchow_kwargs,
+            dim=2560,
+            params=631_229_184,
+            input_size=224, resize_size=224, interpolation="bicubic", crop=True,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            embedding="cls_patch_mean",
+            precision="fp16",
+            native_tile_px=224, native_mpp=0.5,
+            hub_repo="paige-ai/Virchow",
+            hub_filename="pytorch_model.bin",
+            licence="Apache-2.0 with Paige's access conditions (verify); gated: accept the "
+            "terms on the model page, then set HF_TOKEN",
+            gated=True,
         ),
-        TileModelSpec(
+        _timm_vit_spec(
+            id="virchow2",
+            timm_name="vit_huge_patch14_224",
+            timm_kwargs={**virchow_kwargs, "reg_tokens": 4},
+            dim=2560,
+            params=631_239_424,
+            input_size=224, resize_size=224, interpolation="bicubic", crop=True,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            embedding="cls_patch_mean",  # patch mean over tokens 5: (CLS + 4 registers)
+            precision="fp16",
+            native_tile_px=224, native_mpp=0.5,
+            hub_repo="paige-ai/Virchow2",
+            hub_filename="pytorch_model.bin",
+            licence="CC-BY-NC-ND-4.0, non-commercial (verify); gated: accept the terms on the "
+            "model page, then set HF_TOKEN",
+            gated=True,
+        ),
+        _timm_vit_spec(
             id="uni",
-            family="timm",
             timm_name="vit_large_patch16_224",
             timm_kwargs={"init_values": 1e-5, "dynamic_img_size": True, "num_classes": 0},
             dim=1024,
             params=303_350_784,
-            input_size=224,
-            resize_size=224,
-            interpolation="bilinear",
-            crop=True,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
+            input_size=224, resize_size=224, interpolation="bilinear", crop=True,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,
             embedding="cls",
             precision="fp16",
             native_tile_px=256,  # 256 px at 20x, resized to 224
-            native_mpp=None,  # published as 20x (~0.5 mpp)
+            native_mpp=0.5, native_magnification="20x",
             hub_repo="MahmoodLab/UNI",
             hub_filename="pytorch_model.bin",
             licence="CC-BY-NC-ND-4.0, non-commercial academic research only (verify); gated: "
             "request access on the model page, then set HF_TOKEN",
             gated=True,
         ),
+        _timm_vit_spec(
+            id="uni2-h",
+            timm_name="vit_giant_patch14_224",
+            timm_kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24,
+                         "init_values": 1e-5, "embed_dim": 1536, "mlp_ratio": 2.66667 * 2,
+                         "num_classes": 0, "no_embed_class": True, **swiglu,
+                         "reg_tokens": 8, "dynamic_img_size": True},
+            dim=1536,
+            params=681_394_176,
+            input_size=224, resize_size=224, interpolation="bilinear", crop=True,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            embedding="cls",
+            precision="bf16",
+            native_tile_px=256, native_mpp=0.5, native_magnification="20x",
+            hub_repo="MahmoodLab/UNI2-h",
+            hub_filename="pytorch_model.bin",
+            licence="CC-BY-NC-ND-4.0, non-commercial academic research only (verify); gated: "
+            "request access on the model page, then set HF_TOKEN",
+            gated=True,
+        ),
+        TileModelSpec(
+            id="conch",
+            family="conch",
+            timm_name="vit_base_patch16_224",  # trunk; pooler + ln_contrast in models/conch.py
+            timm_kwargs={"img_size": 448, "num_classes": 0, "global_pool": ""},
+            dim=512,
+            # Trunk 86,250,240 + attn_pool_contrast 1,315,840 + ln_contrast 1,024: the part
+            # that computes the embedding. MODELS.md: "~87.5M vision"; the whole visual
+            # module (with proj_contrast and the caption pooler) is 90,392,832. Computed here.
+            params=87_567_104,
+            input_size=448, resize_size=448, interpolation="bicubic", crop=True,
+            mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+            embedding="pooled",
+            precision="fp32",  # evaluated in fp32 by the authors
+            native_tile_px=512, native_mpp=0.5, native_magnification="20x",
+            hub_repo="MahmoodLab/conch",
+            hub_filename="pytorch_model.bin",
+            licence="CC-BY-NC-ND-4.0, non-commercial academic research only (verify); gated: "
+            "request access on the model page, then set HF_TOKEN",
+            gated=True,
+            notes="checkpoint holds the whole CoCa model: only visual.trunk, "
+            "visual.attn_pool_contrast and visual.ln_contrast are loaded",
+        ),
+        TileModelSpec(
+            id="conch-v1.5",
+            family="conch-v1.5",
+            timm_name="vit_large_patch16_224",  # trunk, subclassed for DINO pos interpolation
+            timm_kwargs={"img_size": 224, "init_values": 1.0, "num_classes": 0,
+                         "global_pool": ""},
+            dim=768,
+            # Trunk 303,350,784 + bias-free pooler 2,756,864 + ln_contrast 1,536. MODELS.md
+            # says ~304M; this exact figure is computed from the authors' construction
+            # (TRIDENT conchv1_5.py: vit_large init_values=1.0, AttentionalPooler(768, 1024,
+            # 8 heads, 1 query), LayerNorm(768)).
+            params=306_109_184,
+            input_size=448, resize_size=448, interpolation="bilinear", crop=True,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            embedding="pooled",
+            precision="fp16",  # what mahmoodlab/TRIDENT uses (verify)
+            native_tile_px=512, native_mpp=0.5, native_magnification="20x",
+            hub_repo="MahmoodLab/conchv1_5",
+            hub_filename="pytorch_model_vision.bin",
+            licence="CC-BY-NC-ND-4.0, non-commercial academic research only (verify); gated: "
+            "request access on the model page, then set HF_TOKEN",
+            gated=True,
+            notes="trunk built at 224; checkpoint pos_embed resized to 14x14 (bilinear) at "
+            "load, interpolated bicubically with scale (grid + 0.1) / 14 at run time",
+        ),
+        _timm_vit_spec(
+            id="gigapath",
+            timm_name="vit_giant_patch14_dinov2",
+            timm_kwargs={"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536,
+                         "depth": 40, "num_heads": 24, "init_values": 1e-5,
+                         "mlp_ratio": 5.33334, "num_classes": 0},
+            dim=1536,
+            params=1_134_953_984,
+            input_size=224, resize_size=256, interpolation="bicubic", crop=True,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            embedding="cls",
+            precision="fp16",
+            native_tile_px=256, native_mpp=0.5,
+            hub_repo="prov-gigapath/prov-gigapath",
+            hub_filename="pytorch_model.bin",
+            licence="Apache-2.0 (verify); gated: accept the terms on the model page, then set "
+            "HF_TOKEN",
+            gated=True,
+        ),
+        _kaiko("vits16", "vit_small_patch16_224", 384, 21_665_664),
+        _kaiko("vits8", "vit_small_patch8_224", 384, 21_670_272),  # computed: MODELS 21.67M
+        _kaiko("vitb16", "vit_base_patch16_224", 768, 85_798_656),  # computed: MODELS 85.80M
+        _kaiko("vitb8", "vit_base_patch8_224", 768, 85_807_872),  # computed: MODELS 85.81M
+        # Built at 518 (37x37 pos_embed); timm's dynamic_img_size resamples it to the input
+        # grid at every forward (bicubic, antialias).
+        _kaiko("vitl14", "vit_large_patch14_reg4_dinov2", 1024, 304_370_688, img=518),
+        _timm_vit_spec(
+            id="h-optimus-0",
+            timm_name="vit_giant_patch14_reg4_dinov2",
+            timm_kwargs=hoptimus_kwargs,
+            dim=1536,
+            params=1_134_774_272,
+            input_size=224, resize_size=224, interpolation="bicubic", crop=False,
+            mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
+            embedding="cls",
+            precision="fp16",
+            native_tile_px=224, native_mpp=0.5,
+            hub_repo="bioptimus/H-optimus-0",
+            hub_filename="pytorch_model.bin",
+            licence="Apache-2.0 (verify); gated: accept the terms on the model page, then set "
+            "HF_TOKEN",
+            gated=True,
+            notes="model card feeds 224x224 tiles without resize; other sizes are resized "
+            "(bicubic, verify)",
+        ),
+        _timm_vit_spec(
+            id="h-optimus-1",
+            timm_name="vit_giant_patch14_reg4_dinov2",
+            timm_kwargs=hoptimus_kwargs,
+            dim=1536,
+            params=1_134_774_272,
+            input_size=224, resize_size=224, interpolation="bicubic", crop=False,
+            mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
+            embedding="cls",
+            precision="fp16",
+            native_tile_px=224, native_mpp=0.5,
+            hub_repo="bioptimus/H-optimus-1",
+            hub_filename="pytorch_model.bin",
+            licence="Bioptimus non-commercial licence (verify); gated: accept the terms on the "
+            "model page, then set HF_TOKEN",
+            gated=True,
+        ),
+        TileModelSpec(
+            id="phikon-v2",
+            family="hf-dinov2",
+            timm_name="vit_large_patch16_224",  # transformers Dinov2 ViT-L/16 in timm names
+            timm_kwargs={"img_size": 224, "init_values": 1e-5, "num_classes": 0},
+            dim=1024,
+            # Computed: timm ViT-L/16 with LayerScale at 224. The transformers model has one
+            # more parameter tensor, embeddings.mask_token (1,024), unused at inference:
+            # 303,351,808 in all; MODELS.md "~303M". image_size 224 in its config (verify).
+            params=303_350_784,
+            input_size=224, resize_size=224, interpolation="bilinear", crop=True,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            embedding="cls",  # last_hidden_state[:, 0] = CLS after the final layernorm
+            precision="fp32",  # no published recommendation; transformers default (verify)
+            native_tile_px=224, native_mpp=0.5, native_magnification="20x",
+            hub_repo="owkin/phikon-v2",
+            hub_filename="model.safetensors",
+            licence="Owkin non-commercial licence (verify); not gated",
+        ),
     )
-}
+
+
+MODELS: dict[str, TileModelSpec] = {spec.id: spec for spec in _all_specs()}
 
 
 def get(model_id: str) -> TileModelSpec:
@@ -124,7 +331,64 @@ def _build_timm(spec: TileModelSpec) -> torch.nn.Module:
     return timm.create_model(spec.timm_name, pretrained=False, **dict(spec.timm_kwargs))
 
 
-BUILDERS: dict[str, Callable[[TileModelSpec], torch.nn.Module]] = {"timm": _build_timm}
+def _build_conch(spec: TileModelSpec) -> torch.nn.Module:
+    from pipeline.models import conch
+
+    return conch.build_v1(spec.timm_name, spec.timm_kwargs, spec.dim)
+
+
+def _build_conch15(spec: TileModelSpec) -> torch.nn.Module:
+    from pipeline.models import conch
+
+    return conch.build_v15(spec.timm_name, spec.timm_kwargs, spec.dim)
+
+
+BUILDERS: dict[str, Callable[[TileModelSpec], torch.nn.Module]] = {
+    "timm": _build_timm,
+    "hf-dinov2": _build_timm,  # same network; only the checkpoint names differ (ADAPTERS)
+    "conch": _build_conch,
+    "conch-v1.5": _build_conch15,
+}
+
+
+# --- checkpoint adapters: authors' key layout -> the built module's names -----------------
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _adapt_conch(state: StateDict) -> StateDict:
+    from pipeline.models import conch
+
+    return conch.adapt_v1(state)
+
+
+def _adapt_conch15(state: StateDict) -> StateDict:
+    from pipeline.models import conch
+
+    return conch.adapt_v15(state)
+
+
+def _adapt_hf_dinov2(state: StateDict) -> StateDict:
+    from pipeline.models import hf_dinov2
+
+    return hf_dinov2.to_timm(state)
+
+
+ADAPTERS: dict[str, Callable[[StateDict], StateDict]] = {
+    "conch": _adapt_conch,
+    "conch-v1.5": _adapt_conch15,
+    "hf-dinov2": _adapt_hf_dinov2,
+}
+
+
+def adapt_checkpoint(spec: TileModelSpec, state: StateDict) -> StateDict:
+    """Authors' checkpoint -> names/shapes of ``build(spec)``; load strictly afterwards.
+
+    Identity for timm-native checkpoints. Keys an adapter does not know pass through, so the
+    strict load still lists them as unexpected.
+    """
+    adapter = ADAPTERS.get(spec.family)
+    return adapter(state) if adapter else state
 
 
 def build(spec: TileModelSpec, device: str | torch.device = "meta") -> torch.nn.Module:
@@ -160,9 +424,15 @@ def _cls_patch_mean(spec: TileModelSpec, model: torch.nn.Module, x: torch.Tensor
     return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=-1)
 
 
+def _pooled(spec: TileModelSpec, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # CONCH: the tower's own forward is the embedding (attentional pool + ln_contrast).
+    return model(x)
+
+
 RECIPES: dict[str, Callable[[TileModelSpec, torch.nn.Module, torch.Tensor], torch.Tensor]] = {
     "cls": _cls,
     "cls_patch_mean": _cls_patch_mean,
+    "pooled": _pooled,
 }
 
 
@@ -176,3 +446,28 @@ def embed(spec: TileModelSpec, model: torch.nn.Module, x: torch.Tensor) -> torch
     if out.shape[-1] != spec.dim:
         raise RuntimeError(f"{spec.id}: recipe gave width {out.shape[-1]}, expected {spec.dim}")
     return out
+
+
+# --- tiling and documentation ----------------------------------------------------------------
+
+
+def tiling_spec(spec: TileModelSpec) -> tuple[int, float]:
+    """(tile px, um/px) the model was trained on: models sharing it can share one tiling."""
+    return spec.native_tile_px, spec.native_mpp
+
+
+def _tile_text(spec: TileModelSpec) -> str:
+    mag = f" ({spec.native_magnification})" if spec.native_magnification else ""
+    return f"{spec.native_tile_px} px @ {spec.native_mpp:g} mpp{mag} -> {spec.input_size} px"
+
+
+def markdown_table() -> str:
+    """The README's model table, generated so it cannot drift from the registry."""
+    head = ["id", "dim", "params", "precision", "tile spec", "hub repo", "licence / gating"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for spec in MODELS.values():
+        repo = f"`{spec.hub_repo}`" if spec.hub_repo else "-"
+        cells = [f"`{spec.id}`", str(spec.dim), f"{spec.params:,}", spec.precision,
+                 _tile_text(spec), repo, spec.licence.replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

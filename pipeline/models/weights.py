@@ -247,9 +247,14 @@ def _hf_not_found_errors() -> tuple[type[BaseException], ...]:
             errors.RevisionNotFoundError, errors.RemoteEntryNotFoundError)
 
 
-def resolve_weights(model_cfg: ModelConfig, storage: StorageConfig) -> WeightsRef:
-    """Check that the configured weights exist and are readable; pin them to an identity."""
-    spec = registry.get(model_cfg.id)
+def resolve_weights(model_cfg: ModelConfig | Any, storage: StorageConfig,
+                    spec: TileModelSpec | Any = None) -> WeightsRef:
+    """Check that the configured weights exist and are readable; pin them to an identity.
+
+    ``spec`` defaults to the tile-model registry entry; slide encoders pass their own spec
+    (anything with ``id``, ``hub_repo`` and ``hub_filename``).
+    """
+    spec = spec or registry.get(model_cfg.id)
     if model_cfg.weights == "random":
         seed = random_seed(spec.id)
         log.warning("%s: using RANDOM weights (seed %d): embeddings are meaningless", spec.id, seed)
@@ -366,6 +371,22 @@ def _has_meta(model: torch.nn.Module) -> bool:
     return any(t.is_meta for t in tensors)
 
 
+def local_weights_file(model_id: str, ref: WeightsRef, storage: StorageConfig) -> Path:
+    """A local copy of resolved (non-random) weights on this node: hub cache, staged or as is."""
+    if ref.source.startswith("hub:"):
+        return _fetch_hub(ref)
+    if _is_local(ref.source):
+        path = _local_path(ref.source)
+        if not path.is_file():
+            raise WeightsError(f"{model_id}: weights file {str(path)!r} not found on this node "
+                               f"(local paths must be visible to every node): stage the file "
+                               f"or use weights: hub")
+        if ref.sha256:
+            _check_sha(ref.sha256, file_sha256(path), repr(str(path)))
+        return path
+    return _fetch_url(ref, storage)
+
+
 def load_model(spec: TileModelSpec, ref: WeightsRef, storage: StorageConfig,
                device: torch.device) -> torch.nn.Module:
     """Build the architecture and load ``ref`` into it; eval mode, on ``device``."""
@@ -377,19 +398,9 @@ def load_model(spec: TileModelSpec, ref: WeightsRef, storage: StorageConfig,
             torch.manual_seed(seed)
             model = registry.build(spec, device="cpu")
     else:
-        if ref.source.startswith("hub:"):
-            path = _fetch_hub(ref)
-        elif _is_local(ref.source):
-            path = _local_path(ref.source)
-            if not path.is_file():
-                raise WeightsError(f"{spec.id}: weights file {str(path)!r} not found on this node "
-                                   f"(local paths must be visible to every node): stage the file "
-                                   f"or use weights: hub")
-            if ref.sha256:
-                _check_sha(ref.sha256, file_sha256(path), repr(str(path)))
-        else:
-            path = _fetch_url(ref, storage)
-        state = _read_state_dict(path)
+        path = local_weights_file(spec.id, ref, storage)
+        # Authors' key layouts (CONCH's visual.*, transformers' Dinov2) -> the built module's.
+        state = registry.adapt_checkpoint(spec, _read_state_dict(path))
         # Build on meta and adopt the checkpoint tensors: skips a random init that would be
         # overwritten anyway (seconds for a 1B model). Fall back to a real build if the
         # architecture holds non-persistent buffers that a checkpoint cannot fill.

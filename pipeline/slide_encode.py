@@ -1,0 +1,109 @@
+"""Slide encoders: one slide's tile embeddings (tiling order) + coordinates -> slide embeddings.
+
+The committer hands each slide to a slide-encoder actor as soon as all of the slide's tiles
+are embedded, and commits the slide when the result comes back, so slide embeddings stream
+like everything else. Like ``encode.py``, the stage is a plain class that Ray wraps.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlideModelSpec:
+    id: str
+    input_model: str  # the tile encoder whose embeddings it reads
+    input_dim: int
+    dim: int
+    params: int
+    hub_repo: str
+    hub_filename: str
+    licence: str
+    # Positions come from grid indices: x / tile_l0 and y / tile_l0 of each tile (level-0 px),
+    # the authors' convention of coordinates and tile size in the same pixel units.
+    coords: str = "level-0 px top-left; grid index = floor(coord / tile_l0)"
+
+
+SLIDE_MODELS: dict[str, SlideModelSpec] = {
+    "gigapath-slide": SlideModelSpec(
+        id="gigapath-slide", input_model="gigapath", input_dim=1536, dim=768,
+        params=86_330_880, hub_repo="prov-gigapath/prov-gigapath",
+        hub_filename="slide_encoder.pth",
+        licence="Apache-2.0 code; weights gated on the hub: accept the terms, set HF_TOKEN "
+                "(verify)"),
+}
+
+
+def get_slide_model(model_id: str) -> SlideModelSpec:
+    try:
+        return SLIDE_MODELS[model_id]
+    except KeyError:
+        raise KeyError(f"unknown slide encoder {model_id!r}; known: "
+                       f"{', '.join(sorted(SLIDE_MODELS))}") from None
+
+
+def slide_layers(depth: int, extra: list[int]) -> list[int]:
+    """Layers to output: the last one first, then the extra ones the config asks for."""
+    return [depth, *[layer for layer in extra if layer != depth]]
+
+
+class SlideEncoderStage:
+    """Holds one slide encoder on one device; called once per slide."""
+
+    def __init__(self, cfg: dict[str, Any], weights: dict[str, Any],
+                 storage_cfg: dict[str, Any]) -> None:
+        import torch
+
+        from pipeline.config import StorageConfig
+        from pipeline.encode import select_device
+        from pipeline.models.gigapath_slide import (
+            GigaPathSlideEncoder,
+            load_gigapath_slide_encoder,
+        )
+        from pipeline.models.weights import WeightsRef, local_weights_file, random_seed
+
+        self.torch = torch
+        self.cfg = cfg
+        self.spec = get_slide_model(cfg["id"])
+        self.device = select_device(cfg.get("device") or "auto")
+        ref = WeightsRef(**weights)
+        if ref.random:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(random_seed(self.spec.id))
+                self.model = GigaPathSlideEncoder()
+                # The released encoder's LayerNorms and CLS are not at their init values;
+                # random weights still exercise every path.
+        else:
+            path = local_weights_file(self.spec.id, ref, StorageConfig(**storage_cfg))
+            self.model = load_gigapath_slide_encoder(path, "cpu")
+        self.model = self.model.eval().to(self.device)
+        self.depth = len(self.model.encoder.layers)
+        self.layers = slide_layers(self.depth, list(cfg.get("layers") or []))
+        bad = [layer for layer in self.layers if not 0 <= layer <= self.depth]
+        if bad:
+            raise ValueError(f"{self.spec.id}: layers {bad} out of range 0..{self.depth}")
+        self.precision = "fp16" if self.device.type == "cuda" else "fp32"
+
+    def __call__(self, embeddings: np.ndarray, coords: np.ndarray,
+                 tile_l0: float) -> dict[int, np.ndarray]:
+        """(N, 1536) tile embeddings in tiling order + (N, 2) level-0 coords -> {layer: (768,)}."""
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(embeddings, np.float32)).to(self.device)
+        c = torch.from_numpy(np.ascontiguousarray(coords, np.float32)).to(self.device)
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.float16):
+                    out = self.model(x, c, tile_l0, all_layers=True,
+                                     global_pool=self.cfg.get("global_pool", True))
+            else:
+                out = self.model(x, c, tile_l0, all_layers=True,
+                                 global_pool=self.cfg.get("global_pool", True))
+        return {layer: out[f"layer_{layer}_embed"].float().cpu().numpy().astype(np.float16)
+                for layer in self.layers}
