@@ -360,7 +360,7 @@ class Committer:
             if m in self.slides_of:
                 # Tiling order is the buffer's index order; coordinates are level-0 px.
                 coords = np.stack([buf.x, buf.y], axis=1)
-                fut = self.slide_actors[m].__call__.remote(buf.emb[m], coords, meta["tile_l0"])
+                fut = self.slide_actors[m].__call__.remote(buf.emb[m], coords)
                 self.pending[fut] = (task, m, values)
         self.timings.append({
             "slide_id": e.slide_id, "num_tiles": buf.num_tiles, "models": task.models,

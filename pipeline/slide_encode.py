@@ -26,9 +26,9 @@ class SlideModelSpec:
     hub_repo: str
     hub_filename: str
     licence: str
-    # Positions come from grid indices: x / tile_l0 and y / tile_l0 of each tile (level-0 px),
-    # the authors' convention of coordinates and tile size in the same pixel units.
-    coords: str = "level-0 px top-left; grid index = floor(coord / tile_l0)"
+    # The authors' code turns level-0 pixel coordinates into grid positions by dividing by a
+    # fixed 256 whatever the tile size or scan resolution; the weights were trained that way.
+    position_unit_px: float = 256.0
 
 
 SLIDE_MODELS: dict[str, SlideModelSpec] = {
@@ -91,19 +91,19 @@ class SlideEncoderStage:
             raise ValueError(f"{self.spec.id}: layers {bad} out of range 0..{self.depth}")
         self.precision = "fp16" if self.device.type == "cuda" else "fp32"
 
-    def __call__(self, embeddings: np.ndarray, coords: np.ndarray,
-                 tile_l0: float) -> dict[int, np.ndarray]:
+    def __call__(self, embeddings: np.ndarray, coords: np.ndarray) -> dict[int, np.ndarray]:
         """(N, 1536) tile embeddings in tiling order + (N, 2) level-0 coords -> {layer: (768,)}."""
+        unit = self.spec.position_unit_px
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(embeddings, np.float32)).to(self.device)
         c = torch.from_numpy(np.ascontiguousarray(coords, np.float32)).to(self.device)
         with torch.inference_mode():
             if self.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.float16):
-                    out = self.model(x, c, tile_l0, all_layers=True,
+                    out = self.model(x, c, unit, all_layers=True,
                                      global_pool=self.cfg.get("global_pool", True))
             else:
-                out = self.model(x, c, tile_l0, all_layers=True,
+                out = self.model(x, c, unit, all_layers=True,
                                  global_pool=self.cfg.get("global_pool", True))
         return {layer: out[f"layer_{layer}_embed"].float().cpu().numpy().astype(np.float16)
                 for layer in self.layers}
