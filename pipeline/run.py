@@ -200,6 +200,19 @@ def _use_gpu(device: str) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def warn_if_cluster_too_small(cfg: JobConfig, use_gpu: dict[str, bool]) -> None:
+    """A pipeline whose stages cannot all hold a slot at once stalls instead of streaming."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    need = cfg.ray.tiling_cpus + sum(cfg.ray.encoder_cpus * m.actors for m in cfg.models
+                                     if not use_gpu[m.id])
+    if cpus < need:
+        log.warning("the cluster has %g CPUs now but one tiling task plus the CPU encoder "
+                    "actors need %g: the job waits for more nodes (autoscaling) or stalls; "
+                    "lower ray.encoder_cpus / models[].actors", cpus, need)
+
+
 def build_dataset(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]) -> Any:
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
@@ -463,6 +476,7 @@ def run_job(cfg: JobConfig, run_id: str | None = None) -> dict[str, Any]:
             for m, gpu in use_gpu.items():
                 if not gpu:
                     log.warning("model %s: no GPU in the cluster; encoding on CPU (slow)", m)
+            warn_if_cluster_too_small(cfg, use_gpu)
             committer = Committer(cfg, plan, lake, run_id, use_gpu,
                                   start_slide_encoders(cfg, plan, use_gpu))
             ds = build_dataset(cfg, plan, use_gpu)

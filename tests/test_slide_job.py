@@ -31,8 +31,7 @@ def test_gigapath_slide_embeddings_from_a_job(tmp_path: Path) -> None:
         {"slide_id": n, "uri": str(tmp_path / f"{n}.svs"), "cohort": "c"} for n in ("a", "b")])
     out = str(tmp_path / "lake")
     cfg = job_config(str(manifest), out, models=["gigapath"],
-                     tiling={"mpp": 0.5, "tile_size": 256, "chunk_tiles": 4},
-                     ray={"encoder_cpus": 2})
+                     tiling={"mpp": 0.5, "tile_size": 256, "chunk_tiles": 4})
     slide_cfg = {"weights": "random", "layers": [11]}
     cfg.models[0].slide_encoder = SlideEncoderConfig(**slide_cfg)
     record = run_job(cfg)
