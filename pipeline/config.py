@@ -43,8 +43,12 @@ def _check_url(value: str, field: str) -> str:
 class TilingConfig(_Strict):
     """Where tiles come from: physical resolution, size and tissue filter."""
 
-    mpp: float = Field(0.5, gt=0.05, le=64, description="target microns per pixel")
-    tile_size: int = Field(224, ge=16, le=4096, description="tile edge in pixels at target mpp")
+    mpp: float | None = Field(
+        None, gt=0.05, le=64,
+        description="target microns per pixel for every model; None: each model's own")
+    tile_size: int | None = Field(
+        None, ge=16, le=4096,
+        description="tile edge in pixels at target mpp for every model; None: each model's own")
     min_tissue: float = Field(0.25, ge=0.0, le=1.0,
                               description="minimum tissue fraction of a tile to keep it")
     chunk_tiles: int = Field(64, ge=1, le=4096,
@@ -53,17 +57,27 @@ class TilingConfig(_Strict):
         8, ge=1, le=64, description="tissue-mask resolution: mask pixels per tile edge")
     region_tiles: int = Field(8, ge=1, le=64,
                               description="tiles per edge of one region read from the slide")
+    reader: Literal["auto", "openslide", "tiff"] = Field(
+        "auto", description="auto: decode JPEG tiles of TIFF-family slides directly, "
+        "OpenSlide otherwise; openslide: always OpenSlide; tiff: direct or fail")
+    threads: int = Field(1, ge=1, le=64, description="decode threads per tiling task")
     mpp_tolerance: float = Field(
         0.02, ge=0, le=0.5, description="relative mpp difference treated as 'exactly the target'")
 
+    def for_model(self, tile_px: int, mpp: float) -> TilingConfig:
+        """Concrete settings for a model that declares (tile_px, mpp); job values win."""
+        return self.model_copy(update={"tile_size": self.tile_size or tile_px,
+                                       "mpp": self.mpp or mpp})
+
     def spec_hash(self) -> str:
         """Hash of everything that changes which pixels a tile holds (not chunking)."""
-        keep = self.model_dump(exclude={"chunk_tiles", "region_tiles"})
+        keep = self.model_dump(exclude={"chunk_tiles", "region_tiles", "reader", "threads"})
         keep["algorithm"] = TILING_ALGORITHM_VERSION
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-TILING_ALGORITHM_VERSION = 1
+# 2: whole-number downsampling by box averaging; near-whole scales read k x the level's mpp.
+TILING_ALGORITHM_VERSION = 2
 
 
 def _check_weights(v: str) -> str:

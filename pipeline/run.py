@@ -17,7 +17,7 @@ import platform
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,20 @@ def slide_work_key(tile_key: str, weights: WeightsRef, cfg: SlideEncoderConfig) 
     """A slide encoder's output depends on its input tile embeddings and its own settings."""
     parts = [tile_key, cfg.id, weights.identity, sorted(cfg.layers), cfg.global_pool]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+def model_tiling(cfg: JobConfig) -> dict[str, TilingConfig]:
+    """Each model's tiling: its declared field of view unless the job fixes mpp/tile size."""
+    return {m.id: cfg.tiling.for_model(*registry.tiling_spec(registry.get(m.id)))
+            for m in cfg.models}
+
+
+def tiling_groups(cfg: JobConfig) -> list[tuple[TilingConfig, list[str]]]:
+    """Models that share a tiling spec share one tiling pass."""
+    groups: dict[str, tuple[TilingConfig, list[str]]] = {}
+    for model_id, tiling in model_tiling(cfg).items():
+        groups.setdefault(tiling.spec_hash(), (tiling, []))[1].append(model_id)
+    return list(groups.values())
 
 
 def slide_encoders(cfg: JobConfig) -> dict[str, SlideEncoderConfig]:
@@ -119,6 +133,7 @@ def plan_job(cfg: JobConfig, lake: Lake, weights: dict[str, WeightsRef] | None =
                         reason=p.reason, row=p.row) for p in manifest.problems]
     committed = lake.committed()
     slides_of = slide_encoders(cfg)
+    tiling_of = model_tiling(cfg)
     tasks: list[SlideTask] = []
     up_to_date = {m: 0 for m in weights}
     for e in manifest.entries:
@@ -135,7 +150,7 @@ def plan_job(cfg: JobConfig, lake: Lake, weights: dict[str, WeightsRef] | None =
                                     stage="stage", row=e.row,
                                     reason=f"cannot stat slide: {type(err).__name__}: {err}"))
             continue
-        keys = {m.id: work_key(fp, m.id, weights[m.id], cfg.tiling) for m in cfg.models}
+        keys = {m.id: work_key(fp, m.id, weights[m.id], tiling_of[m.id]) for m in cfg.models}
         for m, s in slides_of.items():
             keys[s.id] = slide_work_key(keys[m], weights[s.id], s)
         todo, stale = [], {}
@@ -213,7 +228,9 @@ def warn_if_cluster_too_small(cfg: JobConfig, use_gpu: dict[str, bool]) -> None:
                     "lower ray.encoder_cpus / models[].actors", cpus, need)
 
 
-def build_dataset(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]) -> Any:
+def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
+                  plan: Plan, use_gpu: dict[str, bool]) -> Any:
+    """One tiling pass (one tiling spec) feeding the encoders of the models that share it."""
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -226,9 +243,9 @@ def build_dataset(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]) -> Any:
             object_store_memory=int(cfg.ray.object_store_budget_gb * 2**30))
     items = [{"slide_id": t.entry.slide_id, "uri": t.entry.uri,
               "mpp": t.entry.mpp if t.entry.mpp is not None else float("nan"),
-              "models": ",".join(t.models)} for t in plan.tasks]
+              "models": ",".join(t.models)} for t in tasks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    tiler_args: dict[str, Any] = {"num_cpus": cfg.ray.tiling_cpus,
+    tiler_args: dict[str, Any] = {"num_cpus": max(cfg.ray.tiling_cpus, tiling.threads),
                                   # A memory request also keeps Ray from fusing tiling into the
                                   # encoder actors, which would serialise the two stages.
                                   "memory": 512 * 2**20}
@@ -237,10 +254,10 @@ def build_dataset(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]) -> Any:
     if cfg.ray.tiling_concurrency:
         tiler_args["compute"] = TaskPoolStrategy(size=cfg.ray.tiling_concurrency)
     ds = ds.map_batches(tile_slides, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"tiling": cfg.tiling.model_dump(),
+                        fn_kwargs={"tiling": tiling.model_dump(),
                                    "storage": cfg.storage.model_dump()},
                         **tiler_args)
-    active = [m for m in cfg.models if any(m.id in t.models for t in plan.tasks)]
+    active = [m for m in cfg.models if any(m.id in t.models for t in tasks)]
     for i, m in enumerate(active):
         enc_args: dict[str, Any] = {"num_cpus": cfg.ray.encoder_cpus,
                                     "num_gpus": 1 if use_gpu[m.id] else 0}
@@ -285,7 +302,8 @@ class Committer:
     def __init__(self, cfg: JobConfig, plan: Plan, lake: Lake, run_id: str,
                  use_gpu: dict[str, bool], slide_actors: dict[str, Any] | None = None):
         self.cfg, self.plan, self.lake, self.run_id = cfg, plan, lake, run_id
-        self.tasks = {t.entry.slide_id: t for t in plan.tasks}
+        self.tasks: dict[str, SlideTask] = {}
+        self.tiling = cfg.tiling
         self.dims = {m.id: registry.get(m.id).dim for m in cfg.models}
         self.use_gpu = use_gpu
         self.slides_of = slide_encoders(cfg)
@@ -301,6 +319,21 @@ class Committer:
         self.committed: dict[str, int] = {m: 0 for m in plan.weights}
         self.tiles_encoded: dict[str, int] = {m: 0 for m in plan.weights}
         self.timings: list[dict[str, Any]] = []
+
+    def start_pass(self, tiling: TilingConfig, tasks: list[SlideTask]) -> None:
+        """A new tiling pass: the slides it covers, restricted to the models that share it."""
+        self.tiling = tiling
+        self.tasks = {t.entry.slide_id: t for t in tasks}
+        self.buffers.clear()
+        self.done.clear()
+
+    def end_pass(self, job_error: str | None) -> None:
+        """Every slide of the pass not committed or failed by now gets an error row."""
+        reason = f"job stopped before this slide finished: {job_error}" if job_error else \
+            "slide produced no output (internal error: please report)"
+        for sid, task in self.tasks.items():
+            if sid not in self.done:
+                self._fail(task, "incomplete", reason, ",".join(task.models))
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         ids = batch["slide_id"]
@@ -353,8 +386,8 @@ class Committer:
                 "precision": spec.precision if gpu else "fp32", "device": "cuda" if gpu else "cpu",
                 "weights": ref.source, "weights_identity": ref.identity,
                 "weights_sha256": ref.sha256, "random_weights": ref.random,
-                "tiling": json.dumps(self.cfg.tiling.model_dump(), sort_keys=True),
-                "tiling_hash": self.cfg.tiling.spec_hash(),
+                "tiling": json.dumps(self.tiling.model_dump(), sort_keys=True),
+                "tiling_hash": self.tiling.spec_hash(),
                 "work_key": task.work_keys[m], "code_version": code_version(),
                 "run_id": self.run_id,
                 "tiling_started_at": _ts(meta.get("tiling_started_at", buf.t_first)),
@@ -420,17 +453,13 @@ class Committer:
             self.committed[s.id] = self.committed.get(s.id, 0) + 1
 
     def finish(self, job_error: str | None) -> None:
-        """Every planned slide not committed or failed by now gets an error row: nothing lost."""
-        reason = f"job stopped before this slide finished: {job_error}" if job_error else \
-            "slide produced no output (internal error: please report)"
+        """Slide-encoder results still in flight are committed, or failed: nothing lost."""
         if job_error is None:
             self.collect_slide_embeddings(wait=True)
         for task, m, _ in self.pending.values():
-            self._fail(task, "incomplete", reason, self.slides_of[m].id)
+            self._fail(task, "incomplete", f"job stopped before the slide encoder finished: "
+                       f"{job_error}", self.slides_of[m].id)
         self.pending.clear()
-        for sid, task in self.tasks.items():
-            if sid not in self.done:
-                self._fail(task, "incomplete", reason)
         self.flush_errors()
 
     def flush_errors(self) -> None:
@@ -479,9 +508,20 @@ def run_job(cfg: JobConfig, run_id: str | None = None) -> dict[str, Any]:
             warn_if_cluster_too_small(cfg, use_gpu)
             committer = Committer(cfg, plan, lake, run_id, use_gpu,
                                   start_slide_encoders(cfg, plan, use_gpu))
-            ds = build_dataset(cfg, plan, use_gpu)
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                committer.add(batch)
+            for tiling, group in tiling_groups(cfg):
+                tasks = [replace(t, models=[m for m in t.models if m in group])
+                         for t in plan.tasks if set(t.models) & set(group)]
+                if not tasks:
+                    continue
+                committer.start_pass(tiling, tasks)
+                ds = build_dataset(cfg, tiling, tasks, plan, use_gpu)
+                try:
+                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                        committer.add(batch)
+                except BaseException as err:
+                    committer.end_pass(f"{type(err).__name__}: {err}")
+                    raise
+                committer.end_pass(None)
         else:
             committer = Committer(cfg, plan, lake, run_id, use_gpu)
     except BaseException as err:

@@ -4,11 +4,18 @@ No Ray here: ``pipeline.run`` wraps :func:`tile_slide` in a task. Every check th
 a slide (unreadable, no mpp, too small, no tissue) runs before :func:`tile_slide` returns, so
 the caller knows the tile count before any tile pixels are decoded.
 
-Resampling: each region is read from the chosen level and resized once, from its exact
-fractional source box, with Pillow's BILINEAR filter. Pillow widens the filter by the scale
-when it downsamples, so this is an antialiased triangle filter (no moire on nuclei texture),
-close in cost to BOX, without the ringing LANCZOS adds at tissue/glass edges; it also matches
-the antialiased bilinear resize most pathology foundation models were trained with.
+Resampling: each region is read from the chosen level and resampled once. When a whole
+number k of level pixels makes one delivered pixel within ``mpp_tolerance`` (0.25 -> 0.5,
+0.2527 -> 0.5054, like reading 448 px and halving), the region is area-averaged by k with
+``Image.reduce``: a box filter, antialiased by construction, ~9x cheaper than a filtered
+resize, and it needs no margin so regions decode only their own file tiles. Other scales
+resize once from the exact fractional source box with Pillow's BILINEAR filter (widened by the
+scale when downsampling: an antialiased triangle filter, no ringing at tissue/glass edges).
+
+Readers: plain-JPEG tiled TIFFs (Aperio SVS, generic tiled TIFF) are read by
+:mod:`pipeline.tiffread` (direct tile decode, tissue-free file tiles skipped); everything else,
+and any TIFF the fast path does not recognise, by OpenSlide. ``threads`` regions are read and
+resampled at once (JPEG decode, OpenSlide and Pillow release the GIL).
 """
 
 from __future__ import annotations
@@ -16,9 +23,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,6 +38,8 @@ from PIL import Image
 
 from pipeline.config import StorageConfig, TilingConfig
 from pipeline.slides import (
+    OpenSlideReader,
+    RegionReader,
     SlideError,
     choose_level,
     needs_upsampling,
@@ -38,10 +50,17 @@ from pipeline.slides import (
     vendor,
 )
 from pipeline.storage import StagingError, staged_slide
+from pipeline.tiffread import TiffJpegReader, TiffReadError, open_tiff_reader
 from pipeline.tissue import TileGrid, plan_grid, read_thumbnail, thumbnail_size, tissue_mask
 
 log = logging.getLogger(__name__)
 RESAMPLE = Image.Resampling.BILINEAR
+READERS = ("auto", "openslide", "tiff")
+_fallbacks_logged: set[str] = set()
+# Kept tiles one band may buffer before it is split into shorter bands: row-major order needs
+# a whole band read before its first row is emitted, and a 100k px wide slide has ~220 tiles
+# per row. Shorter bands re-decode a few file tiles on their seams; memory stays flat.
+BAND_BYTES = 24 << 20
 
 
 @dataclass
@@ -85,9 +104,12 @@ class TileChunks(Iterator[TileChunk]):
     ``finally`` only runs once started), so the handle lives here.
     """
 
-    def __init__(self, slide: openslide.OpenSlide, gen: Iterator[TileChunk]) -> None:
+    def __init__(self, slide: openslide.OpenSlide, gen: Iterator[TileChunk],
+                 closers: tuple[Callable[[], object], ...] = ()) -> None:
         self._slide: openslide.OpenSlide | None = slide
         self._gen = gen
+        self._closers = closers
+        self.reader = "openslide"  # which reader delivers the pixels ("openslide" or "tiff")
 
     def __iter__(self) -> TileChunks:
         return self
@@ -107,6 +129,8 @@ class TileChunks(Iterator[TileChunk]):
         if hasattr(gen, "close"):
             gen.close()
         if self._slide is not None:
+            for close in self._closers:
+                close()
             self._slide.close()
             self._slide = None
 
@@ -124,25 +148,65 @@ class TileChunks(Iterator[TileChunk]):
 
 
 def _read_scale(mpp0: float, ds: float, target: float, tolerance: float) -> tuple[float, float]:
-    """(level px per delivered px, mpp of delivered px) for a level of downsample ``ds``."""
+    """(level px per delivered px, mpp of delivered px) for a level of downsample ``ds``.
+
+    A whole number k of level pixels within tolerance of the target is delivered as is
+    (k = 1: the level's own pixels; k > 1: area-averaged by k), at mpp ``k * level mpp``.
+    """
     level_mpp = mpp0 * ds
-    if abs(level_mpp / target - 1.0) <= tolerance:
-        return 1.0, level_mpp  # close enough: read the level's pixels as they are
+    k = max(1, round(target / level_mpp))
+    if abs(k * level_mpp / target - 1.0) <= tolerance:
+        return float(k), k * level_mpp
     return target / level_mpp, target
 
 
 def tile_slide(path: str, *, mpp_override: float | None,
                cfg: TilingConfig) -> tuple[SlidePlan, TileChunks]:
-    """Plan a slide and return its chunks iterator; raises ``SlideError`` before any tile read."""
+    """Plan a slide and return its chunks iterator; raises ``SlideError`` before any tile read.
+
+    ``cfg.reader`` ("auto", "openslide", "tiff") and ``cfg.threads`` choose how pixels are
+    read; "tiff" fails the slide instead of falling back, for benchmarks and tests.
+    """
     path = str(path)
     slide = open_slide(path)
+    closers: list[Callable[[], object]] = []
     try:
         plan, grid, level, scale = _plan(slide, path, mpp_override, cfg)
+        reader, name = _reader(slide, path, level, str(getattr(cfg, "reader", "auto")))
+        if isinstance(reader, TiffJpegReader):
+            closers.append(reader.close)
+        threads = int(getattr(cfg, "threads", 1))
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="tiling") if threads > 1 else None
+        if pool is not None:
+            closers.insert(0, lambda: pool.shutdown(wait=True, cancel_futures=True))
     except BaseException:
+        for close in closers:
+            close()
         slide.close()
         raise
-    gen = _chunks(slide, path, grid, level, scale, cfg)
-    return plan, TileChunks(slide, gen)
+    gen = _chunks(reader, path, grid, level, scale, cfg, pool)
+    chunks = TileChunks(slide, gen, tuple(closers))
+    chunks.reader = name
+    return plan, chunks
+
+
+def _reader(slide: openslide.OpenSlide, path: str, level: int,
+            choice: str) -> tuple[RegionReader, str]:
+    """The fast TIFF reader when allowed and it recognises the file, else OpenSlide."""
+    if choice not in READERS:
+        raise ValueError(f"tiling.reader must be one of {READERS}, got {choice!r}")
+    if choice == "openslide":
+        return OpenSlideReader(slide, path), "openslide"
+    reader, why = open_tiff_reader(path, slide, [level])
+    if reader is not None:
+        return reader, "tiff"
+    if choice == "tiff":
+        raise SlideError("open", f"tiling.reader=tiff cannot read {path!r}: {why}")
+    kind = re.sub(r"[\d.]+", "#", why)  # once per kind of reason per process, not per slide
+    if kind not in _fallbacks_logged:
+        _fallbacks_logged.add(kind)
+        log.info("reading with OpenSlide, not the TIFF fast path: %s (e.g. %s)", why, path)
+    return OpenSlideReader(slide, path), "openslide"
 
 
 def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
@@ -152,8 +216,8 @@ def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
     ds = float(slide.level_downsamples[level])
     scale, read_mpp = _read_scale(mpp0, ds, cfg.mpp, cfg.mpp_tolerance)
     tile_l0 = cfg.tile_size * read_mpp / mpp0
-    if scale == 1.0:
-        tile_l0 = cfg.tile_size * ds  # exact: no float drift on the grid
+    if scale == int(scale):
+        tile_l0 = cfg.tile_size * scale * ds  # exact: no float drift on the grid
     width, height = slide.dimensions
     if width < tile_l0 - 1e-6 or height < tile_l0 - 1e-6:
         raise SlideError(
@@ -185,46 +249,129 @@ def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
     return plan, grid, level, scale
 
 
-def _chunks(slide: openslide.OpenSlide, path: str, grid: TileGrid, level: int, scale: float,
-            cfg: TilingConfig) -> Iterator[TileChunk]:
-    """Read bands of ``region_tiles`` grid rows, region by region, and emit chunks in order.
+@dataclass
+class _Region:
+    """One region read: kept tiles ``sel`` (band positions) inside a box of level pixels."""
 
-    Row-major order crosses every region of a band, so a band's kept tiles are buffered
-    (memory: one band, never the slide); leftovers shorter than a chunk carry to the next band.
-    """
+    band: int
+    sel: np.ndarray
+    r0: int
+    c0: int
+    box: tuple[float, float, float, float]
+    size: tuple[int, int]
+    need: list[tuple[float, float, float, float]]
+
+
+def _bands(grid: TileGrid, rt: int, tile_bytes: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) grid rows of each band: ``rt`` rows, fewer where that would buffer more
+    than ``BAND_BYTES`` of kept tiles (wide slides), so memory does not grow with width."""
+    starts = np.searchsorted(grid.row, np.arange(0, grid.rows + rt, rt))
+    for r in range(0, grid.rows, rt):
+        kept = int(starts[r // rt + 1] - starts[r // rt])
+        if kept == 0:
+            continue
+        step = rt
+        if kept * tile_bytes > BAND_BYTES:
+            step = max(1, rt * BAND_BYTES // (kept * tile_bytes))
+        for r0 in range(r, min(r + rt, grid.rows), step):
+            yield r0, min(r0 + step, r + rt, grid.rows)
+
+
+def _regions(grid: TileGrid, scale: float, cfg: TilingConfig) -> Iterator[tuple[int, int, int,
+                                                                                 list[_Region]]]:
+    """(band, first tile, end tile, regions) per band of at most ``region_tiles`` grid rows."""
     t = cfg.tile_size
     rt = cfg.region_tiles
-    n = grid.num_tiles
-    pending: list[np.ndarray] = []  # tile arrays waiting for a full chunk, in index order
-    pending_n = 0
-    next_index = 0  # index of the first pending tile
-    band_starts = np.searchsorted(grid.row, np.arange(0, grid.rows + rt, rt))
-    for b in range(len(band_starts) - 1):
-        lo, hi = int(band_starts[b]), int(band_starts[b + 1])
+    for b, (row0, row1) in enumerate(_bands(grid, rt, t * t * 3)):
+        lo, hi = (int(v) for v in np.searchsorted(grid.row, [row0, row1]))
         if lo == hi:
             continue
         rows, cols = grid.row[lo:hi], grid.col[lo:hi]
-        band = np.empty((hi - lo, t, t, 3), np.uint8)
         region_of = cols // rt
+        regions = []
         for reg in np.unique(region_of):
             sel = np.nonzero(region_of == reg)[0]
             r0, r1 = int(rows[sel].min()), int(rows[sel].max()) + 1
             c0, c1 = int(cols[sel].min()), int(cols[sel].max()) + 1
             # Delivered pixel u maps to level pixel u * scale; tile (r, c) starts at c * t.
             box = (c0 * t * scale, r0 * t * scale, c1 * t * scale, r1 * t * scale)
-            pixels = read_resampled(slide, level, box, ((c1 - c0) * t, (r1 - r0) * t),
-                                    RESAMPLE, path=path)
-            for i in sel:
-                yy, xx = (int(rows[i]) - r0) * t, (int(cols[i]) - c0) * t
-                band[i] = pixels[yy:yy + t, xx:xx + t]
-            del pixels
-        pending.append(band)
-        pending_n += len(band)
-        while pending_n >= cfg.chunk_tiles or (pending_n and next_index + pending_n == n):
-            take = min(cfg.chunk_tiles, pending_n)
-            yield _chunk(grid, _take(pending, take), next_index)
-            pending_n -= take
-            next_index += take
+            s = t * scale
+            need = [(float(c) * s, float(r) * s, (float(c) + 1) * s, (float(r) + 1) * s)
+                    for r, c in zip(rows[sel].tolist(), cols[sel].tolist(), strict=True)]
+            regions.append(_Region(b, sel, r0, c0, box, ((c1 - c0) * t, (r1 - r0) * t), need))
+        yield b, lo, hi, regions
+
+
+def _read_region(reader: RegionReader, path: str, level: int, reg: _Region, rows: np.ndarray,
+                 cols: np.ndarray, t: int, band: np.ndarray) -> None:
+    """Cut the kept tiles of one region straight into their band slots (disjoint per region,
+    so threads share the band without a lock); the region's pixels are freed here."""
+    try:
+        pixels = read_resampled(reader, level, reg.box, reg.size, RESAMPLE, path=path,
+                                need=reg.need)
+    except TiffReadError as err:
+        raise SlideError(
+            "read", f"failed reading pixels of level {level} from {path!r}: the file is corrupt "
+                    f"or truncated ({err})") from None
+    for i in reg.sel:
+        yy, xx = (int(rows[i]) - reg.r0) * t, (int(cols[i]) - reg.c0) * t
+        band[i] = pixels[yy:yy + t, xx:xx + t]
+
+
+def _chunks(reader: RegionReader, path: str, grid: TileGrid, level: int, scale: float,
+            cfg: TilingConfig, pool: ThreadPoolExecutor | None) -> Iterator[TileChunk]:
+    """Read bands of ``region_tiles`` grid rows, region by region, and emit chunks in order.
+
+    Row-major order crosses every region of a band, so a band's kept tiles are buffered
+    (memory: one band of at most ``BAND_BYTES``, never the slide, plus the next band while
+    reading ahead); leftovers shorter than a chunk carry to the next band. With a pool,
+    regions are read ahead in order, at most one per thread plus one in flight.
+    """
+    t = cfg.tile_size
+    n = grid.num_tiles
+    pending: list[np.ndarray] = []  # tile arrays waiting for a full chunk, in index order
+    pending_n = 0
+    next_index = 0  # index of the first pending tile
+    workers = pool._max_workers if pool is not None else 1  # noqa: SLF001
+    inflight: deque[tuple[np.ndarray, bool, Future[None]]] = deque()
+
+    def filled() -> Iterator[np.ndarray]:
+        """Each band once all its regions are in it."""
+        for _, lo, hi, regions in _regions(grid, scale, cfg):
+            rows, cols = grid.row[lo:hi], grid.col[lo:hi]
+            band = np.empty((hi - lo, t, t, 3), np.uint8)
+            for j, reg in enumerate(regions):
+                last = j == len(regions) - 1
+                if pool is None:
+                    _read_region(reader, path, level, reg, rows, cols, t, band)
+                    continue
+                inflight.append((band, last, pool.submit(_read_region, reader, path, level,
+                                                         reg, rows, cols, t, band)))
+                while len(inflight) > workers + 1:
+                    done_band, done_last, fut = inflight.popleft()
+                    fut.result()
+                    if done_last:
+                        yield done_band
+            if pool is None:
+                yield band
+        while inflight:
+            done_band, done_last, fut = inflight.popleft()
+            fut.result()
+            if done_last:
+                yield done_band
+
+    try:
+        for band in filled():
+            pending.append(band)
+            pending_n += len(band)
+            while pending_n >= cfg.chunk_tiles or (pending_n and next_index + pending_n == n):
+                take = min(cfg.chunk_tiles, pending_n)
+                yield _chunk(grid, _take(pending, take), next_index)
+                pending_n -= take
+                next_index += take
+    finally:
+        for _, _, fut in inflight:
+            fut.cancel()
     if next_index != n:  # would be a bug in the band bookkeeping; never emit a partial slide
         raise SlideError("tiling", f"internal error: emitted {next_index} of {n} tiles")
 

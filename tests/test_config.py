@@ -12,7 +12,10 @@ BASE = {"manifest": "s3://bucket/m.csv", "output": "s3://bucket/out",
 
 def test_defaults_and_types() -> None:
     cfg = build_config(BASE)
-    assert cfg.tiling.mpp == 0.5 and cfg.tiling.tile_size == 224
+    # No job-wide mpp/tile size: each model tiles at its own declared field of view.
+    assert cfg.tiling.mpp is None and cfg.tiling.tile_size is None
+    assert cfg.tiling.for_model(256, 0.5).tile_size == 256
+    assert cfg.tiling.model_copy(update={"mpp": 0.25}).for_model(256, 0.5).mpp == 0.25
     assert cfg.models[0].weights == "random"
 
 
@@ -62,6 +65,6 @@ def test_missing_or_broken_job_file(tmp_path: Path) -> None:
 
 
 def test_tiling_hash_ignores_chunking_only() -> None:
-    a = build_config(BASE).tiling
-    assert a.spec_hash() == a.model_copy(update={"chunk_tiles": 7}).spec_hash()
+    a = build_config(BASE).tiling.for_model(224, 0.5)
+    assert a.spec_hash() == a.model_copy(update={"chunk_tiles": 7, "threads": 2}).spec_hash()
     assert a.spec_hash() != a.model_copy(update={"mpp": 0.25}).spec_hash()

@@ -28,6 +28,8 @@ from pipeline.tissue import (
     tissue_mask,
 )
 
+STD_TILING = TilingConfig(mpp=0.5, tile_size=224)
+
 
 def _rgb(slide: openslide.OpenSlide, xy: tuple[int, int], level: int, size: int) -> np.ndarray:
     """Independent reference read: OpenSlide RGBA composited on white."""
@@ -291,9 +293,9 @@ def test_resampled_tiles_match_reference(generated_slides: dict[str, Path]) -> N
     assert len(tiles) == plan.num_tiles > 20
     with openslide.OpenSlide(str(generated_slides["pyramid_025"])) as s:
         for i in np.linspace(0, len(tiles) - 1, 12).astype(int):
+            # an exact 2x: 256 level-0 px area-averaged 2x2 into 128 (box filter, exact)
             big = Image.fromarray(_rgb(s, (int(x[i]), int(y[i])), 0, 256))
-            ref = np.asarray(big.resize((128, 128), Image.Resampling.BILINEAR)).astype(int)
-            assert np.abs(tiles[i].astype(int) - ref).mean() < 3
+            assert np.array_equal(tiles[i], np.asarray(big.reduce(2)))
 
 
 def test_region_size_does_not_change_pixels(generated_slides: dict[str, Path]) -> None:
@@ -321,7 +323,7 @@ def test_coarser_level_read_without_resampling(generated_slides: dict[str, Path]
 
 
 def test_real_cmu_slide() -> None:
-    cfg = TilingConfig()
+    cfg = TilingConfig(mpp=0.5, tile_size=224)
     plan, chunks = _all(CMU_SMALL, cfg)
     # 0.499 um/px is within tolerance of 0.5: level-0 pixels as they are, 224 px apart
     assert (plan.width, plan.height, plan.mpp, plan.read_mpp) == (2220, 2967, 0.499, 0.499)
@@ -355,7 +357,7 @@ def test_upsampling_is_flagged() -> None:
 
 def test_no_tissue(generated_slides: dict[str, Path]) -> None:
     with pytest.raises(SlideError) as info:
-        tile_slide(str(generated_slides["blank"]), mpp_override=None, cfg=TilingConfig())
+        tile_slide(str(generated_slides["blank"]), mpp_override=None, cfg=STD_TILING)
     assert info.value.stage == "no_tissue"
     assert str(info.value).startswith("no tissue found: 0 of ")
     assert "min_tissue=0.25" in str(info.value)
@@ -363,7 +365,7 @@ def test_no_tissue(generated_slides: dict[str, Path]) -> None:
 
 def test_too_small(generated_slides: dict[str, Path]) -> None:
     with pytest.raises(SlideError) as info:
-        tile_slide(str(generated_slides["tiny"]), mpp_override=None, cfg=TilingConfig())
+        tile_slide(str(generated_slides["tiny"]), mpp_override=None, cfg=STD_TILING)
     assert info.value.stage == "too_small"
     assert "16x16" in str(info.value) and "224" in str(info.value)
 
@@ -372,7 +374,7 @@ def test_too_small(generated_slides: dict[str, Path]) -> None:
                                              ("generic_nompp", "mpp")])
 def test_errors_before_plan(generated_slides: dict[str, Path], name: str, stage: str) -> None:
     with pytest.raises(SlideError) as info:
-        tile_slide(str(generated_slides[name]), mpp_override=None, cfg=TilingConfig())
+        tile_slide(str(generated_slides[name]), mpp_override=None, cfg=STD_TILING)
     assert info.value.stage == stage
 
 
@@ -389,12 +391,12 @@ def test_corrupt_tiles_fail_while_reading(generated_slides: dict[str, Path]) -> 
 
 
 def test_no_mpp_slides_tile_with_manifest_override(generated_slides: dict[str, Path]) -> None:
-    plan, chunks = _all(generated_slides["generic_nompp"], TilingConfig(), mpp=0.5)
+    plan, chunks = _all(generated_slides["generic_nompp"], STD_TILING, mpp=0.5)
     assert plan.mpp_source == "manifest" and plan.vendor == "generic-tiff"
     assert plan.num_tiles == (1024 // 224) * (768 // 224)
     assert sum(len(c.tiles) for c in chunks) == plan.num_tiles
     # boxes-generic.tiff: 300x250 synthetic boxes, bogus 72 dpi mpp overridden
-    plan, chunks = _all(BOXES_GENERIC, TilingConfig(tile_size=64, min_tissue=0.5), mpp=0.5)
+    plan, chunks = _all(BOXES_GENERIC, TilingConfig(mpp=0.5, tile_size=64, min_tissue=0.5), mpp=0.5)
     assert plan.mpp_source == "manifest" and plan.level == 0
     assert 0 < plan.num_tiles <= (300 // 64) * (250 // 64)
     assert sum(len(c.tiles) for c in chunks) == plan.num_tiles

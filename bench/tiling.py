@@ -1,0 +1,278 @@
+"""CPU tiling throughput, side by side on the same slides in one run.
+
+    .venv/bin/python bench/tiling.py            # generates bench/data/ slides on first use
+
+Measures, per slide: (a) ``tile_slide`` over the whole slide (TIFF fast path and OpenSlide,
+1 and N threads), (b) the per-tile ``read_region`` baseline (how CLAM/TRIDENT read: 448 px at
+level 0 resized to 224 on a 0.25 um/px slide, 224 px as is on a 0.5 um/px one), (c) the
+decode limit: libjpeg-turbo decoding of exactly the file tiles under the kept tissue tiles,
+bytes already in memory; and (d) peak RSS of a tiling worker (subprocess) on a 10k x 10k and
+a 100k x 80k slide. Rates are tissue tiles per CPU-second ("per core": robust on a shared
+machine) and per wall-second; thread scaling is wall-clock. Writes
+bench/results/tiling_<host>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import imagecodecs  # noqa: E402
+import openslide  # noqa: E402
+import tifffile  # noqa: E402
+from generate import ensure  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.config import TilingConfig  # noqa: E402
+from pipeline.tiling import _plan, tile_slide  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def _timed(fn: Callable[[], int]) -> dict[str, float]:
+    """Run ``fn`` (returns tiles done) and report wall and CPU (all threads) rates."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    n = fn()
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    return {"tiles": n, "wall_s": wall, "cpu_s": cpu, "tiles_per_s": n / wall,
+            "tiles_per_cpu_s": n / max(cpu, 1e-9)}
+
+
+def run_tile_slide(path: Path, cfg: TilingConfig) -> int:
+    plan, chunks = tile_slide(str(path), mpp_override=None, cfg=cfg)
+    n = 0
+    with chunks:
+        if cfg.reader != "auto" and chunks.reader != cfg.reader:
+            raise RuntimeError(f"asked for {cfg.reader}, got {chunks.reader}")
+        for c in chunks:
+            n += len(c.tiles)
+    assert n == plan.num_tiles
+    return n
+
+
+def tissue_grid(path: Path, cfg: TilingConfig) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The plan and level-0 corners of the kept tiles, without reading tile pixels."""
+    with openslide.OpenSlide(str(path)) as slide:
+        plan, grid, _, _ = _plan(slide, str(path), None, cfg)
+    return plan, grid.x, grid.y
+
+
+def run_baseline(path: Path, plan: Any, xs: np.ndarray, ys: np.ndarray, limit: int) -> int:
+    """CLAM/TRIDENT-style: one read_region per tile at level 0, resized to the tile size."""
+    idx = np.linspace(0, len(xs) - 1, min(limit, len(xs))).astype(int)
+    read = int(round(plan.tile_l0))
+    with openslide.OpenSlide(str(path)) as slide:
+        for i in idx:
+            img = slide.read_region((int(xs[i]), int(ys[i])), 0, (read, read)).convert("RGB")
+            if read != plan.tile_px:
+                img = img.resize((plan.tile_px, plan.tile_px), Image.Resampling.BILINEAR)
+            np.asarray(img)
+    return len(idx)
+
+
+def decode_limit_data(path: Path, plan: Any, xs: np.ndarray,
+                      ys: np.ndarray) -> tuple[list[bytes], bytes | None, str | None]:
+    """Compressed bytes of the unique level-0 file tiles under the kept tiles."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        tw, th = page.tilewidth, page.tilelength
+        across = -(-page.imagewidth // tw)
+        need: set[int] = set()
+        t = int(round(plan.tile_l0))
+        for x, y in zip(xs.tolist(), ys.tolist(), strict=True):
+            for ty in range(y // th, (y + t - 1) // th + 1):
+                for tx in range(x // tw, (x + t - 1) // tw + 1):
+                    need.add(ty * across + tx)
+        offs, counts = page.dataoffsets, page.databytecounts
+        tables = page.jpegtables or None
+        colorspace = "YCBCR" if page.photometric == 6 else "RGB"
+    with open(path, "rb") as fh:
+        data = []
+        for i in sorted(need):
+            fh.seek(offs[i])
+            data.append(fh.read(counts[i]))
+    return data, tables, colorspace
+
+
+def run_decode(data: list[bytes], tables: bytes | None, colorspace: str | None) -> int:
+    for d in data:
+        imagecodecs.jpeg8_decode(d, tables=tables, colorspace=colorspace, outcolorspace="RGB")
+    return len(data)
+
+
+RSS_CHILD = """
+import sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
+from tiling import reset_hwm, vm_hwm_mb
+from pipeline.config import TilingConfig
+from pipeline.tiling import tile_slide
+base = vm_hwm_mb()
+plan, chunks = tile_slide({path!r}, mpp_override=None,
+                          cfg=TilingConfig(mpp=0.5, tile_size=224, reader={reader!r},
+                                           threads={threads}))
+planned = vm_hwm_mb()
+reset = reset_hwm()
+with chunks:
+    n = sum(len(c.tiles) for c in chunks)
+print(n, base, planned, vm_hwm_mb(), int(reset))
+"""
+
+
+def reset_hwm() -> bool:
+    """Reset VmHWM (Linux >= 4.0), so the tiling phase's peak is seen apart from planning's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def vm_hwm_mb() -> float:
+    """Peak RSS of this process image (VmHWM).
+
+    Not ``ru_maxrss``: Linux carries the pre-exec high-water mark across ``execve``, so a child
+    of a big parent reports the parent's peak (we saw 589 MB "after imports").
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_rss(path: Path, reader: str, threads: int) -> dict[str, float]:
+    code = RSS_CHILD.format(root=str(ROOT), bench=str(ROOT / "bench"), path=str(path),
+                            reader=reader, threads=threads)
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout.split()
+    base, planned, tiled = float(out[1]), float(out[2]), float(out[3])
+    return {"tiles": int(out[0]), "import_rss_mb": base, "plan_peak_rss_mb": planned,
+            "tiling_peak_rss_mb": tiled if out[4] == "1" else float("nan"),
+            "peak_rss_mb": max(planned, tiled), "wall_s": time.perf_counter() - started}
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host": socket.gethostname(), "cpu": model, "cores": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "openslide": openslide.__library_version__, "imagecodecs": imagecodecs.__version__,
+            "jpeg8": imagecodecs.jpeg8_version(), "tifffile": tifffile.__version__,
+            "loadavg_start": os.getloadavg()}
+
+
+def bench_slide(name: str, threads: int, repeats: int, baseline_tiles: int) -> dict[str, Any]:
+    path = ensure(name)
+    base_cfg = TilingConfig(mpp=0.5, tile_size=224)
+    plan, xs, ys = tissue_grid(path, base_cfg)
+    data, tables, colorspace = decode_limit_data(path, plan, xs, ys)
+    n = plan.num_tiles
+    runs: dict[str, list[dict[str, float]]] = {}
+
+    def record(key: str, result: dict[str, float]) -> None:
+        runs.setdefault(key, []).append(result)
+
+    for _ in range(repeats):  # interleaved, so load spikes hit every variant alike
+        for reader in ("tiff", "openslide"):
+            for t in (1, threads):
+                cfg = base_cfg.model_copy(update={"reader": reader, "threads": t})
+                record(f"{reader}_{t}t", _timed(lambda cfg=cfg: run_tile_slide(path, cfg)))
+        record("read_region_baseline", _timed(
+            lambda: run_baseline(path, plan, xs, ys, baseline_tiles)))
+        dec = _timed(lambda: run_decode(data, tables, colorspace))
+        # tile-equivalents: the kept tiles those file tiles deliver
+        dec["tiles_per_s"] *= n / len(data)
+        dec["tiles_per_cpu_s"] *= n / len(data)
+        dec["file_tiles"] = len(data)
+        record("decode_limit", dec)
+    best = {k: max(v, key=lambda r: r["tiles_per_cpu_s"]) for k, v in runs.items()}
+    best_wall = {k: max(v, key=lambda r: r["tiles_per_s"]) for k, v in runs.items()}
+    per_core = {k: r["tiles_per_cpu_s"] for k, r in best.items()}
+    ratios = {
+        "tiff_vs_baseline_per_core": per_core["tiff_1t"] / per_core["read_region_baseline"],
+        "tiff_vs_decode_limit_per_core": per_core["tiff_1t"] / per_core["decode_limit"],
+        "openslide_vs_baseline_per_core": (per_core["openslide_1t"]
+                                           / per_core["read_region_baseline"]),
+        "tiff_vs_openslide_per_core": per_core["tiff_1t"] / per_core["openslide_1t"],
+        f"tiff_scaling_{threads}t_wall": (best_wall[f"tiff_{threads}t"]["tiles_per_s"]
+                                          / best_wall["tiff_1t"]["tiles_per_s"]),
+        f"openslide_scaling_{threads}t_wall": (
+            best_wall[f"openslide_{threads}t"]["tiles_per_s"]
+            / best_wall["openslide_1t"]["tiles_per_s"]),
+    }
+    return {"slide": name, "path": str(path.relative_to(ROOT)),
+            "dimensions": list(openslide.OpenSlide(str(path)).dimensions),
+            "mpp": plan.mpp, "target_mpp": 0.5, "tile_px": plan.tile_px,
+            "tile_l0": plan.tile_l0, "tissue_tiles": n, "per_core_tiles_per_s": per_core,
+            "ratios": ratios, "runs": runs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--baseline-tiles", type=int, default=400,
+                    help="tiles sampled evenly for the read_region baseline")
+    ap.add_argument("--slides", nargs="*", default=["40x_20k", "20x_10k"])
+    ap.add_argument("--rss", nargs="*", default=["40x_10k", "40x_100k"])
+    ap.add_argument("--rss-readers", nargs="*", default=["tiff"],
+                    help="readers for the RSS runs (openslide on 100k x 80k: ~15 CPU-min)")
+    args = ap.parse_args()
+    out: dict[str, Any] = {"machine": machine(), "threads": args.threads, "slides": []}
+    for name in args.slides:
+        res = bench_slide(name, args.threads, args.repeats, args.baseline_tiles)
+        out["slides"].append(res)
+        print(f"\n{name}: {res['tissue_tiles']} tissue tiles, per core (tiles/CPU-s):")
+        for k, v in res["per_core_tiles_per_s"].items():
+            print(f"  {k:24s} {v:8.1f}", flush=True)
+        for k, v in res["ratios"].items():
+            print(f"  {k:36s} {v:6.2f}x", flush=True)
+    out["rss"] = {}
+    for name in args.rss:
+        path = ensure(name)
+        for reader in args.rss_readers:
+            r = worker_rss(path, reader, args.threads)
+            out["rss"][f"{name}/{reader}"] = r
+            print(f"rss {name} {reader}: peak {r['peak_rss_mb']:.0f} MB (after imports "
+                  f"{r['import_rss_mb']:.0f}, planning peak {r['plan_peak_rss_mb']:.0f}, "
+                  f"tiling-phase peak {r['tiling_peak_rss_mb']:.0f}), {r['tiles']} tiles, "
+                  f"{r['wall_s']:.0f} s", flush=True)
+    if len(args.rss) == 2:
+        small, big = args.rss
+        out["rss_ratio"] = {f"{reader}/{key}": out["rss"][f"{big}/{reader}"][key]
+                            / out["rss"][f"{small}/{reader}"][key]
+                            for reader in args.rss_readers
+                            for key in ("peak_rss_mb", "tiling_peak_rss_mb")}
+        print("rss big/small:", {k: round(v, 2) for k, v in out["rss_ratio"].items()})
+    out["machine"]["loadavg_end"] = os.getloadavg()
+    out["machine"]["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    dest = RESULTS / f"tiling_{socket.gethostname()}.json"
+    dest.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    print(f"\nwrote {dest.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

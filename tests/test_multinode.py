@@ -1,0 +1,321 @@
+"""A real multi-node Ray cluster on this machine: placement by custom resource, node loss.
+
+Four `ray start` processes share the host, as the nodes of a cluster launched with
+ray_cluster.yaml would: a head that does no work, CPU "tiler" nodes and an "encoder" node (a
+GPU worker faked by its custom resource). Jobs go in through `ray job submit`, as in production.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+from jobkit import REPO, assert_same_lake, job_config, lake_snapshot, write_job, write_manifest
+from lake_fixtures import free_port
+from slidegen import write_pyramid_svs
+
+from pipeline.config import build_config
+from pipeline.sink import read_slides, read_tiles
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+       "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+       # Notice a lost node in seconds, not Ray's default ~30 s (read by the head's GCS);
+       # generous enough that a busy 2-core CI machine does not look like a dead node.
+       "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+       "RAY_health_check_failure_threshold": "5"}
+# Small object stores: four nodes share one host (and its /dev/shm) with other work.
+STORE = "--object-store-memory=150000000"
+SLIDES = 5
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _group(leader: int) -> list[psutil.Process]:
+    """The node's processes: its process group plus descendants (Ray gives each worker a
+    process group of its own)."""
+    procs = {}
+    for p in psutil.process_iter():
+        try:
+            if _pgid(p.pid) == leader and p.status() != psutil.STATUS_ZOMBIE:
+                procs[p.pid] = p
+        except psutil.NoSuchProcess:
+            pass
+    for p in list(procs.values()):
+        try:
+            procs.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    return list(procs.values())
+
+
+def kill_node(leader: int) -> None:
+    """SIGKILL everything of one node at once, as when its machine disappears."""
+    procs = _group(leader)
+    os.killpg(leader, signal.SIGKILL)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the node's process group, wait for Ray's processes, then SIGKILL what is left."""
+    if proc.poll() is None or _group(proc.pid):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.time() + grace
+        while time.time() < deadline and any(p.pid != proc.pid for p in _group(proc.pid)):
+            time.sleep(0.3)
+        try:
+            kill_node(proc.pid)
+        except ProcessLookupError:
+            pass
+    proc.wait(10)
+
+
+@dataclass
+class Cluster:
+    gcs: str
+    dashboard: str
+    temp: str
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    ids: dict[str, str] = field(default_factory=dict)
+
+    def start_node(self, name: str, resources: dict[str, float], cpus: int = 1) -> None:
+        # No --temp-dir: a node joining a head on the same host takes the head's session dir.
+        # Each node's dashboard agent needs its own HTTP port (Ray's default is fixed).
+        self.procs[name] = self.spawn(name, [
+            str(BIN / "ray"), "start", "--block", f"--address={self.gcs}",
+            "--node-ip-address=127.0.0.1", f"--node-name={name}", f"--num-cpus={cpus}",
+            "--num-gpus=0", f"--resources={json.dumps(resources)}", STORE,
+            f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"])
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        """A node in its own process group (so it can be stopped, or lost, as a whole)."""
+        with open(f"{self.temp}/{name}.log", "ab") as log:
+            return subprocess.Popen(args, env=ENV, start_new_session=True, stdout=log,
+                                    stderr=subprocess.STDOUT)
+
+    def wait_nodes(self, names: list[str], timeout: float = 180) -> None:
+        """Wait until every named node is ALIVE and record its Ray node id."""
+        from ray.util.state import list_nodes
+
+        deadline = time.time() + timeout
+        while True:
+            for name in names:
+                assert self.procs[name].poll() is None, \
+                    Path(f"{self.temp}/{name}.log").read_text()[-3000:]
+            alive = {n.node_name: n for n in list_nodes(address=self.dashboard, timeout=10)
+                     if n.state == "ALIVE"}
+            if all(n in alive for n in names):
+                self.ids.update({n: alive[n].node_id for n in names})
+                return
+            assert time.time() < deadline, f"nodes not up: {set(names) - set(alive)}"
+            time.sleep(0.5)
+
+    def stop_node(self, name: str) -> None:
+        stop_group(self.procs.pop(name))
+
+
+@pytest.fixture(scope="module")
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """Head (0 CPUs, no custom resources) + one tiler node + one encoder node; always stopped."""
+    temp = tempfile.mkdtemp(prefix="rm", dir="/tmp")  # short: unix socket paths are limited
+    failed_before = request.session.testsfailed
+    dash_port = free_port()
+    c = Cluster(gcs=f"127.0.0.1:{free_port()}", dashboard=f"http://127.0.0.1:{dash_port}",
+                temp=temp)
+    c.procs["head"] = c.spawn("head", [
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={c.gcs.rsplit(':', 1)[1]}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash_port}", "--num-cpus=0", "--num-gpus=0", f"--temp-dir={temp}",
+         "--include-dashboard=true", STORE, f"--dashboard-agent-listen-port={free_port()}",
+         "--disable-usage-stats"])
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert c.procs["head"].poll() is None, "ray start --head exited"
+            try:
+                urllib.request.urlopen(f"{c.dashboard}/api/version", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "dashboard did not come up"
+                time.sleep(0.5)
+        # One node at a time: nodes starting together in one session dir race for its files.
+        c.start_node("tiler-a", {"tiler": 1})
+        c.wait_nodes(["tiler-a"])
+        c.start_node("encoder", {"encoder": 1})
+        c.wait_nodes(["encoder"])
+        yield c
+    finally:
+        # Workers first, while the head still answers their drain requests.
+        for name in [n for n in c.procs if n != "head"]:
+            c.stop_node(name)
+        if "head" in c.procs:
+            c.stop_node("head")
+        if request.session.testsfailed == failed_before:
+            shutil.rmtree(temp, ignore_errors=True)  # kept after a failure: node logs
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("mn_cohort")
+    rows = []
+    for i in range(SLIDES):
+        # All tissue: 24 tiles per slide, 12 chunks.
+        write_pyramid_svs(d / f"s{i}.svs", width=1400, height=1100, mpp=0.5, levels=(1, 4),
+                          background=False, seed=300 + i)
+        rows.append({"slide_id": f"m{i:02d}", "uri": str(d / f"s{i}.svs")})
+    return write_manifest(d / "manifest.csv", rows)
+
+
+def cluster_job(tmp: Path, manifest: Path, out: Path) -> Path:
+    data = job_config(str(manifest), str(out)).model_dump()
+    data["ray"].update(tiler_resource="tiler", encoder_resource="encoder",
+                       # A budget of a few chunks makes Ray Data's backpressure pause each
+                       # tiling task mid-slide until the (1-CPU) encoder catches up, as on a
+                       # real cluster: tiling tasks are in flight while slides commit.
+                       object_store_budget_gb=0.0015)
+    data["tiling"]["chunk_tiles"] = 2
+    data["models"][0]["batch_size"] = 8  # slides commit one by one, not all in one batch
+    return write_job(tmp / f"{out.name}.yaml", build_config(data))
+
+
+def submit(c: Cluster, job: Path, sid: str, *wait: str) -> subprocess.CompletedProcess:
+    deadline = time.time() + 90
+    while True:
+        sub = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", c.dashboard, "--working-dir",
+             str(REPO), "--submission-id", sid, *wait, "--", "python", "-m", "pipeline", "run",
+             str(job), "--run-id", sid],
+            env=ENV, capture_output=True, text=True, timeout=300)
+        # The dashboard answers before the head's job agent has registered; Ray says retry.
+        if "No available agent" not in sub.stderr or time.time() > deadline:
+            return sub
+        time.sleep(1)
+
+
+def job_status(c: Cluster, sid: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(c.dashboard).get_job_status(sid).value)
+
+
+def job_logs(c: Cluster, sid: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(c.dashboard).get_job_logs(sid)[-6000:]
+
+
+def committed(out: Path) -> int:
+    return len(list((out / "slides").glob("model=*/cohort=*/*.parquet")))
+
+
+def tiling_now(pids: list[int]) -> bool:
+    """One of these processes is executing a tiling task (Ray titles it ray::<task name>)."""
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"tile_slides" in fh.read():
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def run_record(out: Path, run_id: str) -> dict:
+    return json.loads((out / "runs" / f"{run_id}.json").read_text())
+
+
+def assert_complete(out: Path) -> None:
+    slides = read_slides(str(out))
+    assert slides.num_rows == SLIDES  # every manifest row committed
+    assert read_tiles(str(out)).num_rows == sum(slides["num_tiles"].to_pylist())
+
+
+@pytest.fixture(scope="module")
+def undisturbed(cluster: Cluster, manifest: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("mn_clean")
+    out = tmp / "clean"
+    sub = submit(cluster, cluster_job(tmp, manifest, out), "mn-clean")
+    assert sub.returncode == 0, sub.stdout[-4000:] + sub.stderr[-4000:]
+    assert job_status(cluster, "mn-clean") == "SUCCEEDED"
+    return out, run_record(out, "mn-clean")
+
+
+def test_work_lands_on_the_nodes_advertising_its_resource(cluster: Cluster,
+                                                          undisturbed: tuple[Path, dict]) -> None:
+    out, record = undisturbed
+    assert record["status"] == "succeeded"
+    assert len(record["slides"]) == SLIDES
+    for s in record["slides"]:
+        assert s["tiler_node"] == cluster.ids["tiler-a"], s
+        assert s["encoder_nodes"] == {"kaiko-vits16": [cluster.ids["encoder"]]}, s
+    assert_complete(out)
+
+
+def test_losing_a_tiler_node_mid_job_changes_no_row(cluster: Cluster, manifest: Path,
+                                                   undisturbed: tuple[Path, dict],
+                                                   tmp_path: Path) -> None:
+    cluster.start_node("tiler-b", {"tiler": 1})
+    cluster.wait_nodes(["tiler-b"])
+    out = tmp_path / "lossy"
+    sub = submit(cluster, cluster_job(tmp_path, manifest, out), "mn-lossy", "--no-wait")
+    assert sub.returncode == 0, sub.stdout[-4000:] + sub.stderr[-4000:]
+    doomed = cluster.procs["tiler-b"]
+    # Kill once a slide is committed and tiler-b is in the middle of tiling one: the lost
+    # node takes a running task and the tile chunks in its object store with it.
+    # A task tiles a slide in well under a second, and the next one starts as a slide
+    # commits: watch tiler-b's processes through /proc, every few milliseconds.
+    deadline = time.time() + 240
+    pids: list[int] = []
+    listed = 0.0
+    while not (pids and tiling_now(pids) and committed(out)):
+        if time.time() - listed > 0.5:
+            pids, listed = [p.pid for p in _group(doomed.pid)], time.time()
+            assert job_status(cluster, "mn-lossy") in {"PENDING", "RUNNING"}, \
+                job_logs(cluster, "mn-lossy")
+            assert time.time() < deadline, f"no kill point: {committed(out)} committed"
+        time.sleep(0.003)
+    # The whole node at once: raylet, object store, its workers and agents.
+    kill_node(doomed.pid)
+    committed_at_kill = committed(out)
+    cluster.stop_node("tiler-b")
+
+    deadline = time.time() + 240
+    while (status := job_status(cluster, "mn-lossy")) in {"PENDING", "RUNNING"}:
+        assert time.time() < deadline, "job did not finish after the node loss"
+        time.sleep(0.5)
+    assert status == "SUCCEEDED", job_logs(cluster, "mn-lossy")
+    assert committed_at_kill < SLIDES, "the kill landed after the job's work was done"
+    record = run_record(out, "mn-lossy")
+    assert record["status"] == "succeeded" and record["counts"]["errors"] == 0
+    tilers = {s["tiler_node"] for s in record["slides"]}
+    assert tilers <= {cluster.ids["tiler-a"], cluster.ids["tiler-b"]}
+    assert_complete(out)
+    # Batches group tiles differently between runs; CPU matmuls may differ in the last bits.
+    assert_same_lake(lake_snapshot(str(undisturbed[0])), lake_snapshot(str(out)), atol=2e-3)

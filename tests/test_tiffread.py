@@ -1,0 +1,153 @@
+"""The TIFF JPEG fast path against OpenSlide: same pixels, and a fallback for everything else.
+
+Measured on OpenSlide 4.0.1 (bundled libjpeg-turbo) and imagecodecs 2026.3.6: level reads are
+bit-identical on generated slides (YCbCr JPEG, JFIF tiles) and on the real CMU-1 Aperio scan
+(raw-RGB JPEG with shared tables), so tiles from both readers are identical. The bound the
+tests allow (``CHECK_MEAN``/``CHECK_MAX``: mean abs diff <= 0.5, max <= 8 levels) covers a
+different libjpeg build's IDCT rounding, the only difference the design admits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+from slidegen import BOXES_GENERIC, CMU_SMALL, write_pyramid_svs
+
+import pipeline.tiling as tiling
+from pipeline.config import TilingConfig
+from pipeline.slides import SlideError, read_rgb
+from pipeline.tiffread import CHECK_MAX, CHECK_MEAN, _check, open_tiff_reader
+from pipeline.tiling import tile_slide
+
+
+def _bounded(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.mean() <= CHECK_MEAN and diff.max() <= CHECK_MAX
+
+
+def _tiles(path: Path | str, **kw: object) -> tuple[str, np.ndarray, np.ndarray]:
+    mpp = kw.pop("mpp_override", None)
+    cfg = TilingConfig(**{"mpp": 0.5, "tile_size": 224, **kw})  # type: ignore[arg-type]
+    plan, chunks = tile_slide(str(path), mpp_override=mpp, cfg=cfg)
+    with chunks:
+        parts = list(chunks)
+    xy = np.stack([np.concatenate([c.x for c in parts]), np.concatenate([c.y for c in parts])])
+    assert np.array_equal(np.concatenate([c.index for c in parts]), np.arange(plan.num_tiles))
+    return chunks.reader, np.concatenate([c.tiles for c in parts]), xy
+
+
+@pytest.fixture(scope="module")
+def slide240(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Aperio-like: 240 px tiles (file tiles never align with 224/448 px tiles), q85."""
+    d = tmp_path_factory.mktemp("tiffread")
+    return write_pyramid_svs(d / "s240.svs", width=3000, height=2600, mpp=0.25,
+                             levels=(1, 4, 16), tile=240, quality=85, seed=3)
+
+
+@pytest.mark.parametrize("name", ["slide240", "cmu"])
+def test_level_reads_equal_openslide(name: str, slide240: Path) -> None:
+    path = str(slide240 if name == "slide240" else CMU_SMALL)
+    with openslide.OpenSlide(path) as slide:
+        levels = list(range(slide.level_count))
+        reader, why = open_tiff_reader(path, slide, levels)
+        assert reader is not None, why
+        with reader:
+            for level in levels:
+                w, h = slide.level_dimensions[level]
+                # an unaligned box crossing tile seams, and the whole level
+                for box in ((7, 13, min(w - 7, 500), min(h - 13, 333)), (0, 0, w, h)):
+                    _bounded(reader.read_rgb(level, *box), read_rgb(slide, level, *box))
+
+
+def test_resampled_tiles_equal_openslide_path(slide240: Path) -> None:
+    # 0.25 -> 0.5 um/px: 224 level-0 px area-averaged 2x, file tile by file tile (fast path)
+    kw = dict(mpp=0.5, tile_size=112, chunk_tiles=16)
+    name_t, fast, xy_t = _tiles(slide240, reader="tiff", **kw)
+    name_o, ref, xy_o = _tiles(slide240, reader="openslide", **kw)
+    assert (name_t, name_o) == ("tiff", "openslide")
+    assert np.array_equal(xy_t, xy_o) and len(fast) > 20
+    _bounded(fast, ref)
+
+
+def test_non_integer_scale_equal_openslide_path(slide240: Path) -> None:
+    # 0.3 um/px (manifest) to 0.5: 1.667 level px per pixel, the BILINEAR resize path
+    kw = dict(mpp=0.5, tile_size=128, mpp_override=0.3)
+    _, fast, xy_t = _tiles(slide240, reader="tiff", **kw)
+    _, ref, xy_o = _tiles(slide240, reader="openslide", **kw)
+    assert np.array_equal(xy_t, xy_o)
+    _bounded(fast, ref)
+
+
+def test_real_cmu_tiles_equal_openslide_path() -> None:
+    name, fast, xy_t = _tiles(CMU_SMALL, reader="auto")
+    assert name == "tiff"  # Aperio raw-RGB JPEG is recognised
+    _, ref, xy_o = _tiles(CMU_SMALL, reader="openslide")
+    assert np.array_equal(xy_t, xy_o)
+    _bounded(fast, ref)
+
+
+def test_threads_and_short_bands_do_not_change_pixels(slide240: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    kw = dict(mpp=0.5, tile_size=112, region_tiles=4, chunk_tiles=10)
+    _, one, xy1 = _tiles(slide240, reader="tiff", **kw)
+    _, two, xy2 = _tiles(slide240, reader="tiff", threads=2, **kw)
+    monkeypatch.setattr(tiling, "BAND_BYTES", 3 * 112 * 112 * 3)  # bands of a row or two
+    _, short, xy3 = _tiles(slide240, reader="tiff", threads=2, **kw)
+    assert np.array_equal(xy1, xy2) and np.array_equal(xy1, xy3)
+    assert np.array_equal(one, two) and np.array_equal(one, short)
+
+
+def test_need_skips_tiles_without_tissue(slide240: Path) -> None:
+    with openslide.OpenSlide(str(slide240)) as slide:
+        reader, _ = open_tiff_reader(str(slide240), slide, [0])
+        assert reader is not None
+        with reader:
+            before = reader.tiles_decoded
+            out = reader.read_rgb(0, 0, 0, 960, 960, need=[(250.0, 250.0, 300.0, 300.0)])
+            assert reader.tiles_decoded - before == 1  # only file tile (1, 1) of 16
+            assert (out[:240] == 255).all() and (out[480:] == 255).all()
+            _bounded(out[240:480, 240:480], read_rgb(slide, 0, 240, 240, 240, 240))
+
+
+def test_falls_back_on_non_jpeg(tmp_path: Path) -> None:
+    # boxes-generic.tiff is deflate-compressed: OpenSlide reads it, the fast path declines
+    with openslide.OpenSlide(str(BOXES_GENERIC)) as slide:
+        reader, why = open_tiff_reader(str(BOXES_GENERIC), slide, [0])
+    assert reader is None and "not JPEG" in why
+    name, tiles, _ = _tiles(BOXES_GENERIC, reader="auto", tile_size=64, min_tissue=0.5,
+                            mpp_override=0.5)
+    assert name == "openslide" and len(tiles) > 0
+    with pytest.raises(SlideError, match="reader=tiff cannot read"):
+        tile_slide(str(BOXES_GENERIC), mpp_override=0.5,
+                   cfg=TilingConfig(reader="tiff", mpp=0.5, tile_size=64))
+
+
+def test_wrong_colour_space_is_caught(slide240: Path) -> None:
+    # Decoding YCbCr tiles as raw RGB (the Aperio rule applied to the wrong file) must fail
+    # the self-check, so such a file falls back to OpenSlide instead of delivering bad colour.
+    with openslide.OpenSlide(str(slide240)) as slide:
+        reader, _ = open_tiff_reader(str(slide240), slide, [0])
+        assert reader is not None
+        with reader:
+            lv = reader._levels[0]
+            assert lv is not None and lv.colorspace == "YCBCR"
+            object.__setattr__(lv, "colorspace", "RGB")
+            assert "decodes differently from OpenSlide" in _check(reader, slide, 0)
+
+
+def test_corrupt_tile_is_a_read_error(tmp_path: Path, slide240: Path) -> None:
+    from slidegen import write_corrupt_tiles
+
+    bad = write_corrupt_tiles(tmp_path / "bad.svs", slide240, every=7)
+    with tifffile.TiffFile(bad) as tif:
+        assert tif.pages[0].compression == 7
+    _, chunks = tile_slide(str(bad), mpp_override=None,
+                           cfg=TilingConfig(reader="auto", mpp=0.5, tile_size=224))
+    with pytest.raises(SlideError) as info:
+        list(chunks)
+    assert info.value.stage == "read" and "corrupt or truncated" in str(info.value)
