@@ -95,7 +95,10 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     if values.size == 0:
         return 1.0
     hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    hist = hist.astype(np.float64)
+    return _otsu(hist.astype(np.float64), edges)
+
+
+def _otsu(hist: np.ndarray, edges: np.ndarray) -> float:
     centers = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
     w1 = w0[-1] - w0
@@ -136,14 +139,23 @@ def tissue_mask(rgb: np.ndarray, *, floor: float = SATURATION_FLOOR,
     Stained tissue is coloured, glass is grey-white: HSV saturation separates them across
     stains and scanners better than brightness, and Otsu adapts to each slide's staining.
     """
-    rgb = rgb.astype(np.float32)
-    vmax = rgb.max(axis=-1)
-    vmin = rgb.min(axis=-1)
-    sat = np.divide(vmax - vmin, vmax, out=np.zeros_like(vmax), where=vmax > 0)
-    value = vmax / 255.0
-    bright = value >= min_value
-    threshold = min(max(otsu_threshold(sat[bright]), floor), ceiling)
-    mask = bright & (sat >= threshold)
+    # Saturation is kept as uint8 and computed in row blocks: float copies of a 4096-px
+    # thumbnail would be the largest allocation of the whole tiling worker.
+    sat = np.empty(rgb.shape[:2], np.uint8)
+    bright = np.empty(rgb.shape[:2], bool)
+    for y in range(0, rgb.shape[0], 256):
+        part = rgb[y:y + 256]
+        vmax = part.max(axis=-1).astype(np.float32)
+        vmin = part.min(axis=-1).astype(np.float32)
+        s = np.divide(vmax - vmin, vmax, out=np.zeros_like(vmax), where=vmax > 0)
+        sat[y:y + 256] = np.rint(s * 255.0)
+        bright[y:y + 256] = vmax >= min_value * 255.0
+    hist = np.bincount(sat[bright], minlength=256).astype(np.float64)
+    # Bin k holds saturations that round to k/255: its upper edge is (k + 0.5)/255.
+    edges = np.concatenate([[0.0], (np.arange(256) + 0.5) / 255.0])
+    otsu = _otsu(hist, edges) if hist.sum() else 1.0
+    threshold = min(max(otsu, floor), ceiling)
+    mask = bright & (sat >= np.ceil(threshold * 255.0 - 0.5))
     if radius > 0:
         mask = close_open(mask, radius)
     return mask, threshold
