@@ -1,10 +1,11 @@
 """Builds and runs the Ray Data pipeline; the job entry point.
 
     manifest -> plan (validate, fingerprint, skip what is committed) -> one slide per block
-      -> tiling tasks (CPU) -> one encoder actor pool per model -> driver-side sink (commit
-      each slide as soon as all its tiles are embedded) -> run record
+      -> tiling tasks (CPU), one pass per tiling spec -> one encoder actor pool per model
+      -> driver-side sink (commit each slide as soon as all its tiles are embedded; hand its
+      embeddings to a slide-encoder actor where configured) -> run record
 
-Only embeddings reach the driver: tiles are dropped after the last encoder.
+Only embeddings reach the driver: tiles are dropped by the last encoder of a pass.
 """
 
 from __future__ import annotations
