@@ -44,7 +44,8 @@ def _ray_node_id() -> str:
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id() or ""
+        # Outside a Ray worker, asking for the runtime context would start a local Ray.
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     except Exception:  # noqa: BLE001 - outside Ray
         return ""
 

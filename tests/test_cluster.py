@@ -101,6 +101,8 @@ def ray_head() -> Iterator[str]:
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=true",
+         # Its own agent port: the default (52365) may be held by another Ray on this machine.
+         f"--dashboard-agent-listen-port={free_port()}",
          "--disable-usage-stats"],
         env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dash}"
@@ -155,10 +157,14 @@ def test_ray_job_submit_to_a_local_head(ray_head: str, cohort: tuple[Path, int],
     small.write_text("\n".join(lines[: n + 1]) + "\n")
     out = tmp_path / "lake"
     job = write_job(tmp_path / "job.yaml", job_config(str(small), str(out)))
-    sub = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
-         "--submission-id", "nightly-test", "--", "python", "-m", "pipeline", "run", str(job)],
-        env=ENV, capture_output=True, text=True, timeout=600)
+    for _ in range(5):  # the head's agent may still be registering right after start-up
+        sub = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir",
+             str(REPO), "--submission-id", "nightly-test", "--", "python", "-m", "pipeline",
+             "run", str(job)], env=ENV, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in sub.stdout + sub.stderr:
+            break
+        time.sleep(3)
     assert sub.returncode == 0, sub.stdout[-4000:] + sub.stderr[-4000:]
     from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -13,7 +13,13 @@ from PIL import Image
 
 from pipeline import encode
 from pipeline.config import ModelConfig, StorageConfig
-from pipeline.encode import TileEncoder, embedding_column, rows_for_model, select_device
+from pipeline.encode import (
+    TileEncoder,
+    embedding_column,
+    node_column,
+    rows_for_model,
+    select_device,
+)
 from pipeline.models import registry
 from pipeline.models.preprocess import preprocess
 from pipeline.models.weights import resolve_weights
@@ -70,7 +76,8 @@ def test_encoder_end_to_end_on_real_tiles(encoder: TileEncoder) -> None:
     }
     out = encoder(batch)
     col = embedding_column("kaiko-vits16")
-    assert set(out) == set(batch) | {col}
+    assert set(out) == set(batch) | {col, node_column("kaiko-vits16")}
+    assert list(out[node_column("kaiko-vits16")]) == [""] * 5  # outside Ray: no node id
     for key in batch:  # pass-through columns are the very same arrays
         assert out[key] is batch[key]
     emb = out[col]
