@@ -172,10 +172,10 @@ def tile_slide(path: str, *, mpp_override: float | None,
     closers: list[Callable[[], object]] = []
     try:
         plan, grid, level, scale = _plan(slide, path, mpp_override, cfg)
-        reader, name = _reader(slide, path, level, str(getattr(cfg, "reader", "auto")))
+        reader, name = _reader(slide, path, level, cfg.reader)
         if isinstance(reader, TiffJpegReader):
             closers.append(reader.close)
-        threads = int(getattr(cfg, "threads", 1))
+        threads = cfg.threads
         pool = ThreadPoolExecutor(threads, thread_name_prefix="tiling") if threads > 1 else None
         if pool is not None:
             closers.insert(0, lambda: pool.shutdown(wait=True, cancel_futures=True))
