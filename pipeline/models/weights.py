@@ -24,6 +24,7 @@ import torch
 from pipeline.config import ModelConfig, StorageConfig
 from pipeline.models import registry
 from pipeline.models.registry import TileModelSpec
+from pipeline.storage import url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +110,10 @@ def _resolve_local(spec: TileModelSpec, cfg: ModelConfig) -> WeightsRef:
                       random=False)
 
 
-def _filesystem(url: str, storage: StorageConfig) -> tuple[Any, str]:
-    import fsspec
-
-    protocol = urlparse(url).scheme.lower()
-    return fsspec.core.url_to_fs(url, **storage.fsspec_options(protocol))
-
-
 def _resolve_url(spec: TileModelSpec, cfg: ModelConfig, storage: StorageConfig) -> WeightsRef:
     url = cfg.weights
     try:
-        fs, path = _filesystem(url, storage)
+        fs, path = url_to_fs(url, storage)
         info = fs.info(path)
         if info.get("type") == "directory":
             base = url.rstrip("/")
@@ -285,7 +279,7 @@ def _fetch_url(ref: WeightsRef, storage: StorageConfig) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fs, path = _filesystem(ref.source, storage)
+    fs, path = url_to_fs(ref.source, storage)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".part")
     os.close(fd)
     try:
