@@ -51,7 +51,14 @@ from pipeline.slides import (
 )
 from pipeline.storage import StagingError, staged_slide
 from pipeline.tiffread import TiffJpegReader, TiffReadError, open_tiff_reader
-from pipeline.tissue import TileGrid, plan_grid, read_thumbnail, thumbnail_size, tissue_mask
+from pipeline.tissue import (
+    TileGrid,
+    plan_grid,
+    read_thumbnail,
+    thumbnail_level,
+    thumbnail_size,
+    tissue_mask,
+)
 
 log = logging.getLogger(__name__)
 RESAMPLE = Image.Resampling.BILINEAR
@@ -61,6 +68,9 @@ _fallbacks_logged: set[str] = set()
 # a whole band read before its first row is emitted, and a 100k px wide slide has ~220 tiles
 # per row. Shorter bands re-decode a few file tiles on their seams; memory stays flat.
 BAND_BYTES = 24 << 20
+# Regions read ahead per thread: more keeps every thread busy while the oldest region (the
+# one the band waits for) is still being read; each costs one region of pixels in flight.
+READ_AHEAD = 2
 
 
 @dataclass
@@ -171,14 +181,20 @@ def tile_slide(path: str, *, mpp_override: float | None,
     slide = open_slide(path)
     closers: list[Callable[[], object]] = []
     try:
-        plan, grid, level, scale = _plan(slide, path, mpp_override, cfg)
-        reader, name = _reader(slide, path, level, cfg.reader)
+        geo = _geometry(slide, mpp_override, cfg)
+        # The fast reader also serves the thumbnail level when it can: planning is serial
+        # work in front of every slide, and OpenSlide is the slow part of it.
+        dct = int(geo.scale) if cfg.dct_downscale and geo.scale == int(geo.scale) else 1
+        thumb_level = thumbnail_level(slide, _thumb_size(slide, geo, cfg))
+        reader, name = _reader(slide, path, geo.level, cfg.reader, dct, also=thumb_level)
         if isinstance(reader, TiffJpegReader):
             closers.append(reader.close)
         threads = cfg.threads
         pool = ThreadPoolExecutor(threads, thread_name_prefix="tiling") if threads > 1 else None
         if pool is not None:
             closers.insert(0, lambda: pool.shutdown(wait=True, cancel_futures=True))
+        plan, grid, level, scale = _plan(slide, path, mpp_override, cfg, reader=reader,
+                                         pool=pool)
     except BaseException:
         for close in closers:
             close()
@@ -190,14 +206,21 @@ def tile_slide(path: str, *, mpp_override: float | None,
     return plan, chunks
 
 
-def _reader(slide: openslide.OpenSlide, path: str, level: int,
-            choice: str) -> tuple[RegionReader, str]:
-    """The fast TIFF reader when allowed and it recognises the file, else OpenSlide."""
+def _reader(slide: openslide.OpenSlide, path: str, level: int, choice: str,
+            dct_factor: int = 1, also: int | None = None) -> tuple[RegionReader, str]:
+    """The fast TIFF reader when allowed and it recognises the file, else OpenSlide.
+
+    ``also``: a second level the fast reader should serve if it can (the thumbnail's).
+    """
     if choice not in READERS:
         raise ValueError(f"tiling.reader must be one of {READERS}, got {choice!r}")
     if choice == "openslide":
         return OpenSlideReader(slide, path), "openslide"
-    reader, why = open_tiff_reader(path, slide, [level])
+    reader, why = None, ""
+    if also is not None and also != level:
+        reader, why = open_tiff_reader(path, slide, [level, also], dct_factor=dct_factor)
+    if reader is None:
+        reader, why = open_tiff_reader(path, slide, [level], dct_factor=dct_factor)
     if reader is not None:
         return reader, "tiff"
     if choice == "tiff":
@@ -209,8 +232,21 @@ def _reader(slide: openslide.OpenSlide, path: str, level: int,
     return OpenSlideReader(slide, path), "openslide"
 
 
-def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
-          cfg: TilingConfig) -> tuple[SlidePlan, TileGrid, int, float]:
+@dataclass(frozen=True)
+class _Geometry:
+    """Where and how tiles are read: resolution, level and scale, before any pixel."""
+
+    mpp0: float
+    mpp_source: str
+    level: int
+    ds: float
+    scale: float  # level px per delivered px
+    read_mpp: float
+    tile_l0: float
+
+
+def _geometry(slide: openslide.OpenSlide, mpp_override: float | None,
+              cfg: TilingConfig) -> _Geometry:
     mpp0, source = resolve_mpp(slide, mpp_override)
     level = choose_level(slide, mpp0, cfg.mpp, cfg.mpp_tolerance)
     ds = float(slide.level_downsamples[level])
@@ -226,11 +262,33 @@ def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
             f"microns at {mpp0:.4g} um/px), smaller than one {cfg.tile_size} px tile at "
             f"{read_mpp:.4g} um/px ({tile_l0:.1f} level-0 px)",
         )
-    thumb = read_thumbnail(
-        slide, thumbnail_size(width, height, tile_l0, cfg.thumbnail_px_per_tile), path=path
-    )
+    return _Geometry(float(mpp0), source, int(level), ds, scale, float(read_mpp),
+                     float(tile_l0))
+
+
+def _thumb_size(slide: openslide.OpenSlide, geo: _Geometry,
+                cfg: TilingConfig) -> tuple[int, int]:
+    width, height = slide.dimensions
+    return thumbnail_size(width, height, geo.tile_l0, cfg.thumbnail_px_per_tile)
+
+
+def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
+          cfg: TilingConfig, *, reader: RegionReader | None = None,
+          pool: ThreadPoolExecutor | None = None) -> tuple[SlidePlan, TileGrid, int, float]:
+    geo = _geometry(slide, mpp_override, cfg)
+    size = _thumb_size(slide, geo, cfg)
+    has_level = getattr(reader, "has_level", None)
+    if has_level is None or not has_level(thumbnail_level(slide, size)):
+        reader = None  # OpenSlide reads the thumbnail
+    try:
+        thumb = read_thumbnail(slide, size, path=path, reader=reader, pool=pool)
+    except TiffReadError as err:
+        raise SlideError("read", f"failed reading the thumbnail of {path!r}: the file is "
+                                 f"corrupt or truncated ({err})") from None
     mask, threshold = tissue_mask(thumb)
-    grid = plan_grid(mask, width, height, tile_l0, cfg.min_tissue, mpp0)
+    del thumb
+    width, height = slide.dimensions
+    grid = plan_grid(mask, width, height, geo.tile_l0, cfg.min_tissue, geo.mpp0)
     if grid.num_tiles == 0:
         raise SlideError(
             "no_tissue",
@@ -239,14 +297,15 @@ def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
             f"{grid.tissue_area_mm2:.3f} mm2); check the slide, or lower tiling.min_tissue",
         )
     plan = SlidePlan(
-        width=int(width), height=int(height), mpp=float(mpp0), mpp_source=source,
-        level=int(level), level_downsample=ds, tile_px=cfg.tile_size, tile_l0=float(tile_l0),
+        width=int(width), height=int(height), mpp=geo.mpp0, mpp_source=geo.mpp_source,
+        level=geo.level, level_downsample=geo.ds, tile_px=cfg.tile_size, tile_l0=geo.tile_l0,
         target_mpp=float(cfg.mpp), num_tiles=grid.num_tiles,
         tissue_area_mm2=float(grid.tissue_area_mm2), vendor=vendor(slide),
         objective_power=objective_power(slide),
-        upsampled=needs_upsampling(mpp0, cfg.mpp, cfg.mpp_tolerance), read_mpp=float(read_mpp),
+        upsampled=needs_upsampling(geo.mpp0, cfg.mpp, cfg.mpp_tolerance),
+        read_mpp=geo.read_mpp,
     )
-    return plan, grid, level, scale
+    return plan, grid, geo.level, geo.scale
 
 
 @dataclass
@@ -347,7 +406,7 @@ def _chunks(reader: RegionReader, path: str, grid: TileGrid, level: int, scale: 
                     continue
                 inflight.append((band, last, pool.submit(_read_region, reader, path, level,
                                                          reg, rows, cols, t, band)))
-                while len(inflight) > workers + 1:
+                while len(inflight) > READ_AHEAD * workers:
                     done_band, done_last, fut = inflight.popleft()
                     fut.result()
                     if done_last:

@@ -8,13 +8,14 @@ decoding any slide. Tiles are enumerated row by row, left to right: that order i
 from __future__ import annotations
 
 import math
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 import openslide
 from PIL import Image
 
-from pipeline.slides import read_resampled
+from pipeline.slides import RegionReader, read_resampled
 
 # Saturation (0-1) below which a pixel is never tissue: glass, dust and JPEG noise sit well
 # below, the palest eosin above. Without it Otsu would split pure noise on an empty slide.
@@ -26,8 +27,9 @@ SATURATION_CEILING = 0.15
 MIN_VALUE = 0.1
 # Long-side cap of the mask thumbnail; bounds its memory on very large slides.
 MAX_THUMBNAIL_SIDE = 4096
-# Level pixels per side of one block read while building the thumbnail (bounds memory).
-THUMBNAIL_BLOCK = 4096
+# Level pixels per side of one block read while building the thumbnail (bounds memory: one
+# 12 MB block per thread).
+THUMBNAIL_BLOCK = 2048
 
 
 @dataclass
@@ -62,31 +64,45 @@ def thumbnail_size(width: int, height: int, tile_l0: float, px_per_tile: int,
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def read_thumbnail(slide: openslide.OpenSlide, size: tuple[int, int], *,
-                   path: str = "") -> np.ndarray:
+def thumbnail_level(slide: openslide.OpenSlide, size: tuple[int, int]) -> int:
+    """Pyramid level :func:`read_thumbnail` reads for a thumbnail of ``size`` (w, h)."""
+    w0, h0 = slide.dimensions
+    return int(slide.get_best_level_for_downsample(min(w0 / size[0], h0 / size[1])))
+
+
+def read_thumbnail(slide: openslide.OpenSlide, size: tuple[int, int], *, path: str = "",
+                   reader: RegionReader | None = None,
+                   pool: Executor | None = None) -> np.ndarray:
     """RGB thumbnail of the whole slide at exactly ``size`` (w, h), in bounded memory.
 
     Unlike ``OpenSlide.get_thumbnail`` (which reads a whole level at once: gigabytes for a
     single-level slide) it reads the best level in blocks and area-averages each (BOX filter:
-    the mask wants the mean colour of each patch, not sharpness).
+    the mask wants the mean colour of each patch, not sharpness). ``reader`` (one that has
+    :func:`thumbnail_level`) replaces OpenSlide; ``pool`` reads blocks in parallel, since
+    planning is serial work in front of every slide's tiles.
     """
     w0, h0 = slide.dimensions
     tw, th = size
     fx, fy = w0 / tw, h0 / th  # level-0 px per thumbnail px
-    level = slide.get_best_level_for_downsample(min(fx, fy))
+    level = thumbnail_level(slide, size)
     ds = float(slide.level_downsamples[level])
     gx, gy = fx / ds, fy / ds  # level px per thumbnail px
     bw = max(1, int(THUMBNAIL_BLOCK // gx))
     bh = max(1, int(THUMBNAIL_BLOCK // gy))
     out = np.empty((th, tw, 3), np.uint8)
-    for ty in range(0, th, bh):
-        ty1 = min(th, ty + bh)
-        for tx in range(0, tw, bw):
-            tx1 = min(tw, tx + bw)
-            out[ty:ty1, tx:tx1] = read_resampled(
-                slide, level, (tx * gx, ty * gy, tx1 * gx, ty1 * gy), (tx1 - tx, ty1 - ty),
-                Image.Resampling.BOX, path=path,
-            )
+    source: openslide.OpenSlide | RegionReader = reader if reader is not None else slide
+
+    def block(corner: tuple[int, int]) -> None:
+        tx, ty = corner
+        tx1, ty1 = min(tw, tx + bw), min(th, ty + bh)
+        out[ty:ty1, tx:tx1] = read_resampled(
+            source, level, (tx * gx, ty * gy, tx1 * gx, ty1 * gy), (tx1 - tx, ty1 - ty),
+            Image.Resampling.BOX, path=path,
+        )
+
+    corners = [(tx, ty) for ty in range(0, th, bh) for tx in range(0, tw, bw)]
+    for _ in (pool.map(block, corners) if pool is not None else map(block, corners)):
+        pass
     return out
 
 
