@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/tiling.py            # generates bench/data/ slides on first use
 
-Measures, per slide: (a) ``tile_slide`` over the whole slide (TIFF fast path and OpenSlide,
-1 and N threads), (b) the per-tile ``read_region`` baseline (how CLAM/TRIDENT read: 448 px at
-level 0 resized to 224 on a 0.25 um/px slide, 224 px as is on a 0.5 um/px one), (c) the
-decode limit: libjpeg-turbo decoding of exactly the file tiles under the kept tissue tiles,
-bytes already in memory; and (d) peak RSS of a tiling worker (subprocess) on a 10k x 10k and
-a 100k x 80k slide. Rates are tissue tiles per CPU-second ("per core": robust on a shared
-machine) and per wall-second; thread scaling is wall-clock. Writes
+Measures, per slide: (a) ``tile_slide`` over the whole slide (TIFF fast path with its default
+reduced-size JPEG decoding, the same with the exact box filter, and OpenSlide; 1 and N
+threads), (b) the per-tile ``read_region`` baseline (how CLAM/TRIDENT read: 448 px at level 0
+resized to 224 on a 0.25 um/px slide, 224 px as is on a 0.5 um/px one), (c) the decode limit:
+libjpeg-turbo decoding of exactly the file tiles under the kept tissue tiles, bytes already in
+memory (and, for reference, the same tiles through reduced-size decoding); then (d) 1 vs N
+thread wall-clock scaling on the 100k x 80k slide and (e) peak RSS of a tiling worker
+(subprocess) on a 10k x 10k and a 100k x 80k slide. Rates are tissue tiles per CPU-second
+("per core": robust on a shared machine) and per wall-second. Writes
 bench/results/tiling_<host>.json.
 """
 
@@ -35,11 +37,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import imagecodecs  # noqa: E402
 import openslide  # noqa: E402
+import simplejpeg  # noqa: E402
 import tifffile  # noqa: E402
 from generate import ensure  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import TilingConfig  # noqa: E402
+from pipeline.tiffread import open_tiff_reader  # noqa: E402
 from pipeline.tiling import _plan, tile_slide  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -113,6 +117,15 @@ def decode_limit_data(path: Path, plan: Any, xs: np.ndarray,
 def run_decode(data: list[bytes], tables: bytes | None, colorspace: str | None) -> int:
     for d in data:
         imagecodecs.jpeg8_decode(d, tables=tables, colorspace=colorspace, outcolorspace="RGB")
+    return len(data)
+
+
+def run_decode_scaled(data: list[bytes], header: bytes, k: int, size: tuple[int, int]) -> int:
+    """The same file tiles through libjpeg-turbo's reduced-size decoding (what the fast path
+    does when halving 40x tiles): the limit of that method, not of full decoding."""
+    for d in data:
+        simplejpeg.decode_jpeg(header + d[2:], colorspace="RGB", min_height=size[1] // k,
+                               min_width=size[0] // k, min_factor=k)
     return len(data)
 
 
@@ -194,19 +207,37 @@ def bench_slide(name: str, threads: int, repeats: int, baseline_tiles: int) -> d
     def record(key: str, result: dict[str, float]) -> None:
         runs.setdefault(key, []).append(result)
 
+    k = int(round(plan.tile_l0 / plan.tile_px))  # level-0 px per delivered px (1 or 2 here)
+    header, tile_wh = None, (0, 0)
+    with openslide.OpenSlide(str(path)) as slide:
+        reader, _ = open_tiff_reader(str(path), slide, [0])
+        if reader is not None:
+            lv = reader._levels[0]
+            assert lv is not None
+            header, tile_wh = lv.header, (lv.tile_w, lv.tile_h)
+            reader.close()
+    variants = [("tiff", {}), ("tiff_box", {"dct_downscale": False}), ("openslide", {})]
     for _ in range(repeats):  # interleaved, so load spikes hit every variant alike
-        for reader in ("tiff", "openslide"):
+        for key, extra in variants:
+            if key == "tiff_box" and k == 1:
+                continue  # nothing is reduced: identical to "tiff"
             for t in (1, threads):
-                cfg = base_cfg.model_copy(update={"reader": reader, "threads": t})
-                record(f"{reader}_{t}t", _timed(lambda cfg=cfg: run_tile_slide(path, cfg)))
+                cfg = base_cfg.model_copy(update={"reader": key.split("_")[0], "threads": t,
+                                                  **extra})
+                record(f"{key}_{t}t", _timed(lambda cfg=cfg: run_tile_slide(path, cfg)))
         record("read_region_baseline", _timed(
             lambda: run_baseline(path, plan, xs, ys, baseline_tiles)))
-        dec = _timed(lambda: run_decode(data, tables, colorspace))
-        # tile-equivalents: the kept tiles those file tiles deliver
-        dec["tiles_per_s"] *= n / len(data)
-        dec["tiles_per_cpu_s"] *= n / len(data)
-        dec["file_tiles"] = len(data)
-        record("decode_limit", dec)
+        limits = [("decode_limit", lambda: run_decode(data, tables, colorspace))]
+        if k > 1 and header is not None:
+            limits.append(("decode_limit_reduced",
+                           lambda: run_decode_scaled(data, header, k, tile_wh)))
+        for key, fn in limits:
+            dec = _timed(fn)
+            # tile-equivalents: the kept tiles those file tiles deliver
+            dec["tiles_per_s"] *= n / len(data)
+            dec["tiles_per_cpu_s"] *= n / len(data)
+            dec["file_tiles"] = len(data)
+            record(key, dec)
     best = {k: max(v, key=lambda r: r["tiles_per_cpu_s"]) for k, v in runs.items()}
     best_wall = {k: max(v, key=lambda r: r["tiles_per_s"]) for k, v in runs.items()}
     per_core = {k: r["tiles_per_cpu_s"] for k, r in best.items()}
@@ -222,11 +253,37 @@ def bench_slide(name: str, threads: int, repeats: int, baseline_tiles: int) -> d
             best_wall[f"openslide_{threads}t"]["tiles_per_s"]
             / best_wall["openslide_1t"]["tiles_per_s"]),
     }
+    if "tiff_box_1t" in per_core:
+        ratios["tiff_box_vs_baseline_per_core"] = (per_core["tiff_box_1t"]
+                                                   / per_core["read_region_baseline"])
+        ratios["tiff_box_vs_decode_limit_per_core"] = (per_core["tiff_box_1t"]
+                                                       / per_core["decode_limit"])
+    if "decode_limit_reduced" in per_core:
+        ratios["tiff_vs_decode_limit_reduced_per_core"] = (per_core["tiff_1t"]
+                                                           / per_core["decode_limit_reduced"])
     return {"slide": name, "path": str(path.relative_to(ROOT)),
             "dimensions": list(openslide.OpenSlide(str(path)).dimensions),
             "mpp": plan.mpp, "target_mpp": 0.5, "tile_px": plan.tile_px,
             "tile_l0": plan.tile_l0, "tissue_tiles": n, "per_core_tiles_per_s": per_core,
             "ratios": ratios, "runs": runs}
+
+
+def bench_scaling(name: str, threads: int, repeats: int) -> dict[str, Any]:
+    """Wall-clock rate of the default path with 1 and ``threads`` threads, on a slide big
+    enough that the reading phase, not per-slide set-up, dominates; pairs interleaved."""
+    path = ensure(name)
+    runs: dict[int, list[dict[str, float]]] = {1: [], threads: []}
+    for _ in range(repeats):
+        for t in (1, threads):
+            cfg = TilingConfig(mpp=0.5, tile_size=224, reader="tiff", threads=t)
+            runs[t].append(_timed(lambda cfg=cfg: run_tile_slide(path, cfg)))
+    pairs = [b["tiles_per_s"] / a["tiles_per_s"] for a, b in zip(runs[1], runs[threads],
+                                                                   strict=True)]
+    best = {t: max(r["tiles_per_s"] for r in v) for t, v in runs.items()}
+    return {"slide": name, "tiles": runs[1][0]["tiles"], "threads": threads,
+            "best_tiles_per_s": {f"{t}t": v for t, v in best.items()},
+            "scaling_best": best[threads] / best[1],
+            "scaling_median_of_pairs": float(np.median(pairs)), "runs": runs}
 
 
 def main() -> None:
@@ -237,6 +294,8 @@ def main() -> None:
                     help="tiles sampled evenly for the read_region baseline")
     ap.add_argument("--slides", nargs="*", default=["40x_20k", "20x_10k"])
     ap.add_argument("--rss", nargs="*", default=["40x_10k", "40x_100k"])
+    ap.add_argument("--scaling", default="40x_100k",
+                    help="slide for the 1 vs N thread wall-clock scaling ('' to skip)")
     ap.add_argument("--rss-readers", nargs="*", default=["tiff"],
                     help="readers for the RSS runs (openslide on 100k x 80k: ~15 CPU-min)")
     args = ap.parse_args()
@@ -249,6 +308,13 @@ def main() -> None:
             print(f"  {k:24s} {v:8.1f}", flush=True)
         for k, v in res["ratios"].items():
             print(f"  {k:36s} {v:6.2f}x", flush=True)
+    if args.scaling:
+        sc = bench_scaling(args.scaling, args.threads, args.repeats)
+        out["scaling"] = sc
+        print(f"\nscaling on {args.scaling} ({sc['tiles']} tiles): best "
+              f"{sc['best_tiles_per_s']} tiles/s, {args.threads}t/1t best "
+              f"{sc['scaling_best']:.2f}x, median of pairs {sc['scaling_median_of_pairs']:.2f}x",
+              flush=True)
     out["rss"] = {}
     for name in args.rss:
         path = ensure(name)

@@ -276,6 +276,12 @@ class TiffJpegReader:
                     self._seam_bytes -= self._seams.popitem(last=False)[1].nbytes
         return tile
 
+    def clear_seams(self) -> None:
+        """Drop cached seam tiles (after the thumbnail: its level's tiles are not needed again)."""
+        with self._lock:
+            self._seams.clear()
+            self._seam_bytes = 0
+
     def close(self) -> None:
         """Release the file descriptor; safe to call more than once."""
         if self._fd is not None:

@@ -67,7 +67,7 @@ _fallbacks_logged: set[str] = set()
 # Kept tiles one band may buffer before it is split into shorter bands: row-major order needs
 # a whole band read before its first row is emitted, and a 100k px wide slide has ~220 tiles
 # per row. Shorter bands re-decode a few file tiles on their seams; memory stays flat.
-BAND_BYTES = 24 << 20
+BAND_BYTES = 12 << 20
 # Regions read ahead per thread: more keeps every thread busy while the oldest region (the
 # one the band waits for) is still being read; each costs one region of pixels in flight.
 READ_AHEAD = 2
@@ -157,6 +157,29 @@ class TileChunks(Iterator[TileChunk]):
             pass
 
 
+_malloc_tuned = False
+
+
+def _return_freed_memory() -> None:
+    """Make glibc hand large freed buffers back to the OS at once (Linux/glibc only).
+
+    glibc raises its mmap threshold to the largest block freed so far (the thumbnail, tens of
+    MB), after which every band, region and chunk lives on the heap, where freed memory stays
+    resident: a worker's RSS would keep the high-water mark of everything it ever planned. A
+    fixed threshold keeps buffers above 1 MB in their own mappings, returned on free.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def _read_scale(mpp0: float, ds: float, target: float, tolerance: float) -> tuple[float, float]:
     """(level px per delivered px, mpp of delivered px) for a level of downsample ``ds``.
 
@@ -178,6 +201,7 @@ def tile_slide(path: str, *, mpp_override: float | None,
     read; "tiff" fails the slide instead of falling back, for benchmarks and tests.
     """
     path = str(path)
+    _return_freed_memory()
     slide = open_slide(path)
     closers: list[Callable[[], object]] = []
     try:
@@ -285,6 +309,9 @@ def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
     except TiffReadError as err:
         raise SlideError("read", f"failed reading the thumbnail of {path!r}: the file is "
                                  f"corrupt or truncated ({err})") from None
+    finally:
+        if isinstance(reader, TiffJpegReader):
+            reader.clear_seams()
     mask, threshold = tissue_mask(thumb)
     del thumb
     width, height = slide.dimensions

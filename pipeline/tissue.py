@@ -29,7 +29,7 @@ MIN_VALUE = 0.1
 MAX_THUMBNAIL_SIDE = 4096
 # Level pixels per side of one block read while building the thumbnail (bounds memory: one
 # 12 MB block per thread).
-THUMBNAIL_BLOCK = 2048
+THUMBNAIL_BLOCK = 1024
 
 
 @dataclass
@@ -216,14 +216,17 @@ def plan_grid(mask: np.ndarray, width: int, height: int, tile_l0: float, min_tis
         empty = np.zeros(0, np.int64)
         return TileGrid(empty, empty.copy(), np.zeros(0, np.float32), np.zeros(0, np.int32),
                         np.zeros(0, np.int32), float(tile_l0), rows, cols, area_mm2)
-    integral = np.zeros((mh + 1, mw + 1), np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), axis=0), axis=1)
     xr = _cover_ranges(cols, tile_l0, px_x, mw)
     yr = _cover_ranges(rows, tile_l0, px_y, mh)
-    x0, x1 = xr[:, 0][None, :], xr[:, 1][None, :]
-    y0, y1 = yr[:, 0][:, None], yr[:, 1][:, None]
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    fraction = (inside / ((y1 - y0) * (x1 - x0))).astype(np.float32)  # (rows, cols)
+    # Mask pixels per tile, one tile row at a time: a whole-mask integral image would be
+    # int64 (8 bytes per mask pixel, ~100 MB on a 4096 px mask), the planning peak.
+    inside = np.empty((rows, cols), np.int64)
+    prefix = np.zeros(mw + 1, np.int64)
+    for r, (y0, y1) in enumerate(yr.tolist()):
+        np.cumsum(mask[y0:y1].sum(axis=0, dtype=np.int64), out=prefix[1:])
+        inside[r] = prefix[xr[:, 1]] - prefix[xr[:, 0]]
+    area = (yr[:, 1] - yr[:, 0])[:, None] * (xr[:, 1] - xr[:, 0])[None, :]
+    fraction = (inside / area).astype(np.float32)  # (rows, cols)
     keep_r, keep_c = np.nonzero(fraction >= np.float32(min_tissue))  # row-major order
     xs = np.floor(keep_c * tile_l0 + 0.5).astype(np.int64)
     ys = np.floor(keep_r * tile_l0 + 0.5).astype(np.int64)
