@@ -205,7 +205,8 @@ class RayConfig(_Strict):
     address: str | None = Field(None, description="cluster address; None: RAY_ADDRESS or local")
     tiling_cpus: float = Field(1.0, gt=0, le=64, description="CPUs per tiling task")
     tiling_concurrency: int | None = Field(None, ge=1, description="max parallel tiling tasks")
-    encoder_cpus: float = Field(1.0, ge=0, le=64, description="CPUs per encoder actor")
+    encoder_cpus: float = Field(1.0, ge=0, le=64, description="CPUs per encoder actor (a CPU "
+                                "encoder runs this many threads, rounded up)")
     tiler_resource: str | None = Field(None, description="custom resource tiling tasks require")
     encoder_resource: str | None = Field(None, description="custom resource encoders require")
     object_store_budget_gb: float | None = Field(

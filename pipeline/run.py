@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -246,7 +247,10 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
               "mpp": t.entry.mpp if t.entry.mpp is not None else float("nan"),
               "models": ",".join(t.models)} for t in tasks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    tiler_args: dict[str, Any] = {"num_cpus": max(cfg.ray.tiling_cpus, tiling.threads),
+    # A task of N decode threads reserves N CPUs; a single-threaded one what the config says
+    # (a fraction on small machines, where tiling needs a few % of a core per encoder core).
+    cpus = max(cfg.ray.tiling_cpus, tiling.threads) if tiling.threads > 1 else cfg.ray.tiling_cpus
+    tiler_args: dict[str, Any] = {"num_cpus": cpus,
                                   # A memory request also keeps Ray from fusing tiling into the
                                   # encoder actors, which would serialise the two stages.
                                   "memory": 512 * 2**20}
@@ -265,7 +269,7 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
         if cfg.ray.encoder_resource:
             enc_args["resources"] = {cfg.ray.encoder_resource: 0.001}
         model_cfg = m.model_dump()
-        model_cfg["cpu_threads"] = max(1, int(cfg.ray.encoder_cpus))
+        model_cfg["cpu_threads"] = max(1, math.ceil(cfg.ray.encoder_cpus))
         ds = ds.map_batches(
             TileEncoder, batch_size=m.batch_size, batch_format="numpy",
             compute=ActorPoolStrategy(size=m.actors),
