@@ -135,6 +135,9 @@ class ModelConfig(_Strict):
     revision: str | None = Field(None, description="hub revision (commit, tag or branch)")
     sha256: str | None = Field(None, description="expected sha256 of the weights file")
     batch_size: int = Field(64, ge=1, le=8192)
+    micro_batch: int | None = Field(
+        None, ge=1, le=8192, description="CUDA: tiles per forward inside a batch, whose copies "
+        "overlap the previous forward; None: about a quarter of the batch (>= 32)")
     actors: int = Field(1, ge=1, le=1024, description="encoder actors for this model")
     device: Literal["auto", "cuda", "cpu"] = "auto"
     slide_encoder: SlideEncoderConfig | None = Field(

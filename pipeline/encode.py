@@ -121,37 +121,179 @@ def _as_tiles(column: Any) -> np.ndarray:
     return tiles
 
 
+MIN_MICRO_BATCH = 32  # tiles; smaller forwards leave a large GPU underused
+MICRO_BATCH_SPLITS = 4  # default micro-batches per batch: the first copy is the only one exposed
+
+
+def default_micro_batch(n: int) -> int:
+    """CUDA default: ~4 micro-batches of >= 32 tiles, so copies hide behind compute."""
+    return max(MIN_MICRO_BATCH, -(-n // MICRO_BATCH_SPLITS))
+
+
+def micro_batch_slices(n: int, micro_batch: int | None = None) -> list[slice]:
+    """Contiguous near-equal slices of at most ``micro_batch`` rows (None: one slice).
+
+    Near-equal rather than full-then-remainder: a runt last micro-batch would run the GPU
+    at a fraction of its width for the same fixed launch cost.
+    """
+    if n <= 0:
+        return []
+    size = n if micro_batch is None else int(micro_batch)
+    if size < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    parts = -(-n // size)
+    base, extra = divmod(n, parts)
+    slices, start = [], 0
+    for k in range(parts):
+        stop = start + base + (1 if k < extra else 0)
+        slices.append(slice(start, stop))
+        start = stop
+    return slices
+
+
+class PinnedStaging:
+    """Reusable host ring of uint8 micro-batch slots (pinned for CUDA), one per actor.
+
+    ``Tensor.pin_memory()`` per batch is an extra synchronous copy of the whole batch plus an
+    allocation; here each micro-batch is copied once into a slot that outlives the batch and
+    grows only when a larger micro-batch arrives. A slot is rewritten only after the event
+    of its previous host-to-device copy has completed (``in_flight``), so with two slots the
+    host fills one while the GPU reads the other.
+    """
+
+    def __init__(self, slots: int = 2, pin: bool = True) -> None:
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
+        self.slots = slots
+        self.pin = pin
+        self.buffer: torch.Tensor | None = None  # (slots, capacity) uint8
+        self._pending: list[Any] = [None] * slots  # events guarding each slot's last copy
+        self._stream: Any = None  # CUDA side stream for copies + preprocessing, made lazily
+        self._stream_device: torch.device | None = None
+
+    @property
+    def capacity(self) -> int:
+        """Bytes per slot currently allocated."""
+        return 0 if self.buffer is None else int(self.buffer.shape[1])
+
+    def _wait(self, k: int) -> None:
+        event, self._pending[k] = self._pending[k], None
+        if event is not None:
+            event.synchronize()
+
+    def _grow(self, nbytes: int) -> None:
+        for k in range(self.slots):  # nothing may still be reading the old buffer
+            self._wait(k)
+        nbytes = -(-nbytes // 2**20) * 2**20  # whole MiB: batches that vary a little fit
+        self.buffer = torch.empty((self.slots, nbytes), dtype=torch.uint8, pin_memory=self.pin)
+
+    def stage(self, i: int, tiles: np.ndarray) -> torch.Tensor:
+        """Copy ``tiles`` into slot ``i % slots`` and return that slot viewed as their shape."""
+        if tiles.dtype != np.uint8:
+            raise ValueError(f"staging holds uint8 tiles, got {tiles.dtype}")
+        if tiles.nbytes > self.capacity:
+            self._grow(tiles.nbytes)
+        assert self.buffer is not None
+        k = i % self.slots
+        self._wait(k)
+        view = self.buffer[k, :tiles.nbytes].view(tiles.shape)
+        np.copyto(view.numpy(), tiles)  # numpy: no warning for Ray's read-only arrays
+        return view
+
+    def in_flight(self, i: int, event: Any) -> None:
+        """Slot ``i % slots`` is being read until ``event`` completes."""
+        self._pending[i % self.slots] = event
+
+    def side_stream(self, device: torch.device) -> Any:
+        """The CUDA stream copies and preprocessing run on (one per actor, made on first use)."""
+        if self._stream is None or self._stream_device != device:
+            self._stream = torch.cuda.Stream(device=device)
+            self._stream_device = device
+        return self._stream
+
+
 def encode_tiles(spec: TileModelSpec, model: torch.nn.Module, tiles: np.ndarray,
-                 device: torch.device, precision: str) -> np.ndarray:
-    """uint8 (N, T, T, 3) -> float16 (N, dim): transfer, preprocess on device, embed."""
-    x = torch.from_numpy(tiles)
+                 device: torch.device, precision: str, micro_batch: int | None = None,
+                 staging: PinnedStaging | None = None) -> np.ndarray:
+    """uint8 (N, T, T, 3) -> float16 (N, dim): transfer, preprocess on device, embed.
+
+    On CUDA the batch runs as micro-batches (``micro_batch``, default ``default_micro_batch``)
+    whose copy and preprocessing overlap the previous one's forward; pass the actor's
+    ``staging`` to reuse its pinned buffer. Elsewhere: one plain forward per micro-batch
+    (default: the whole batch), no streams and no extra copy.
+    """
+    n = len(tiles)
+    if n == 0:
+        return np.zeros((0, spec.dim), dtype=np.float16)
     if device.type == "cuda":
-        x = x.pin_memory().to(device, non_blocking=True)
-    else:
-        x = x.to(device)
+        slices = micro_batch_slices(n, micro_batch or default_micro_batch(n))
+        return _encode_cuda(spec, model, tiles, device, precision, slices,
+                            staging if staging is not None else PinnedStaging())
+    # A read-only array (Ray's zero-copy batches) would make torch warn on every batch.
+    x = torch.from_numpy(tiles if tiles.flags.writeable else tiles.copy()).to(device)
     with torch.inference_mode():
-        pixels = preprocess(x, spec)
-        if device.type == "cuda" and precision in _AUTOCAST:
-            with torch.autocast("cuda", dtype=_AUTOCAST[precision]):
-                out = registry.embed(spec, model, pixels)
-        else:
-            out = registry.embed(spec, model, pixels)
-        return out.to(torch.float16).cpu().numpy()
+        parts = [registry.embed(spec, model, preprocess(x[s], spec)).to(torch.float16)
+                 for s in micro_batch_slices(n, micro_batch)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).cpu().numpy()
+
+
+def _encode_cuda(spec: TileModelSpec, model: torch.nn.Module, tiles: np.ndarray,
+                 device: torch.device, precision: str, slices: list[slice],
+                 staging: PinnedStaging) -> np.ndarray:
+    """Micro-batch i+1's copy and preprocessing run on a side stream during i's forward.
+
+    Preprocessing goes on the side stream too: it builds its mean/std with a blocking
+    host-to-device copy, i.e. a sync of the current stream, which on the compute stream would
+    drain the GPU's queue before every micro-batch. Tensors made on the side stream and used
+    on the compute stream are ``record_stream``-ed so the allocator cannot recycle them early.
+    """
+    side = staging.side_stream(device)
+    compute = torch.cuda.current_stream(device)
+    dtype = _AUTOCAST.get(precision)
+    out = torch.empty((len(tiles), spec.dim), dtype=torch.float16, device=device)
+
+    def prepare(i: int) -> tuple[torch.Tensor, Any]:
+        host = staging.stage(i, tiles[slices[i]])
+        with torch.cuda.stream(side):
+            x = torch.empty(tuple(host.shape), dtype=torch.uint8, device=device)
+            x.copy_(host, non_blocking=True)
+            staging.in_flight(i, side.record_event())  # the slot is free once this is done
+            pixels = preprocess(x, spec)
+            return pixels, side.record_event()
+
+    with torch.inference_mode():
+        pending = prepare(0)
+        for i, rows in enumerate(slices):
+            pixels, ready = pending
+            compute.wait_event(ready)
+            pixels.record_stream(compute)
+            with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
+                out[rows] = registry.embed(spec, model, pixels)
+            if i + 1 < len(slices):
+                pending = prepare(i + 1)  # host and copy engine work while the forward runs
+        return out.cpu().numpy()  # the one device-to-host copy; waits for the last forward
 
 
 def encode_batch(batch: Mapping[str, Any], spec: TileModelSpec, model: torch.nn.Module,
-                 device: torch.device, precision: str) -> dict[str, Any]:
+                 device: torch.device, precision: str, micro_batch: int | None = None,
+                 staging: PinnedStaging | None = None) -> dict[str, Any]:
     """Add ``embedding_column(spec.id)``; rows not asking for this model get zeros."""
     out = dict(batch)  # every other column passes through untouched
     n = len(batch[TILE_COLUMN])
-    emb = np.zeros((n, spec.dim), dtype=np.float16)
     if MODELS_COLUMN in batch:
         mask = rows_for_model(np.asarray(batch[MODELS_COLUMN], dtype=object), spec.id)
     else:
         mask = np.ones(n, dtype=bool)
-    if mask.any():
-        tiles = _as_tiles(batch[TILE_COLUMN])
-        emb[mask] = encode_tiles(spec, model, tiles[mask], device, precision)
+    if mask.all() and n:
+        # The common case: no boolean-index copy of the whole batch.
+        emb = encode_tiles(spec, model, _as_tiles(batch[TILE_COLUMN]), device, precision,
+                           micro_batch, staging)
+    else:
+        emb = np.zeros((n, spec.dim), dtype=np.float16)
+        if mask.any():
+            tiles = _as_tiles(batch[TILE_COLUMN])
+            emb[mask] = encode_tiles(spec, model, tiles[mask], device, precision, micro_batch,
+                                     staging)
     out[embedding_column(spec.id)] = emb
     return out
 
@@ -172,6 +314,9 @@ class TileEncoder:
         storage = StorageConfig(**(storage_cfg or {}))
         self.model = load_model(self.spec, self.weights, storage, self.device)
         self.precision = precision_for(self.spec, self.device)
+        # Optional: None lets encode_tiles pick (whole batch on CPU, ~4 micro-batches on CUDA).
+        self.micro_batch: int | None = model_cfg.get("micro_batch")
+        self.staging = PinnedStaging() if self.device.type == "cuda" else None
         self.column = embedding_column(self.spec.id)
         self.node_id = _ray_node_id()
         self.info: dict[str, Any] = {
@@ -186,7 +331,8 @@ class TileEncoder:
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = encode_batch(batch, self.spec, self.model, self.device, self.precision)
+        out = encode_batch(batch, self.spec, self.model, self.device, self.precision,
+                           self.micro_batch, self.staging)
         out[node_column(self.spec.id)] = np.full(len(out[self.column]), self.node_id, object)
         if self.drop_tiles:
             del out[TILE_COLUMN]

@@ -240,6 +240,11 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
+    # One tiler chunk per block. At Ray Data's default (128 MB) a block would hold a whole
+    # slide or more, an encoder task would take several slides at once, and with the pixels
+    # dropped its output would reach the driver only when all of them were done: commits
+    # would come in bursts, late, and a failure would lose more work.
+    ctx.target_max_block_size = tiling.chunk_tiles * tiling.tile_size ** 2 * 3
     if cfg.ray.object_store_budget_gb:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=int(cfg.ray.object_store_budget_gb * 2**30))
@@ -324,6 +329,8 @@ class Committer:
         self.committed: dict[str, int] = {m: 0 for m in plan.weights}
         self.tiles_encoded: dict[str, int] = {m: 0 for m in plan.weights}
         self.timings: list[dict[str, Any]] = []
+        # first encoded batch at the driver: start-up and pipeline fill end here
+        self.first_batch: dict[str, Any] | None = None
 
     def start_pass(self, tiling: TilingConfig, tasks: list[SlideTask]) -> None:
         """A new tiling pass: the slides it covers, restricted to the models that share it."""
@@ -342,6 +349,8 @@ class Committer:
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         ids = batch["slide_id"]
+        if self.first_batch is None:
+            self.first_batch = {"at": time.time(), "rows": len(ids)}
         for sid in np.unique(ids):
             sid = str(sid)
             rows = np.nonzero(ids == sid)[0]
@@ -547,6 +556,7 @@ def run_job(cfg: JobConfig, run_id: str | None = None) -> dict[str, Any]:
                     "errors": len(committer.errors),
                 },
                 "encoders": {m: ("cuda" if g else "cpu") for m, g in use_gpu.items()},
+                "first_batch": committer.first_batch,
                 "slides": committer.timings,
             })
             lake.write_run(run_id, record)

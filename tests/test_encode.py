@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,15 +16,19 @@ from PIL import Image
 from pipeline import encode
 from pipeline.config import ModelConfig, StorageConfig
 from pipeline.encode import (
+    PinnedStaging,
     TileEncoder,
+    default_micro_batch,
     embedding_column,
+    encode_tiles,
+    micro_batch_slices,
     node_column,
     rows_for_model,
     select_device,
 )
 from pipeline.models import registry
 from pipeline.models.preprocess import preprocess
-from pipeline.models.weights import resolve_weights
+from pipeline.models.weights import WeightsRef, load_model, random_seed, resolve_weights
 
 TILES = Path(__file__).parent / "data" / "tiles"
 KAIKO = registry.get("kaiko-vits16")
@@ -139,3 +145,207 @@ def test_cpu_threads_defaults(monkeypatch) -> None:
     assert encode.cpu_threads({}) >= 1
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert encode.cpu_threads({}) == 2
+
+
+# ---- micro-batching and the pinned staging ring ---------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def whole_batch(encoder: TileEncoder) -> tuple[np.ndarray, np.ndarray]:
+    """Five distinct tiles and their embeddings from one whole-batch forward (the reference)."""
+    tiles = real_tiles()
+    emb = encode_tiles(KAIKO, encoder.model, tiles, CPU, "fp32")
+    # Rows must differ clearly, or a mix-up of micro-batch order could not be seen.
+    gaps = [np.abs(emb[i].astype(np.float32) - emb[j]).max()
+            for i in range(len(emb)) for j in range(i)]
+    assert min(gaps) > 0.05
+    return tiles, emb
+
+
+@pytest.mark.parametrize(("n", "micro"), [(1, 4), (5, 2), (7, 3), (64, 32), (100, 32),
+                                          (101, 25), (33, 32), (8, 8), (3, 100)])
+def test_micro_batch_slices_cover_in_order(n: int, micro: int) -> None:
+    slices = micro_batch_slices(n, micro)
+    bounds = [(s.start, s.stop) for s in slices]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n and all(s.step is None for s in slices)
+    assert all(stop == start for (_, stop), (start, _) in zip(bounds, bounds[1:], strict=False))
+    sizes = [s.stop - s.start for s in slices]
+    assert len(slices) == -(-n // micro) and max(sizes) <= micro
+    assert max(sizes) - min(sizes) <= 1  # near-equal: no runt last micro-batch
+
+
+def test_micro_batch_defaults() -> None:
+    assert micro_batch_slices(10) == [slice(0, 10)]  # None: the whole batch
+    assert micro_batch_slices(0, 4) == []
+    with pytest.raises(ValueError, match="micro_batch"):
+        micro_batch_slices(5, 0)
+    assert default_micro_batch(10) == 32 and len(micro_batch_slices(10, 32)) == 1
+    assert default_micro_batch(64) == 32
+    assert default_micro_batch(1000) == 250 and len(micro_batch_slices(1000, 250)) == 4
+
+
+def test_micro_batched_equals_whole_batch(encoder: TileEncoder, whole_batch) -> None:
+    tiles, whole = whole_batch
+    for micro in (2, 3):  # 5 tiles: 2+2+1 and 3+2, neither divides the batch
+        emb = encode_tiles(KAIKO, encoder.model, tiles, CPU, "fp32", micro_batch=micro)
+        assert emb.dtype == np.float16 and emb.shape == whole.shape
+        np.testing.assert_allclose(emb.astype(np.float32), whole.astype(np.float32),
+                                   rtol=2e-3, atol=2e-3)
+
+
+def test_encoder_micro_batch_with_row_selection(encoder: TileEncoder, whole_batch,
+                                                monkeypatch) -> None:
+    tiles, whole = whole_batch
+    monkeypatch.setattr(encoder, "micro_batch", 2)
+    keep = np.array([True, True, False, True, True])
+    batch = {"tile": tiles, "models": np.array(
+        ["kaiko-vits16" if k else "uni" for k in keep], dtype=object)}
+    emb = encoder(batch)[embedding_column("kaiko-vits16")]
+    assert not emb[~keep].any()
+    np.testing.assert_allclose(emb[keep].astype(np.float32), whole[keep].astype(np.float32),
+                               rtol=2e-3, atol=2e-3)
+
+
+class _Event:
+    def __init__(self, log: list[tuple], eid: int) -> None:
+        self.log, self.id = log, eid
+
+    def synchronize(self) -> None:
+        self.log.append(("sync", self.id))
+
+
+def test_staging_ring_reuses_and_grows() -> None:
+    log: list[tuple] = []
+    staging = PinnedStaging(slots=2, pin=False)
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8) for _ in range(3))
+    va, vb = staging.stage(0, a), staging.stage(1, b)
+    assert staging.capacity >= a.nbytes and staging.buffer is not None
+    ptr = staging.buffer.data_ptr()
+    np.testing.assert_array_equal(va.numpy(), a)  # slot 1 did not overwrite slot 0
+    np.testing.assert_array_equal(vb.numpy(), b)
+    staging.in_flight(0, _Event(log, 0))
+    staging.in_flight(1, _Event(log, 1))
+    vc = staging.stage(2, c[:2])  # slot 0 again: waits for its copy, not for slot 1's
+    assert log == [("sync", 0)]
+    np.testing.assert_array_equal(vc.numpy(), c[:2])
+    np.testing.assert_array_equal(vb.numpy(), b)
+    assert staging.buffer.data_ptr() == ptr  # smaller micro-batch: same memory
+    big = rng.integers(0, 256, (2, 8 * 2**20 // (64 * 3) + 1, 64, 3), dtype=np.uint8)
+    staging.in_flight(0, _Event(log, 2))
+    vbig = staging.stage(3, big)  # larger than a slot: grows after every pending copy is done
+    assert {("sync", 1), ("sync", 2)} <= set(log)
+    assert staging.capacity >= big.nbytes and staging.capacity % 2**20 == 0
+    np.testing.assert_array_equal(vbig.numpy(), big)
+    with pytest.raises(ValueError, match="uint8"):
+        staging.stage(0, a.astype(np.float32))
+
+
+class _Stream:
+    def __init__(self, name: str, log: list[tuple], counter: list[int]) -> None:
+        self.name, self.log, self.counter = name, log, counter
+
+    def record_event(self) -> _Event:
+        self.counter[0] += 1
+        event = _Event(self.log, self.counter[0])
+        self.log.append(("record", self.name, event.id))
+        return event
+
+    def wait_event(self, event: _Event) -> None:
+        self.log.append(("wait", self.name, event.id))
+
+
+def test_cuda_path_stream_protocol(encoder: TileEncoder, whole_batch, monkeypatch) -> None:
+    """The CUDA path with CUDA's stream calls faked: what runs where, and in which order.
+
+    Checks the synchronisation that results depend on: copies and preprocessing on the side
+    stream, forwards on the compute stream after waiting for their micro-batch's event, the
+    side stream never waiting for compute (that would serialise them), and a pinned slot
+    rewritten only after its previous copy's event.
+    """
+    tiles, whole = whole_batch
+    log: list[tuple] = []
+    counter = [0]
+    compute, side = _Stream("compute", log, counter), _Stream("side", log, counter)
+    current = [compute]
+
+    @contextlib.contextmanager
+    def use(stream: _Stream):
+        previous, current[0] = current[0], stream
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    real_preprocess, real_embed = encode.preprocess, registry.embed
+    autocast: list[Any] = [None]  # the autocast state each forward runs under
+
+    def logged_preprocess(x: torch.Tensor, spec: Any) -> torch.Tensor:
+        log.append(("preprocess", current[0].name, len(x)))
+        return real_preprocess(x, spec)
+
+    def logged_embed(spec: Any, model: Any, x: torch.Tensor) -> torch.Tensor:
+        log.append(("embed", current[0].name, len(x), autocast[-1]))
+        return real_embed(spec, model, x)
+
+    @contextlib.contextmanager
+    def fake_autocast(device_type: str, dtype: torch.dtype, enabled: bool = True):
+        autocast.append((device_type, dtype, enabled))
+        yield
+        autocast.pop()
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: side)
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch, "autocast", fake_autocast)
+    monkeypatch.setattr(torch.Tensor, "record_stream",
+                        lambda self, s: log.append(("record_stream", s.name, len(self))))
+    monkeypatch.setattr(encode, "preprocess", logged_preprocess)
+    monkeypatch.setattr(registry, "embed", logged_embed)
+
+    staging = PinnedStaging(pin=False)
+    slices = micro_batch_slices(len(tiles), 2)  # 2 + 2 + 1: three micro-batches, two slots
+    emb = encode._encode_cuda(KAIKO, encoder.model, tiles, CPU, "fp16", slices, staging)
+    np.testing.assert_allclose(emb.astype(np.float32), whole.astype(np.float32),
+                               rtol=2e-3, atol=2e-3)
+
+    assert not [e for e in log if e[:2] == ("wait", "side")]
+    assert [e[1:3] for e in log if e[0] == "preprocess"] == [("side", 2), ("side", 2),
+                                                             ("side", 1)]
+    forwards = [i for i, e in enumerate(log) if e[0] == "embed"]
+    assert [log[i][1:] for i in forwards] == [("compute", n, ("cuda", torch.float16, True))
+                                              for n in (2, 2, 1)]
+    records = [e[2] for e in log if e[:2] == ("record", "side")]
+    copies, ready = records[0::2], records[1::2]  # per micro-batch: copy done, then ready
+    preps = [i for i, e in enumerate(log) if e[0] == "preprocess"]
+    for k, pos in enumerate(forwards):
+        before = log[:pos]
+        assert ("wait", "compute", ready[k]) in before  # forward k waits for its own input
+        assert ("record_stream", "compute", slices[k].stop - slices[k].start) in before
+        if k + 1 < len(slices):
+            # k+1 is prepared (the CPU blocks on its copy) only once forward k is queued.
+            assert forwards[k] < preps[k + 1] < forwards[k + 1]
+    assert ("sync", copies[0]) in log[:preps[2]]  # slot 0 reused after copy 0 finished
+    assert ("sync", copies[1]) not in log  # slot 1 was not reused: nothing to wait for
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_micro_batched_equals_whole_batch() -> None:
+    cuda = torch.device("cuda")
+    ref = WeightsRef(source="random", identity=f"random:seed={random_seed(KAIKO.id)}",
+                     sha256=None, random=True)
+    model = load_model(KAIKO, ref, StorageConfig(), cuda)
+    tiles = np.concatenate([real_tiles()] * 15)  # 75 tiles
+    whole = encode_tiles(KAIKO, model, tiles, cuda, "fp16", micro_batch=len(tiles))
+    staging = PinnedStaging()
+    for micro in (7, 32):  # 11 micro-batches (slots reused), then 3 x 25 (buffer regrown)
+        for _ in range(2):  # second pass reuses the staging buffer
+            emb = encode_tiles(KAIKO, model, tiles, cuda, "fp16", micro, staging)
+            np.testing.assert_allclose(emb.astype(np.float32), whole.astype(np.float32),
+                                       rtol=1e-2, atol=1e-2)
+    with torch.inference_mode():
+        x = preprocess(torch.from_numpy(tiles[:5]).to(cuda), KAIKO)
+        direct = registry.embed(KAIKO, model, x).float().cpu().numpy()
+    np.testing.assert_allclose(whole[:5].astype(np.float32), direct, rtol=2e-2, atol=2e-2)

@@ -49,9 +49,23 @@ def preprocess(tiles_uint8: torch.Tensor, spec: TileModelSpec) -> torch.Tensor:
         top = int(round((h - size) / 2.0))  # same rounding as torchvision CenterCrop
         left = int(round((w - size) / 2.0))
         x = x[..., top:top + size, left:left + size]
-    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean, std = _norm(spec, x.dtype, x.device)
     return (x / 255.0 - mean) / std
+
+
+_NORMS: dict[tuple[tuple[float, ...], tuple[float, ...], torch.dtype, torch.device],
+             tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _norm(spec: TileModelSpec, dtype: torch.dtype,
+          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean/std as (1, 3, 1, 1) tensors, made once per device: building them per batch is a
+    blocking host-to-device copy, a stall of the GPU's queue before every forward."""
+    key = (tuple(spec.mean), tuple(spec.std), dtype, device)
+    if key not in _NORMS:
+        _NORMS[key] = (torch.tensor(spec.mean, dtype=dtype, device=device).view(1, 3, 1, 1),
+                       torch.tensor(spec.std, dtype=dtype, device=device).view(1, 3, 1, 1))
+    return _NORMS[key]
 
 
 def reference_preprocess_pil(img: Image.Image, spec: TileModelSpec) -> torch.Tensor:
