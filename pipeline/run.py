@@ -240,11 +240,12 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
-    # One tiler chunk per block. At Ray Data's default (128 MB) a block would hold a whole
-    # slide or more, an encoder task would take several slides at once, and with the pixels
-    # dropped its output would reach the driver only when all of them were done: commits
-    # would come in bursts, late, and a failure would lose more work.
-    ctx.target_max_block_size = tiling.chunk_tiles * tiling.tile_size ** 2 * 3
+    # Blocks of ~16 MB of tiles (a few chunks). At Ray Data's default (128 MB) a block holds
+    # a whole slide or more, an encoder task takes several slides at once, and with the pixels
+    # dropped its output reaches the driver only when all of them are done: commits come in
+    # bursts, late, and a failure loses more work. Much smaller blocks cost Ray Data more in
+    # per-block scheduling than the tiles are worth.
+    ctx.target_max_block_size = max(16 << 20, tiling.chunk_tiles * tiling.tile_size ** 2 * 3)
     if cfg.ray.object_store_budget_gb:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=int(cfg.ray.object_store_budget_gb * 2**30))
