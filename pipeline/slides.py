@@ -214,7 +214,7 @@ def integer_factor(box: tuple[float, float, float, float], size: tuple[int, int]
 def read_resampled(slide: openslide.OpenSlide | RegionReader, level: int,
                    box: tuple[float, float, float, float], size: tuple[int, int],
                    resample: Image.Resampling, *, path: str = "",
-                   need: Sequence[Box] | None = None) -> np.ndarray:
+                   need: Sequence[Box] | None = None, scratch: bool = False) -> np.ndarray:
     """RGB pixels of a fractional ``box`` (x0, y0, x1, y1 in level pixels) resampled to ``size``.
 
     An integer box exactly k times the output is area-averaged by k (``Image.reduce``: a box
@@ -224,6 +224,8 @@ def read_resampled(slide: openslide.OpenSlide | RegionReader, level: int,
     0.5, non-integer pyramid downsamples); a margin around the box feeds the filter real
     neighbours instead of clamped edges, so neighbouring regions agree along their seams.
     ``need`` (level-pixel boxes that matter) lets a reader skip decoding the rest.
+    ``scratch``: the result may be a view of the reader's per-thread buffer, overwritten by
+    the thread's next scratch read (see ``TiffJpegReader.read_reduced``).
     """
     reader: RegionReader = (OpenSlideReader(slide, path) if isinstance(slide, openslide.OpenSlide)
                             else slide)
@@ -233,8 +235,9 @@ def read_resampled(slide: openslide.OpenSlide | RegionReader, level: int,
     if k is not None:
         ix, iy, iw, ih = int(x0), int(y0), int(x1 - x0), int(y1 - y0)
         can_reduce = getattr(reader, "can_reduce", None)
-        if k > 1 and can_reduce is not None and can_reduce(level, ix, iy, iw, ih, k):
-            return reader.read_reduced(level, ix, iy, iw, ih, k, need)  # type: ignore[attr-defined]
+        if can_reduce is not None and (k == 1 or can_reduce(level, ix, iy, iw, ih, k)):
+            return reader.read_reduced(  # type: ignore[attr-defined]
+                level, ix, iy, iw, ih, k, need, scratch=scratch)
         src = reader.read_rgb(level, ix, iy, iw, ih, need)
         if k == 1:
             return src

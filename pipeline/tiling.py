@@ -158,15 +158,17 @@ class TileChunks(Iterator[TileChunk]):
 
 
 _malloc_tuned = False
+MMAP_THRESHOLD = 16 << 20
 
 
 def _return_freed_memory() -> None:
-    """Make glibc hand large freed buffers back to the OS at once (Linux/glibc only).
+    """Fix glibc's mmap threshold at 16 MB (Linux/glibc only) so RSS does not ratchet up.
 
-    glibc raises its mmap threshold to the largest block freed so far (the thumbnail, tens of
-    MB), after which every band, region and chunk lives on the heap, where freed memory stays
-    resident: a worker's RSS would keep the high-water mark of everything it ever planned. A
-    fixed threshold keeps buffers above 1 MB in their own mappings, returned on free.
+    By default glibc raises the threshold to the largest block freed so far (a thumbnail can
+    be 40 MB), after which such buffers live on the heap, where freed memory stays resident: a
+    worker would keep the high-water mark of everything it ever planned. Fixed, big one-off
+    buffers keep their own mappings (returned on free) while chunk-sized ones (~10 MB) are
+    recycled from the heap instead of page-faulted in afresh for every chunk.
     """
     global _malloc_tuned
     if _malloc_tuned:
@@ -175,7 +177,7 @@ def _return_freed_memory() -> None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 
@@ -389,93 +391,80 @@ def _regions(grid: TileGrid, scale: float, cfg: TilingConfig) -> Iterator[tuple[
 
 
 def _read_region(reader: RegionReader, path: str, level: int, reg: _Region, rows: np.ndarray,
-                 cols: np.ndarray, t: int, band: np.ndarray) -> None:
-    """Cut the kept tiles of one region straight into their band slots (disjoint per region,
-    so threads share the band without a lock); the region's pixels are freed here."""
+                 cols: np.ndarray, t: int, store: dict[int, np.ndarray], lo: int,
+                 per_chunk: int) -> None:
+    """Cut the kept tiles of one region straight into their chunk slots (disjoint per region,
+    so threads share the chunks without a lock); the region's pixels are freed here."""
     try:
         pixels = read_resampled(reader, level, reg.box, reg.size, RESAMPLE, path=path,
-                                need=reg.need)
+                                need=reg.need, scratch=True)
     except TiffReadError as err:
         raise SlideError(
             "read", f"failed reading pixels of level {level} from {path!r}: the file is corrupt "
                     f"or truncated ({err})") from None
-    for i in reg.sel:
+    for i in reg.sel.tolist():
         yy, xx = (int(rows[i]) - reg.r0) * t, (int(cols[i]) - reg.c0) * t
-        band[i] = pixels[yy:yy + t, xx:xx + t]
+        g = lo + i  # position in the slide's tiling order
+        store[g // per_chunk][g % per_chunk] = pixels[yy:yy + t, xx:xx + t]
 
 
 def _chunks(reader: RegionReader, path: str, grid: TileGrid, level: int, scale: float,
             cfg: TilingConfig, pool: ThreadPoolExecutor | None) -> Iterator[TileChunk]:
     """Read bands of ``region_tiles`` grid rows, region by region, and emit chunks in order.
 
-    Row-major order crosses every region of a band, so a band's kept tiles are buffered
-    (memory: one band of at most ``BAND_BYTES``, never the slide, plus the next band while
-    reading ahead); leftovers shorter than a chunk carry to the next band. With a pool,
-    regions are read ahead in order, at most one per thread plus one in flight.
+    Regions write their tiles straight into the chunk arrays that will be emitted (no copy
+    between reading and emitting); a chunk goes out once every band it spans is read, in
+    row-major order. Memory: the chunks of the bands in flight (a band is at most
+    ``BAND_BYTES``), never the slide. With a pool, regions are read ahead in order,
+    ``READ_AHEAD`` per thread.
     """
     t = cfg.tile_size
     n = grid.num_tiles
-    pending: list[np.ndarray] = []  # tile arrays waiting for a full chunk, in index order
-    pending_n = 0
-    next_index = 0  # index of the first pending tile
+    per_chunk = cfg.chunk_tiles
+    store: dict[int, np.ndarray] = {}  # chunk number -> its tiles, until emitted
+    emitted = 0  # chunks emitted so far
     workers = pool._max_workers if pool is not None else 1  # noqa: SLF001
-    inflight: deque[tuple[np.ndarray, bool, Future[None]]] = deque()
+    inflight: deque[tuple[int, bool, Future[None]]] = deque()
 
-    def filled() -> Iterator[np.ndarray]:
-        """Each band once all its regions are in it."""
-        for _, lo, hi, regions in _regions(grid, scale, cfg):
-            rows, cols = grid.row[lo:hi], grid.col[lo:hi]
-            band = np.empty((hi - lo, t, t, 3), np.uint8)
-            for j, reg in enumerate(regions):
-                last = j == len(regions) - 1
-                if pool is None:
-                    _read_region(reader, path, level, reg, rows, cols, t, band)
-                    continue
-                inflight.append((band, last, pool.submit(_read_region, reader, path, level,
-                                                         reg, rows, cols, t, band)))
-                while len(inflight) > READ_AHEAD * workers:
-                    done_band, done_last, fut = inflight.popleft()
-                    fut.result()
-                    if done_last:
-                        yield done_band
-            if pool is None:
-                yield band
-        while inflight:
-            done_band, done_last, fut = inflight.popleft()
-            fut.result()
-            if done_last:
-                yield done_band
+    def allocate(lo: int, hi: int) -> None:
+        for c in range(lo // per_chunk, (hi - 1) // per_chunk + 1):
+            if c not in store:
+                store[c] = np.empty((min(per_chunk, n - c * per_chunk), t, t, 3), np.uint8)
+
+    def ready(done: int) -> Iterator[TileChunk]:
+        """The chunks whose tiles all lie before ``done`` (tiles [0, done) are read)."""
+        nonlocal emitted
+        while emitted * per_chunk < n and min(n, (emitted + 1) * per_chunk) <= done:
+            yield _chunk(grid, store.pop(emitted), emitted * per_chunk)
+            emitted += 1
 
     try:
-        for band in filled():
-            pending.append(band)
-            pending_n += len(band)
-            while pending_n >= cfg.chunk_tiles or (pending_n and next_index + pending_n == n):
-                take = min(cfg.chunk_tiles, pending_n)
-                yield _chunk(grid, _take(pending, take), next_index)
-                pending_n -= take
-                next_index += take
+        for _, lo, hi, regions in _regions(grid, scale, cfg):
+            allocate(lo, hi)
+            rows, cols = grid.row[lo:hi], grid.col[lo:hi]
+            for j, reg in enumerate(regions):
+                args = (reader, path, level, reg, rows, cols, t, store, lo, per_chunk)
+                if pool is None:
+                    _read_region(*args)
+                    continue
+                inflight.append((hi, j == len(regions) - 1, pool.submit(_read_region, *args)))
+                while len(inflight) > READ_AHEAD * workers:
+                    done, band_done, fut = inflight.popleft()
+                    fut.result()
+                    if band_done:
+                        yield from ready(done)
+            if pool is None:
+                yield from ready(hi)
+        while inflight:
+            done, band_done, fut = inflight.popleft()
+            fut.result()
+            if band_done:
+                yield from ready(done)
     finally:
         for _, _, fut in inflight:
             fut.cancel()
-    if next_index != n:  # would be a bug in the band bookkeeping; never emit a partial slide
-        raise SlideError("tiling", f"internal error: emitted {next_index} of {n} tiles")
-
-
-def _take(pending: list[np.ndarray], k: int) -> np.ndarray:
-    """Pop the first ``k`` tiles off the pending list as one new array (no view of a band)."""
-    parts = []
-    while k:
-        head = pending[0]
-        if len(head) <= k:
-            parts.append(head)
-            pending.pop(0)
-            k -= len(head)
-        else:
-            parts.append(head[:k])
-            pending[0] = head[k:]
-            k = 0
-    return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+    if emitted * per_chunk < n:  # a bug in the band bookkeeping; never emit a partial slide
+        raise SlideError("tiling", f"internal error: emitted {emitted} chunks of {n} tiles")
 
 
 def _chunk(grid: TileGrid, tiles: np.ndarray, start: int) -> TileChunk:
