@@ -163,7 +163,7 @@ class TiffJpegReader:
         """One file tile as (tile_h, tile_w, 3) uint8, or None for a sparse (empty) tile.
 
         ``scale`` 2, 4 or 8: reduced-size decoding by libjpeg-turbo's scaled IDCT, an array
-        ``scale`` times smaller per side (needs a level ``header``; see :meth:`can_reduce`).
+        ``scale`` times smaller per side (needs a level ``header``; see :meth:`dct_ok`).
         """
         lv = self._lv(level)
         i = ty * lv.across + tx
