@@ -134,7 +134,8 @@ import sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
 from tiling import reset_hwm, vm_hwm_mb
 from pipeline.config import TilingConfig
-from pipeline.tiling import tile_slide
+from pipeline.tiling import tile_slide, tune_worker_malloc
+tune_worker_malloc()  # as a tiling task does
 base = vm_hwm_mb()
 plan, chunks = tile_slide({path!r}, mpp_override=None,
                           cfg=TilingConfig(mpp=0.5, tile_size=224, reader={reader!r},

@@ -428,6 +428,7 @@ class Committer:
             "tiling_started_at": meta.get("tiling_started_at"), "last_chunk_at": buf.t_last,
             "committed_at": time.time(), "tiler_peak_rss_mb": buf.rss_mb,
             "tiler_node": meta.get("node"), "tiler_pid": meta.get("pid"),
+            "reader": meta.get("reader"),
             "encoder_nodes": {m: sorted(n) for m, n in buf.encoder_nodes.items()},
         })
         log.info("committed %s (%d tiles, %s)", e.slide_id, buf.num_tiles, ",".join(task.models))

@@ -161,14 +161,16 @@ _malloc_tuned = False
 MMAP_THRESHOLD = 16 << 20
 
 
-def _return_freed_memory() -> None:
+def tune_worker_malloc() -> None:
     """Fix glibc's mmap threshold at 16 MB (Linux/glibc only) so RSS does not ratchet up.
 
     By default glibc raises the threshold to the largest block freed so far (a thumbnail can
     be 40 MB), after which such buffers live on the heap, where freed memory stays resident: a
     worker would keep the high-water mark of everything it ever planned. Fixed, big one-off
     buffers keep their own mappings (returned on free) while chunk-sized ones (~10 MB) are
-    recycled from the heap instead of page-faulted in afresh for every chunk.
+    recycled from the heap instead of page-faulted in afresh for every chunk. Process-wide:
+    called by the tiling tasks' entry point (:func:`tile_slides`), not by :func:`tile_slide`,
+    so a process that also runs models (tests, benchmarks) keeps glibc's defaults.
     """
     global _malloc_tuned
     if _malloc_tuned:
@@ -203,7 +205,6 @@ def tile_slide(path: str, *, mpp_override: float | None,
     read; "tiff" fails the slide instead of falling back, for benchmarks and tests.
     """
     path = str(path)
-    _return_freed_memory()
     slide = open_slide(path)
     closers: list[Callable[[], object]] = []
     try:
@@ -520,6 +521,7 @@ def _rows(slide_id: str, models: str, tiles: np.ndarray, *, x: np.ndarray, y: np
 def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
                 storage: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
     """Tile each slide of the batch; a failing slide becomes one error row, never an exception."""
+    tune_worker_malloc()
     cfg = TilingConfig(**tiling)
     store = StorageConfig(**storage)
     t = cfg.tile_size
@@ -539,7 +541,8 @@ def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
             with staged_slide(str(uri), store) as local:
                 plan, chunks = tile_slide(local, mpp_override=mpp_override, cfg=cfg)
                 meta = json.dumps({**asdict(plan), "tiling_started_at": started,
-                                   "node": _node_id(), "pid": os.getpid()})
+                                   "node": _node_id(), "pid": os.getpid(),
+                                   "reader": chunks.reader})
                 for chunk in chunks:
                     yield _rows(str(slide_id), str(models), chunk.tiles, x=chunk.x, y=chunk.y,
                                 tissue=chunk.tissue, index=chunk.index,

@@ -209,6 +209,10 @@ def test_streaming_commits_before_tiling_ends_and_tiler_memory_is_flat(
     last_tiled = max(s["last_chunk_at"] for s in timings)
     first_commit = min(s["committed_at"] for s in timings)
     assert first_commit < last_tiled, "no slide was committed before the last slide was tiled"
+    # The generated TIFFs take the direct JPEG reader, and the record says so per slide.
+    assert {s["reader"] for s in timings} == {"tiff"}
+    # The first encoded rows reached the driver no later than the first commit.
+    assert record["first_batch"]["rows"] > 0 and record["first_batch"]["at"] <= first_commit
     # Slides committed while the job ran, not at its end.
     commits = sorted(s["committed_at"] for s in timings)
     assert commits[0] < commits[-1] - 1.0
