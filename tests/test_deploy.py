@@ -312,8 +312,9 @@ def test_dockerfile_base_user_and_installs() -> None:
 def test_deploy_readme_covers_the_path_to_a_nightly_run() -> None:
     text = (DEPLOY / "README.md").read_text()
     for must in ("docker build", "sha256sum", "ray up ray_cluster.yaml", "ray job submit",
-                 "ray job logs", "runs/", "nightly-cronjob.yaml", "to be filled by the "
-                 "throughput benchmark"):
+                 "ray job logs", "runs/", "nightly-cronjob.yaml",
+                 # the sizing rule carries measured tiling rates and the command behind them
+                 "cores_per_GPU(m)", "bench/tiling.py", "C (tiles/s per core)"):
         assert must in text, must
     # Files it points to exist.
     refs = [r for r in re.findall(r"\]\(([^)#]+)\)", text) if "://" not in r]
