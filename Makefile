@@ -24,6 +24,13 @@ test: setup
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/pytest -q -ra --durations=15 tests
 
+# The throughput benchmarks, each side by side in one run (bench/README.md). The large slides
+# are generated into bench/data/ on first use (~1.3 GB, ~20 min); results: bench/results/.
+bench: setup
+	$(BIN)/python bench/tiling.py
+	$(BIN)/python bench/encoder.py
+	$(BIN)/python bench/end_to_end.py
+
 lint: setup
 	$(BIN)/ruff check pipeline tests
 
