@@ -36,6 +36,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchkit import cpu_model  # noqa: E402
 
 from pipeline.config import ModelConfig, StorageConfig  # noqa: E402
 from pipeline.encode import (  # noqa: E402
@@ -54,20 +57,10 @@ DEFAULT_BATCH_SIZES = {"cpu": [16, 32], "cuda": [64, 128, 256, 512]}
 GPU_TARGET_RATIO = 0.90  # stage / raw forward: the stage may cost at most 10% beyond the model
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on (they mean little without it)."""
     info: dict[str, Any] = {
-        "cpu": _cpu_model(), "cpu_cores": os.cpu_count(),
+        "cpu": cpu_model(), "cpu_cores": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "platform": platform.platform(),

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -42,13 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from benchkit import write_results  # noqa: E402
 from generate import ensure  # noqa: E402
 from tiling import machine  # noqa: E402
 
 from pipeline.config import ModelConfig, StorageConfig, TilingConfig, build_config  # noqa: E402
 from pipeline.tiling import tile_slide  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
 
 
 def tiling_alone(path: Path, cfg: TilingConfig, limit: int) -> tuple[dict[str, float],
@@ -179,9 +176,7 @@ def main() -> None:
     out["machine"]["loadavg_end"] = os.getloadavg()
     print(f"\nslowest stage alone: {slowest} {stages[slowest]:.1f} tiles/s; "
           f"pipeline / slowest = {ratio:.2f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    dest = RESULTS / f"end_to_end_{socket.gethostname()}.json"
-    dest.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    dest = write_results("end_to_end", out)
     print(f"wrote {dest.relative_to(ROOT)}")
 
 

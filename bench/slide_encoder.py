@@ -22,18 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from benchkit import RESULTS, ROOT, cpu_model
 
 
 def _rss_mb() -> float:
@@ -80,7 +69,7 @@ def machine(device: str) -> dict[str, object]:
     import torch
 
     info: dict[str, object] = {
-        "cpu": _cpu_model(), "cpu_cores_visible": os.cpu_count(),
+        "cpu": cpu_model(), "cpu_cores_visible": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "platform": platform.platform(),

@@ -17,7 +17,6 @@ bench/results/tiling_<host>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -39,14 +38,13 @@ import imagecodecs  # noqa: E402
 import openslide  # noqa: E402
 import simplejpeg  # noqa: E402
 import tifffile  # noqa: E402
+from benchkit import ROOT, cpu_model, write_results  # noqa: E402
 from generate import ensure  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import TilingConfig  # noqa: E402
 from pipeline.tiffread import open_tiff_reader  # noqa: E402
 from pipeline.tiling import _plan, tile_slide  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
 
 
 def _timed(fn: Callable[[], int]) -> dict[str, float]:
@@ -182,15 +180,7 @@ def worker_rss(path: Path, reader: str, threads: int) -> dict[str, float]:
 
 
 def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"host": socket.gethostname(), "cpu": model, "cores": os.cpu_count(),
+    return {"host": socket.gethostname(), "cpu": cpu_model(), "cores": os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version(),
             "openslide": openslide.__library_version__, "imagecodecs": imagecodecs.__version__,
             "jpeg8": imagecodecs.jpeg8_version(), "tifffile": tifffile.__version__,
@@ -364,9 +354,7 @@ def main() -> None:
         print("rss big/small:", {k: round(v, 2) for k, v in out["rss_ratio"].items()})
     out["machine"]["loadavg_end"] = os.getloadavg()
     out["machine"]["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    dest = RESULTS / f"tiling_{socket.gethostname()}.json"
-    dest.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    dest = write_results("tiling", out)
     print(f"\nwrote {dest.relative_to(ROOT)}")
 
 
