@@ -26,6 +26,7 @@ markers) shifts colours by ~48 levels, hence the explicit colour space and the c
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import threading
@@ -166,35 +167,10 @@ class TiffJpegReader:
         ``scale`` times smaller per side (needs a level ``header``; see :meth:`dct_ok`).
         """
         lv = self._lv(level)
-        i = ty * lv.across + tx
-        count = int(lv.counts[i])
-        if count == 0:
-            return None
-        if self._fd is None:
-            raise ValueError("reader is closed")
-        data = os.pread(self._fd, count, int(lv.offsets[i]))
-        if len(data) != count:
-            raise TiffReadError(f"tile {tx},{ty} of page {lv.page} is truncated "
-                                f"({len(data)} of {count} bytes)")
         if scale != 1 and (lv.header is None or scale not in DCT_FACTORS):
             raise ValueError(f"no reduced-size decoding by {scale} for page {lv.page}")
-        shape = (lv.tile_h // scale, lv.tile_w // scale, 3)
-        try:
-            if scale == 1:
-                tile = imagecodecs.jpeg8_decode(data, tables=lv.tables,
-                                                colorspace=lv.colorspace, outcolorspace="RGB")
-            else:
-                tile = simplejpeg.decode_jpeg(lv.header + data[2:], colorspace="RGB",
-                                              min_height=shape[0], min_width=shape[1],
-                                              min_factor=scale)
-        except Exception as err:  # noqa: BLE001 - imagecodecs raises its own error types
-            raise TiffReadError(f"tile {tx},{ty} of page {lv.page}: "
-                                f"{type(err).__name__}: {err}") from None
-        self.tiles_decoded += 1
-        if tile.shape != shape:  # a writer that cropped edge tiles, or a grey stream
-            raise TiffReadError(f"tile {tx},{ty} of page {lv.page} decoded to {tile.shape}, "
-                                f"expected {shape}")
-        return tile
+        data = self._fetch(lv, ty, [tx])[0]
+        return None if data is None else self._decode(lv, data, tx, ty, scale)
 
     def dct_ok(self, level: int, k: int) -> bool:
         """Whether a box reduced by k may come straight out of the scaled IDCT."""
@@ -229,6 +205,11 @@ class TiffJpegReader:
         Box and file tiles aligned to k make every k x k block lie inside one tile, so the
         result equals reducing the assembled box, while the full-resolution box (k^2 times
         larger) never exists: less memory traffic and memory.
+
+        The loop is lean on purpose: with several threads, every line of Python between two
+        decodes holds the GIL while the other threads want it back, and each such wait costs
+        a context switch. So each row of file tiles is read with one ``pread``, tiles decode
+        into a per-thread buffer, and the geometry is worked out once per row and column.
         """
         lv = self._lv(level)
         if x < 0 or y < 0 or x + w > lv.width or y + h > lv.height or w <= 0 or h <= 0:
@@ -236,59 +217,135 @@ class TiffJpegReader:
                              f"({lv.width}x{lv.height})")
         if k > 1 and not self.can_reduce(level, x, y, w, h, k):
             raise ValueError(f"box {x},{y},{w},{h} or tiles not aligned to {k}")
+        if self._fd is None:
+            raise ValueError("reader is closed")
         shape = (h // k, w // k, 3)
-        if scratch:
-            nbytes = shape[0] * shape[1] * 3
-            buf = getattr(self._local, "buf", None)
-            if buf is None or buf.size < nbytes:
-                buf = self._local.buf = np.empty(nbytes, np.uint8)
-            out = buf[:nbytes].reshape(shape)
-        else:
-            out = np.empty(shape, np.uint8)
-        tw, th = lv.tile_w, lv.tile_h
-        tx0, ty0 = x // tw, y // th
-        wanted = _wanted(need, x, y, w, h, tw, th)
-        for ty in range(ty0, (y + h - 1) // th + 1):
-            for tx in range(tx0, (x + w - 1) // tw + 1):
-                # tile rectangle clipped to the wanted box, in level pixels
-                ax0, ay0 = max(x, tx * tw), max(y, ty * th)
-                ax1, ay1 = min(x + w, (tx + 1) * tw), min(y + h, (ty + 1) * th)
-                dst = out[(ay0 - y) // k:(ay1 - y) // k, (ax0 - x) // k:(ax1 - x) // k]
-                if wanted is not None and not wanted[ty - ty0, tx - tx0]:
-                    dst[:] = 255
+        out = self._scratch("region", shape) if scratch else np.empty(shape, np.uint8)
+        cols = _spans(x, w, lv.tile_w, k)
+        rows = _spans(y, h, lv.tile_h, k)
+        wanted = _wanted(need, x, y, w, h, lv.tile_w, lv.tile_h)
+        step = k if k > 1 and self.dct_ok(level, k) else 1  # reduction inside the IDCT
+        tile_buf = self._scratch("tile", (lv.tile_h // step, lv.tile_w // step, 3))
+        seams, lock = self._seams, self._lock
+        for ri, (ty, sy0, sy1, dy0, dy1, row_whole) in enumerate(rows):
+            row_wanted = None if wanted is None else wanted[ri].tolist()
+            todo = []  # (column span, seam cache key) of the tiles this row must decode
+            for ci, col in enumerate(cols):
+                tx, sx0, sx1, dx0, dx1, col_whole = col
+                if row_wanted is not None and not row_wanted[ci]:
+                    out[dy0:dy1, dx0:dx1] = 255
                     continue
-                inside = ax0 == tx * tw and ay0 == ty * th and ax1 == (tx + 1) * tw \
-                    and ay1 == (ty + 1) * th
-                tile = self._tile(level, tx, ty, k, seam=not inside)
-                if tile is None:
-                    dst[:] = 255
+                key = None if row_whole and col_whole else (level, tx, ty, k)
+                if key is not None:
+                    with lock:
+                        hit = seams.get(key)
+                    if hit is not None:
+                        out[dy0:dy1, dx0:dx1] = hit[sy0:sy1, sx0:sx1]
+                        continue
+                todo.append((col, key))
+            if not todo:
+                continue
+            found = self._fetch(lv, ty, [col[0] for col, _ in todo])
+            for (col, key), data in zip(todo, found, strict=True):
+                tx, sx0, sx1, dx0, dx1, _ = col
+                if data is None:  # sparse tile: glass
+                    out[dy0:dy1, dx0:dx1] = 255
                     continue
-                dst[:] = tile[(ay0 - ty * th) // k:(ay1 - ty * th) // k,
-                              (ax0 - tx * tw) // k:(ax1 - tx * tw) // k]
+                # a seam tile outlives this read (it is cached): it gets its own array
+                tile = self._decode(lv, data, tx, ty, step, tile_buf if key is None else None)
+                if step != k:
+                    tile = np.asarray(Image.fromarray(tile).reduce(k // step))
+                out[dy0:dy1, dx0:dx1] = tile[sy0:sy1, sx0:sx1]
+                if key is not None:
+                    self._keep_seam(key, tile)
         return out
 
-    def _tile(self, level: int, tx: int, ty: int, k: int, *, seam: bool) -> np.ndarray | None:
-        """A file tile decoded and reduced by k; a seam tile (one a box only partly covers,
-        so the neighbouring region or band needs it too) is kept in a small bounded cache."""
-        key = (level, tx, ty, k)
-        if seam:
-            with self._lock:
-                hit = self._seams.get(key)
-            if hit is not None:
-                return hit
-        if k > 1 and self.dct_ok(level, k):
-            tile = self.decode_tile(level, tx, ty, scale=k)
-        else:
-            tile = self.decode_tile(level, tx, ty)
-            if tile is not None and k > 1:
-                tile = np.asarray(Image.fromarray(tile).reduce(k))
-        if seam and tile is not None:
-            with self._lock:
-                self._seams[key] = tile
-                self._seam_bytes += tile.nbytes
-                while self._seam_bytes > SEAM_CACHE_BYTES:
-                    self._seam_bytes -= self._seams.popitem(last=False)[1].nbytes
+    def _scratch(self, name: str, shape: tuple[int, int, int]) -> np.ndarray:
+        """This thread's reusable uint8 buffer ``name``, viewed as ``shape``."""
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = {}
+        nbytes = shape[0] * shape[1] * shape[2]
+        buf = bufs.get(name)
+        if buf is None or buf.size < nbytes:
+            buf = bufs[name] = np.empty(nbytes, np.uint8)
+        return buf[:nbytes].reshape(shape)
+
+    def _fetch(self, lv: _Level, ty: int, txs: list[int]) -> list[memoryview | None]:
+        """The compressed bytes of file tiles (tx, ty) of one row (``txs`` ascending), None
+        for sparse ones.
+
+        Tiles stored back to back (as scanners write a row) come in one ``pread``; a row whose
+        tiles lie far apart in the file falls back to one read per tile.
+        """
+        if self._fd is None:
+            raise ValueError("reader is closed")
+        first = ty * lv.across + txs[0]
+        offs_row = lv.offsets[first:first + txs[-1] - txs[0] + 1].tolist()
+        counts_row = lv.counts[first:first + txs[-1] - txs[0] + 1].tolist()
+        offs = [offs_row[tx - txs[0]] for tx in txs]
+        counts = [counts_row[tx - txs[0]] for tx in txs]
+        filled = [(o, c) for o, c in zip(offs, counts, strict=True) if c > 0]
+        if not filled:
+            return [None] * len(txs)
+        lo, hi = min(o for o, _ in filled), max(o + c for o, c in filled)
+        spans = [(lo, hi)]
+        if hi - lo > 2 * sum(c for _, c in filled) + (64 << 10):  # far apart: read each
+            spans = sorted((o, o + c) for o, c in filled)
+        # Into this thread's reusable buffer: a fresh 0.5 MB bytes object per row would be
+        # page-faulted in and trimmed away again every time, and page faults of threads of
+        # one process contend in the kernel.
+        starts, blobs = [], []
+        buf = memoryview(self._scratch("bytes", (sum(b - a for a, b in spans), 1, 1)).reshape(-1))
+        at = 0
+        for a, b in spans:
+            view = buf[at:at + b - a]
+            got = os.preadv(self._fd, [view], a)
+            if got != b - a:
+                raise TiffReadError(f"row {ty} of page {lv.page} is truncated: read "
+                                    f"{got} of {b - a} bytes at offset {a}")
+            starts.append(a)
+            blobs.append(view)
+            at += b - a
+        found: list[memoryview | None] = []
+        for o, c in zip(offs, counts, strict=True):
+            if c == 0:
+                found.append(None)
+                continue
+            j = bisect.bisect_right(starts, o) - 1
+            found.append(blobs[j][o - starts[j]:o - starts[j] + c])
+        return found
+
+    def _decode(self, lv: _Level, data: bytes | memoryview, tx: int, ty: int, scale: int,
+                out: np.ndarray | None = None) -> np.ndarray:
+        """One file tile's stream decoded (reduced by ``scale`` in the IDCT), into ``out``."""
+        shape = (lv.tile_h // scale, lv.tile_w // scale, 3)
+        try:
+            if scale == 1:
+                tile = imagecodecs.jpeg8_decode(data, tables=lv.tables, colorspace=lv.colorspace,
+                                                outcolorspace="RGB", out=out)
+            else:
+                assert lv.header is not None
+                tile = simplejpeg.decode_jpeg(lv.header + data[2:], colorspace="RGB",
+                                              min_height=shape[0], min_width=shape[1],
+                                              min_factor=scale, buffer=out)
+        except Exception as err:  # noqa: BLE001 - imagecodecs raises its own error types
+            raise TiffReadError(f"tile {tx},{ty} of page {lv.page}: "
+                                f"{type(err).__name__}: {err}") from None
+        self.tiles_decoded += 1
+        if tile.shape != shape:  # a writer that cropped edge tiles, or a grey stream
+            raise TiffReadError(f"tile {tx},{ty} of page {lv.page} decoded to {tile.shape}, "
+                                f"expected {shape}")
         return tile
+
+    def _keep_seam(self, key: tuple[int, int, int, int], tile: np.ndarray) -> None:
+        """Cache a seam tile (one a box only partly covers: the neighbouring region or band
+        needs it too) in a small bounded cache, oldest out first."""
+        with self._lock:
+            self._seams[key] = tile
+            self._seam_bytes += tile.nbytes
+            while self._seam_bytes > SEAM_CACHE_BYTES:
+                self._seam_bytes -= self._seams.popitem(last=False)[1].nbytes
 
     def clear_seams(self) -> None:
         """Drop cached seam tiles (after the thumbnail: its level's tiles are not needed again)."""
@@ -327,6 +384,18 @@ def _wanted(need: Sequence[Box] | None, x: int, y: int, w: int, h: int, tw: int,
     in_col = (boxes[:, 0:1] < cx1) & (boxes[:, 2:3] > cx0)  # (boxes, cols)
     in_row = (boxes[:, 1:2] < ry1) & (boxes[:, 3:4] > ry0)  # (boxes, rows)
     return (in_row.T.astype(np.int32) @ in_col.astype(np.int32)) > 0
+
+
+def _spans(x: int, w: int, t: int, k: int) -> list[tuple[int, int, int, int, int, bool]]:
+    """The file tiles a box [x, x + w) crosses along one axis, tiles ``t`` wide:
+    (tile, first and end pixel inside the tile, first and end pixel in the box, whether the
+    box covers the whole tile), pixels reduced by ``k``."""
+    spans = []
+    for i in range(x // t, (x + w - 1) // t + 1):
+        a0, a1 = max(x, i * t), min(x + w, (i + 1) * t)
+        spans.append((i, (a0 - i * t) // k, (a1 - i * t) // k, (a0 - x) // k, (a1 - x) // k,
+                      a0 == i * t and a1 == (i + 1) * t))
+    return spans
 
 
 def _check_tile(reader: TiffJpegReader, level: int) -> tuple[int, int] | None:

@@ -368,7 +368,12 @@ def _bands(grid: TileGrid, rt: int, tile_bytes: int) -> Iterator[tuple[int, int]
 
 def _regions(grid: TileGrid, scale: float, cfg: TilingConfig) -> Iterator[tuple[int, int, int,
                                                                                  list[_Region]]]:
-    """(band, first tile, end tile, regions) per band of at most ``region_tiles`` grid rows."""
+    """(band, first tile, end tile, regions) per band of at most ``region_tiles`` grid rows.
+
+    A region covers ``region_tiles`` squared grid cells: square in full bands, wider in the
+    short bands of wide slides (1 x 64 rather than 1 x 8), so that a region's fixed costs
+    (futures, geometry, reads per row of file tiles) are spread over as many tiles.
+    """
     t = cfg.tile_size
     rt = cfg.region_tiles
     for b, (row0, row1) in enumerate(_bands(grid, rt, t * t * 3)):
@@ -376,7 +381,7 @@ def _regions(grid: TileGrid, scale: float, cfg: TilingConfig) -> Iterator[tuple[
         if lo == hi:
             continue
         rows, cols = grid.row[lo:hi], grid.col[lo:hi]
-        region_of = cols // rt
+        region_of = cols // max(rt, rt * rt // (row1 - row0))
         regions = []
         for reg in np.unique(region_of):
             sel = np.nonzero(region_of == reg)[0]
@@ -403,10 +408,22 @@ def _read_region(reader: RegionReader, path: str, level: int, reg: _Region, rows
         raise SlideError(
             "read", f"failed reading pixels of level {level} from {path!r}: the file is corrupt "
                     f"or truncated ({err})") from None
-    for i in reg.sel.tolist():
-        yy, xx = (int(rows[i]) - reg.r0) * t, (int(cols[i]) - reg.c0) * t
-        g = lo + i  # position in the slide's tiling order
-        store[g // per_chunk][g % per_chunk] = pixels[yy:yy + t, xx:xx + t]
+    # The region as a grid of tiles; kept tiles side by side in one row go out in one copy
+    # (each numpy call is a GIL round trip the other threads may have to wait for).
+    grid = pixels.reshape(pixels.shape[0] // t, t, pixels.shape[1] // t, t, 3)
+    sel = reg.sel.tolist()
+    rr = (rows[reg.sel] - reg.r0).tolist()
+    cc = (cols[reg.sel] - reg.c0).tolist()
+    i, n = 0, len(sel)
+    while i < n:
+        g = lo + sel[i]  # position in the slide's tiling order
+        chunk, slot = divmod(g, per_chunk)
+        j = i + 1
+        while (j < n and rr[j] == rr[i] and cc[j] == cc[j - 1] + 1 and sel[j] == sel[j - 1] + 1
+               and slot + j - i < per_chunk):
+            j += 1
+        store[chunk][slot:slot + j - i] = grid[rr[i], :, cc[i]:cc[i] + j - i].transpose(1, 0, 2, 3)
+        i = j
 
 
 def _chunks(reader: RegionReader, path: str, grid: TileGrid, level: int, scale: float,
