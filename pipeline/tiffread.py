@@ -62,6 +62,14 @@ DCT_CHECK_MEAN = 4.0
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 _JFIF = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
 
+# Decoded bytes per stacked decoder call (see TiffJpegReader._stack_info): big enough that
+# the GIL is taken once per row of file tiles, small enough to stay in cache.
+STACK_BYTES = 4 << 20
+_RST = [bytes([0xFF, 0xD0 + i]) for i in range(8)]  # restart markers, in turn
+_EOI = b"\xff\xd9"
+# Frame markers other than baseline/extended Huffman (progressive, lossless, arithmetic).
+_OTHER_FRAMES = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in level pixels
 
 
@@ -129,6 +137,95 @@ def _level_of(page: tifffile.TiffPage, index: int) -> tuple[_Level | None, str]:
     return level, ""
 
 
+@dataclass(frozen=True)
+class _Stack:
+    """What stacking a level's tiles into one tall JPEG needs (see ``_stack_info``)."""
+
+    head: bytes  # a tile's bytes up to its entropy-coded data: SOI .. SOS
+    before_height: bytes  # the tall stream's header up to the frame height ...
+    after_height: bytes  # ... and after it, with a restart interval of one tile
+    tile_h: int
+    most: int  # tiles per decoder call
+
+    @property
+    def head_len(self) -> int:
+        return len(self.head)
+
+    def fits(self, data: memoryview) -> bool:
+        """Whether a tile has the shared header and ends with EOI, so it can be stacked."""
+        return data[:len(self.head)] == self.head and data[-2:] == _EOI
+
+    def header(self, n: int) -> bytes:
+        return self.before_height + (n * self.tile_h).to_bytes(2, "big") + self.after_height
+
+
+def _segments(stream: bytes) -> list[tuple[int, int]] | None:
+    """(marker, offset) of each segment from after SOI through SOS; None if malformed."""
+    out, i = [], 2
+    while i + 4 <= len(stream) and stream[i] == 0xFF:
+        marker = stream[i + 1]
+        out.append((marker, i))
+        if marker == 0xDA:
+            return out
+        i += 2 + int.from_bytes(stream[i + 2:i + 4], "big")
+    return None
+
+
+def _stack_for(reader: TiffJpegReader, level: int, step: int) -> _Stack | None:
+    """Build and verify the stacking recipe of one level decoded at 1/``step``."""
+    lv = reader._lv(level)  # noqa: SLF001
+    if lv.header is None or step not in (1, *DCT_FACTORS):
+        return None
+    filled = np.nonzero(lv.counts > 0)[0]
+    where = _check_tile(reader, level)
+    if where is None or len(filled) < 2:
+        return None
+    at = int(np.searchsorted(filled, where[1] * lv.across + where[0]))
+    picks = [int(i) for i in filled[max(0, min(at, len(filled) - 4)):][:4]]
+    try:
+        # bytes(): each fetch reuses the thread's read buffer
+        datas = [bytes(reader._fetch(lv, i // lv.across, [i % lv.across])[0])  # type: ignore[arg-type]  # noqa: SLF001
+                 for i in picks]  # picked among filled tiles: never None
+        first = datas[0]
+        stream = lv.header + first[2:]
+        segs = _segments(stream)
+        if segs is None or any(m == 0xDD or m in _OTHER_FRAMES for m, _ in segs):
+            return None  # restart markers of its own, or not a Huffman sequential frame
+        sof = [o for m, o in segs if m in (0xC0, 0xC1)]
+        if len(sof) != 1:
+            return None
+        s = sof[0]
+        comps = stream[s + 9]
+        hs = [stream[s + 11 + 3 * c] >> 4 for c in range(comps)]
+        vs = [stream[s + 11 + 3 * c] & 15 for c in range(comps)]
+        mcu_w, mcu_h = 8 * max(hs), 8 * max(vs)
+        if lv.tile_w % mcu_w or lv.tile_h % mcu_h:
+            return None
+        interval = (lv.tile_w // mcu_w) * (lv.tile_h // mcu_h)
+        sos = segs[-1][1]
+        end = sos + 2 + int.from_bytes(stream[sos + 2:sos + 4], "big")
+        dri = b"\xff\xdd\x00\x04" + interval.to_bytes(2, "big")
+        rh, rw = lv.tile_h // step, lv.tile_w // step
+        info = _Stack(head=first[:end - len(lv.header) + 2], before_height=stream[:s + 5],
+                      after_height=stream[s + 7:sos] + dri + stream[sos:end],
+                      tile_h=lv.tile_h,
+                      most=max(2, min(STACK_BYTES // (rh * rw * 3), 65535 // lv.tile_h)))
+        if not all(info.fits(memoryview(d)) for d in datas):
+            return None
+        stacked = np.empty((len(datas), rh, rw, 3), np.uint8)
+        reader._decode_stack(lv, [memoryview(d) for d in datas], step, info, stacked)  # noqa: SLF001
+        for i, d, tile in zip(picks, datas, stacked, strict=True):
+            alone = reader._decode(lv, d, i % lv.across, i // lv.across, step)  # noqa: SLF001
+            if not np.array_equal(alone, tile):
+                log.debug("no stacked decoding of level %d at 1/%d: pixels differ", level, step)
+                return None
+        reader.tiles_decoded -= 2 * len(datas)  # checking is not reading
+    except (TiffReadError, ValueError) as err:
+        log.debug("no stacked decoding of level %d: %s", level, err)
+        return None
+    return info
+
+
 class TiffJpegReader:
     """Integer boxes of a pyramid level, assembled from directly decoded JPEG tiles.
 
@@ -146,6 +243,7 @@ class TiffJpegReader:
         self._local = threading.local()  # per-thread scratch region buffer
         self._seams: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
         self._seam_bytes = 0
+        self._stacks: dict[tuple[int, int], _Stack | None] = {}  # see _stack_info
 
     def has_level(self, level: int) -> bool:
         return 0 <= level < len(self._levels) and self._levels[level] is not None
@@ -206,10 +304,10 @@ class TiffJpegReader:
         result equals reducing the assembled box, while the full-resolution box (k^2 times
         larger) never exists: less memory traffic and memory.
 
-        The loop is lean on purpose: with several threads, every line of Python between two
-        decodes holds the GIL while the other threads want it back, and each such wait costs
-        a context switch. So each row of file tiles is read with one ``pread``, tiles decode
-        into a per-thread buffer, and the geometry is worked out once per row and column.
+        Work goes row of file tiles by row: one ``pread`` for the row, one decoder call for
+        a run of tiles (see :meth:`_stack_info`), one numpy call to place the row. With
+        several threads, every Python step between two GIL-free calls is a moment the other
+        threads may have to wait for the GIL, so the steps are counted per row, not per tile.
         """
         lv = self._lv(level)
         if x < 0 or y < 0 or x + w > lv.width or y + h > lv.height or w <= 0 or h <= 0:
@@ -219,46 +317,127 @@ class TiffJpegReader:
             raise ValueError(f"box {x},{y},{w},{h} or tiles not aligned to {k}")
         if self._fd is None:
             raise ValueError("reader is closed")
-        shape = (h // k, w // k, 3)
-        out = self._scratch("region", shape) if scratch else np.empty(shape, np.uint8)
-        cols = _spans(x, w, lv.tile_w, k)
-        rows = _spans(y, h, lv.tile_h, k)
-        wanted = _wanted(need, x, y, w, h, lv.tile_w, lv.tile_h)
+        tw, th = lv.tile_w, lv.tile_h
+        tx0, ty0 = x // tw, y // th
+        tx1, ty1 = (x + w - 1) // tw + 1, (y + h - 1) // th + 1
+        rw, rh = tw // k, th // k  # a file tile, reduced
+        # Whole file tiles are placed; the box is a view into them.
+        shape = ((ty1 - ty0) * rh, (tx1 - tx0) * rw, 3)
+        full = self._scratch("region", shape) if scratch else np.empty(shape, np.uint8)
+        grid = full.reshape(ty1 - ty0, rh, tx1 - tx0, rw, 3)
+        wanted = _wanted(need, x, y, w, h, tw, th)
         step = k if k > 1 and self.dct_ok(level, k) else 1  # reduction inside the IDCT
-        tile_buf = self._scratch("tile", (lv.tile_h // step, lv.tile_w // step, 3))
+        stack = self._stack_info(level, step)
         seams, lock = self._seams, self._lock
-        for ri, (ty, sy0, sy1, dy0, dy1, row_whole) in enumerate(rows):
+        col_whole = [x <= tx * tw and (tx + 1) * tw <= x + w for tx in range(tx0, tx1)]
+        for ty in range(ty0, ty1):
+            ri = ty - ty0
+            row_whole = y <= ty * th and (ty + 1) * th <= y + h
             row_wanted = None if wanted is None else wanted[ri].tolist()
-            todo = []  # (column span, seam cache key) of the tiles this row must decode
-            for ci, col in enumerate(cols):
-                tx, sx0, sx1, dx0, dx1, col_whole = col
+            glass: list[int] = []  # column slots read as white
+            hits: list[tuple[int, np.ndarray]] = []  # seam tiles already decoded
+            todo: list[int] = []  # file tile columns to decode
+            for ci in range(tx1 - tx0):
                 if row_wanted is not None and not row_wanted[ci]:
-                    out[dy0:dy1, dx0:dx1] = 255
+                    glass.append(ci)
                     continue
-                key = None if row_whole and col_whole else (level, tx, ty, k)
-                if key is not None:
+                if not (row_whole and col_whole[ci]):
                     with lock:
-                        hit = seams.get(key)
+                        hit = seams.get((level, tx0 + ci, ty, k))
                     if hit is not None:
-                        out[dy0:dy1, dx0:dx1] = hit[sy0:sy1, sx0:sx1]
+                        hits.append((ci, hit))
                         continue
-                todo.append((col, key))
-            if not todo:
+                todo.append(ci)
+            found = self._fetch(lv, ty, [tx0 + ci for ci in todo]) if todo else []
+            datas = [d for d in found if d is not None]
+            cis = [ci for ci, d in zip(todo, found, strict=True) if d is not None]
+            glass += [ci for ci, d in zip(todo, found, strict=True) if d is None]  # sparse
+            if glass:
+                grid[ri, :, glass] = 255
+            if len(hits) == 1:
+                grid[ri, :, hits[0][0]] = hits[0][1]
+            elif hits:
+                grid[ri, :, [ci for ci, _ in hits]] = np.stack([t for _, t in hits])
+            if not datas:
                 continue
-            found = self._fetch(lv, ty, [col[0] for col, _ in todo])
-            for (col, key), data in zip(todo, found, strict=True):
-                tx, sx0, sx1, dx0, dx1, _ = col
-                if data is None:  # sparse tile: glass
-                    out[dy0:dy1, dx0:dx1] = 255
-                    continue
-                # a seam tile outlives this read (it is cached): it gets its own array
-                tile = self._decode(lv, data, tx, ty, step, tile_buf if key is None else None)
-                if step != k:
-                    tile = np.asarray(Image.fromarray(tile).reduce(k // step))
-                out[dy0:dy1, dx0:dx1] = tile[sy0:sy1, sx0:sx1]
-                if key is not None:
-                    self._keep_seam(key, tile)
-        return out
+            tiles = self._scratch("tiles", (len(datas) * rh, rw, 3)).reshape(-1, rh, rw, 3)
+            if step == k:
+                self._decode_row(lv, datas, [tx0 + ci for ci in cis], ty, step, stack, tiles)
+            else:  # exact box filter: full decode, then Image.reduce
+                for i, (ci, data) in enumerate(zip(cis, datas, strict=True)):
+                    tile = self._decode(lv, data, tx0 + ci, ty, 1)
+                    tiles[i] = np.asarray(Image.fromarray(tile).reduce(k))
+            grid[ri, :, cis] = tiles
+            seam = [i for i, ci in enumerate(cis) if not (row_whole and col_whole[ci])]
+            if seam:  # partly covered: the neighbouring region or band needs them too
+                kept = tiles[seam]
+                self._keep_seams([((level, tx0 + cis[i], ty, k), kept[j])
+                                  for j, i in enumerate(seam)])
+        oy, ox = (y - ty0 * th) // k, (x - tx0 * tw) // k
+        out = full[oy:oy + h // k, ox:ox + w // k]
+        return out if scratch or out.shape == full.shape else np.ascontiguousarray(out)
+
+    def _decode_row(self, lv: _Level, datas: list[memoryview], txs: list[int], ty: int,
+                    step: int, stack: _Stack | None, out: np.ndarray) -> None:
+        """Decode file tiles into ``out`` (n, h, w, 3): runs of tiles whose headers match
+        the level's in one stacked decoder call each, any other tile on its own."""
+        n = len(datas)
+        i = 0
+        while i < n:
+            j = i
+            if stack is not None:
+                while j < n and j - i < stack.most and stack.fits(datas[j]):
+                    j += 1
+            if j - i >= 2:
+                try:
+                    self._decode_stack(lv, datas[i:j], step, stack, out[i:j])
+                except TiffReadError:  # one bad tile in the run: find it, name it
+                    for m in range(i, j):
+                        self._decode(lv, datas[m], txs[m], ty, step, out[m])
+                i = j
+                continue
+            self._decode(lv, datas[i], txs[i], ty, step, out[i])
+            i += 1
+
+    def _decode_stack(self, lv: _Level, datas: list[memoryview], step: int, stack: _Stack,
+                      out: np.ndarray) -> None:
+        n = len(datas)
+        parts: list[bytes | memoryview] = [stack.header(n)]
+        for m, data in enumerate(datas):
+            parts.append(data[stack.head_len:-2])  # entropy-coded data, EOI dropped
+            if m < n - 1:
+                parts.append(_RST[m % 8])
+        parts.append(b"\xff\xd9")
+        rh, rw = lv.tile_h // step, lv.tile_w // step
+        try:
+            img = simplejpeg.decode_jpeg(b"".join(parts), colorspace="RGB",
+                                         min_height=n * rh, min_width=rw, min_factor=step,
+                                         buffer=out)
+        except Exception as err:  # noqa: BLE001 - whichever tile it is, the caller finds it
+            raise TiffReadError(f"stacked decode: {type(err).__name__}: {err}") from None
+        if img.shape != (n * rh, rw, 3):
+            raise TiffReadError(f"stacked decode gave {img.shape}, expected {(n * rh, rw, 3)}")
+        self.tiles_decoded += n
+
+    def _stack_info(self, level: int, step: int) -> _Stack | None:
+        """How to stack this level's tiles for one decoder call, or None when it must not.
+
+        Tiles sharing one header (tables, frame, scan) can be decoded as one tall JPEG: the
+        frame height becomes n tiles, each tile's entropy-coded data follows the previous
+        one after a restart marker, and a restart interval of one tile's MCUs resets the DC
+        predictors where a tile would start afresh. One GIL release then decodes n tiles.
+        Only used when decoding a few tiles that way gives exactly the pixels of decoding
+        them one by one (with 4:2:0 chroma at full size, upsampling blends across tile
+        edges; at reduced size libjpeg-turbo needs no upsampling and the pixels agree).
+        """
+        key = (level, step)
+        with self._lock:
+            if key in self._stacks:
+                return self._stacks[key]
+        info = _stack_for(self, level, step)
+        with self._lock:
+            self._stacks[key] = info
+        return info
 
     def _scratch(self, name: str, shape: tuple[int, int, int]) -> np.ndarray:
         """This thread's reusable uint8 buffer ``name``, viewed as ``shape``."""
@@ -338,12 +517,16 @@ class TiffJpegReader:
                                 f"expected {shape}")
         return tile
 
-    def _keep_seam(self, key: tuple[int, int, int, int], tile: np.ndarray) -> None:
-        """Cache a seam tile (one a box only partly covers: the neighbouring region or band
-        needs it too) in a small bounded cache, oldest out first."""
+    def _keep_seams(self, items: list[tuple[tuple[int, int, int, int], np.ndarray]]) -> None:
+        """Cache seam tiles (ones a box only partly covers: the neighbouring region or band
+        needs them too) in a small bounded cache, oldest out first."""
         with self._lock:
-            self._seams[key] = tile
-            self._seam_bytes += tile.nbytes
+            for key, tile in items:
+                old = self._seams.pop(key, None)  # two threads may decode the same seam
+                if old is not None:
+                    self._seam_bytes -= old.nbytes
+                self._seams[key] = tile
+                self._seam_bytes += tile.nbytes
             while self._seam_bytes > SEAM_CACHE_BYTES:
                 self._seam_bytes -= self._seams.popitem(last=False)[1].nbytes
 
@@ -384,18 +567,6 @@ def _wanted(need: Sequence[Box] | None, x: int, y: int, w: int, h: int, tw: int,
     in_col = (boxes[:, 0:1] < cx1) & (boxes[:, 2:3] > cx0)  # (boxes, cols)
     in_row = (boxes[:, 1:2] < ry1) & (boxes[:, 3:4] > ry0)  # (boxes, rows)
     return (in_row.T.astype(np.int32) @ in_col.astype(np.int32)) > 0
-
-
-def _spans(x: int, w: int, t: int, k: int) -> list[tuple[int, int, int, int, int, bool]]:
-    """The file tiles a box [x, x + w) crosses along one axis, tiles ``t`` wide:
-    (tile, first and end pixel inside the tile, first and end pixel in the box, whether the
-    box covers the whole tile), pixels reduced by ``k``."""
-    spans = []
-    for i in range(x // t, (x + w - 1) // t + 1):
-        a0, a1 = max(x, i * t), min(x + w, (i + 1) * t)
-        spans.append((i, (a0 - i * t) // k, (a1 - i * t) // k, (a0 - x) // k, (a1 - x) // k,
-                      a0 == i * t and a1 == (i + 1) * t))
-    return spans
 
 
 def _check_tile(reader: TiffJpegReader, level: int) -> tuple[int, int] | None:

@@ -131,6 +131,59 @@ def test_dct_check_keeps_box_filter_when_decoding_differs() -> None:
         assert "differs from the box average" in _check_dct(reader, 0, 2)
 
 
+def test_stacked_decoding_equals_tile_by_tile(slide240: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run of tiles sharing one header decodes as one tall JPEG (one GIL release per run).
+    # It must give exactly the pixels of decoding tile by tile, leave a tile with another
+    # header to decode alone, and stay off where upsampling would blend across tile edges.
+    import simplejpeg
+
+    from pipeline.tiffread import TiffJpegReader
+
+    stacked: list[int] = []
+    real = TiffJpegReader._decode_stack
+
+    def spy(self: TiffJpegReader, lv: object, datas: list[memoryview], *a: object) -> None:
+        stacked.append(len(datas))
+        real(self, lv, datas, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TiffJpegReader, "_decode_stack", spy)
+    with openslide.OpenSlide(str(slide240)) as slide:
+        reader, _ = open_tiff_reader(str(slide240), slide, [0], dct_factor=2)
+    assert reader is not None
+    with reader:
+        lv = reader._levels[0]
+        assert lv is not None
+        assert reader._stack_info(0, 1) is None  # 4:2:0 YCbCr at full size: edges blend
+        stack = reader._stack_info(0, 2)
+        assert stack is not None
+        ty, txs = 4, list(range(lv.across))
+        found = reader._fetch(lv, ty, txs)
+        datas = [bytes(d) for d in found if d is not None]
+        assert len(datas) == len(txs) >= 8
+        datas[3] = simplejpeg.encode_jpeg(reader.decode_tile(0, 3, ty), quality=40)
+        assert not stack.fits(memoryview(datas[3]))
+        assert all(stack.fits(memoryview(d)) for i, d in enumerate(datas) if i != 3)
+        out = np.empty((len(datas), lv.tile_h // 2, lv.tile_w // 2, 3), np.uint8)
+        stacked.clear()
+        reader._decode_row(lv, [memoryview(d) for d in datas], txs, ty, 2, stack, out)
+        assert stacked == [3, len(txs) - 4]  # the odd tile split the row in two runs
+        alone = np.stack([reader._decode(lv, d, tx, ty, 2) for tx, d in zip(txs, datas,
+                                                                             strict=True)])
+        assert np.array_equal(out, alone)
+    # CMU-1 (4:4:4 RGB) needs no upsampling: stacked at full size too, equal to OpenSlide
+    with openslide.OpenSlide(str(CMU_SMALL)) as slide:
+        reader, _ = open_tiff_reader(str(CMU_SMALL), slide, [0])
+        assert reader is not None
+        with reader:
+            assert reader._stack_info(0, 1) is not None
+            stacked.clear()
+            w, h = slide.dimensions
+            ours = reader.read_rgb(0, 0, 0, w, h)
+            assert sum(stacked) > 0.5 * reader._levels[0].counts.size  # type: ignore[union-attr]
+            _bounded(ours, read_rgb(slide, 0, 0, 0, w, h))
+
+
 def test_threads_and_short_bands_do_not_change_pixels(slide240: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     kw = dict(mpp=0.5, tile_size=112, region_tiles=4, chunk_tiles=10)
