@@ -243,6 +243,7 @@ class TiffJpegReader:
         self._local = threading.local()  # per-thread scratch region buffer
         self._seams: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
         self._seam_bytes = 0
+        self.seam_budget = SEAM_CACHE_BYTES  # tiling lowers it to what the slide needs
         self._stacks: dict[tuple[int, int], _Stack | None] = {}  # see _stack_info
 
     def has_level(self, level: int) -> bool:
@@ -269,6 +270,11 @@ class TiffJpegReader:
             raise ValueError(f"no reduced-size decoding by {scale} for page {lv.page}")
         data = self._fetch(lv, ty, [tx])[0]
         return None if data is None else self._decode(lv, data, tx, ty, scale)
+
+    def tile_shape(self, level: int) -> tuple[int, int]:
+        """(width, height) of the level's file tiles."""
+        lv = self._lv(level)
+        return lv.tile_w, lv.tile_h
 
     def dct_ok(self, level: int, k: int) -> bool:
         """Whether a box reduced by k may come straight out of the scaled IDCT."""
@@ -527,7 +533,7 @@ class TiffJpegReader:
                     self._seam_bytes -= old.nbytes
                 self._seams[key] = tile
                 self._seam_bytes += tile.nbytes
-            while self._seam_bytes > SEAM_CACHE_BYTES:
+            while self._seam_bytes > self.seam_budget:
                 self._seam_bytes -= self._seams.popitem(last=False)[1].nbytes
 
     def clear_seams(self) -> None:

@@ -50,7 +50,12 @@ from pipeline.slides import (
     vendor,
 )
 from pipeline.storage import StagingError, staged_slide
-from pipeline.tiffread import TiffJpegReader, TiffReadError, open_tiff_reader
+from pipeline.tiffread import (
+    SEAM_CACHE_BYTES,
+    TiffJpegReader,
+    TiffReadError,
+    open_tiff_reader,
+)
 from pipeline.tissue import (
     TileGrid,
     plan_grid,
@@ -71,6 +76,9 @@ BAND_BYTES = 12 << 20
 # Regions read ahead per thread: more keeps every thread busy while the oldest region (the
 # one the band waits for) is still being read; each costs one region of pixels in flight.
 READ_AHEAD = 2
+# Delivered pixels of one region in a short band: each thread's region buffers scale with
+# it (1 x 64 tiles cost ~45 MB more peak RSS on a 100k px wide slide than 1 x 27).
+REGION_BYTES = 4 << 20
 
 
 @dataclass
@@ -227,10 +235,34 @@ def tile_slide(path: str, *, mpp_override: float | None,
             close()
         slide.close()
         raise
+    if isinstance(reader, TiffJpegReader):
+        reader.seam_budget = _seam_budget(grid, scale, cfg.tile_size, reader.tile_shape(level))
     gen = _chunks(reader, path, grid, level, scale, cfg, pool)
     chunks = TileChunks(slide, gen, tuple(closers))
     chunks.reader = name
     return plan, chunks
+
+
+def _seam_budget(grid: TileGrid, scale: float, tile_px: int, file_tile: tuple[int, int]) -> int:
+    """Seam-cache bytes this slide needs, at most ``SEAM_CACHE_BYTES``.
+
+    A band leaves the file tiles on its lower edge for the next band: one row of file tiles
+    under the widest row of kept tiles, half again for the regions in flight and the
+    vertical seams between regions. A fixed 24 MB would hold a full 100k px wide row of
+    tissue; most slides need half of that, and it is a good part of a worker's peak RSS.
+    """
+    if grid.num_tiles == 0:
+        return SEAM_CACHE_BYTES
+    tw, th = file_tile
+    k = int(scale) if scale == int(scale) else 1  # cached tiles are reduced by k
+    span = tile_px * scale  # level px per grid column
+    c0 = np.floor(grid.col * span / tw).astype(np.int64)  # file columns under each kept tile
+    c1 = np.floor(((grid.col + 1) * span - 1) / tw).astype(np.int64)
+    same_row = np.r_[False, grid.row[1:] == grid.row[:-1]]
+    shared = np.where(same_row, np.maximum(0, np.r_[0, c1[:-1]] - c0 + 1), 0)
+    per_row = np.bincount(grid.row, weights=(c1 - c0 + 1 - shared).astype(np.float64))
+    need = 1.5 * float(per_row.max()) * (tw // k) * (th // k) * 3
+    return int(min(SEAM_CACHE_BYTES, max(4 << 20, need)))
 
 
 def _reader(slide: openslide.OpenSlide, path: str, level: int, choice: str,
@@ -370,9 +402,10 @@ def _regions(grid: TileGrid, scale: float, cfg: TilingConfig) -> Iterator[tuple[
                                                                                  list[_Region]]]:
     """(band, first tile, end tile, regions) per band of at most ``region_tiles`` grid rows.
 
-    A region covers ``region_tiles`` squared grid cells: square in full bands, wider in the
-    short bands of wide slides (1 x 64 rather than 1 x 8), so that a region's fixed costs
-    (futures, geometry, reads per row of file tiles) are spread over as many tiles.
+    A region is ``region_tiles`` grid cells wide, or wider in the short bands of wide slides
+    (up to ``REGION_BYTES`` of tiles: 1 x 27 rather than 1 x 8 at 224 px), so that a region's
+    fixed costs (futures, geometry, reads and decoder calls per row of file tiles) are spread
+    over more tiles.
     """
     t = cfg.tile_size
     rt = cfg.region_tiles
@@ -381,7 +414,7 @@ def _regions(grid: TileGrid, scale: float, cfg: TilingConfig) -> Iterator[tuple[
         if lo == hi:
             continue
         rows, cols = grid.row[lo:hi], grid.col[lo:hi]
-        region_of = cols // max(rt, rt * rt // (row1 - row0))
+        region_of = cols // max(rt, REGION_BYTES // ((row1 - row0) * t * t * 3))
         regions = []
         for reg in np.unique(region_of):
             sel = np.nonzero(region_of == reg)[0]
@@ -431,8 +464,8 @@ def _chunks(reader: RegionReader, path: str, grid: TileGrid, level: int, scale: 
     """Read bands of ``region_tiles`` grid rows, region by region, and emit chunks in order.
 
     Regions write their tiles straight into the chunk arrays that will be emitted (no copy
-    between reading and emitting); a chunk goes out once every band it spans is read, in
-    row-major order. Memory: the chunks of the bands in flight (a band is at most
+    between reading and emitting); a chunk goes out, in row-major order, once all its tiles
+    are read. Memory: the chunks under the regions in flight (at most a band of
     ``BAND_BYTES``), never the slide. With a pool, regions are read ahead in order,
     ``READ_AHEAD`` per thread.
     """
@@ -442,7 +475,7 @@ def _chunks(reader: RegionReader, path: str, grid: TileGrid, level: int, scale: 
     store: dict[int, np.ndarray] = {}  # chunk number -> its tiles, until emitted
     emitted = 0  # chunks emitted so far
     workers = pool._max_workers if pool is not None else 1  # noqa: SLF001
-    inflight: deque[tuple[int, bool, Future[None]]] = deque()
+    inflight: deque[tuple[int | None, Future[None]]] = deque()
 
     def allocate(lo: int, hi: int) -> None:
         for c in range(lo // per_chunk, (hi - 1) // per_chunk + 1):
@@ -458,28 +491,35 @@ def _chunks(reader: RegionReader, path: str, grid: TileGrid, level: int, scale: 
 
     try:
         for _, lo, hi, regions in _regions(grid, scale, cfg):
-            allocate(lo, hi)
             rows, cols = grid.row[lo:hi], grid.col[lo:hi]
+            one_row = bool(rows[0] == rows[-1])
             for j, reg in enumerate(regions):
+                first, end = lo + int(reg.sel[0]), lo + int(reg.sel[-1]) + 1
+                # the chunks this region's tiles land in, no more: in a band one tile row
+                # high, regions read ahead cover a few chunks, not the next band's all
+                allocate(first, end)
+                # Tiles read once this region is: the band's when it is the last; in a one-row
+                # band, regions are consecutive runs of tiles, so all up to its end.
+                done = hi if j == len(regions) - 1 else end if one_row else None
                 args = (reader, path, level, reg, rows, cols, t, store, lo, per_chunk)
                 if pool is None:
                     _read_region(*args)
-                    continue
-                inflight.append((hi, j == len(regions) - 1, pool.submit(_read_region, *args)))
-                while len(inflight) > READ_AHEAD * workers:
-                    done, band_done, fut = inflight.popleft()
-                    fut.result()
-                    if band_done:
+                    if done is not None:
                         yield from ready(done)
-            if pool is None:
-                yield from ready(hi)
+                    continue
+                inflight.append((done, pool.submit(_read_region, *args)))
+                while len(inflight) > READ_AHEAD * workers:
+                    done_at, fut = inflight.popleft()
+                    fut.result()
+                    if done_at is not None:
+                        yield from ready(done_at)
         while inflight:
-            done, band_done, fut = inflight.popleft()
+            done_at, fut = inflight.popleft()
             fut.result()
-            if band_done:
-                yield from ready(done)
+            if done_at is not None:
+                yield from ready(done_at)
     finally:
-        for _, _, fut in inflight:
+        for _, fut in inflight:
             fut.cancel()
     if emitted * per_chunk < n:  # a bug in the band bookkeeping; never emit a partial slide
         raise SlideError("tiling", f"internal error: emitted {emitted} chunks of {n} tiles")
