@@ -18,6 +18,12 @@ too, but not the same one: against the box average it differs by ~1 level on ave
 to ~45 at sharp edges (tests/test_tiffread.py bounds it). ``dct_downscale=False`` restores
 the exact box filter, bit-identical to the OpenSlide path.
 
+Decoder calls: tiles that share one header (tables, frame, scan) are decoded a run at a time
+as one tall JPEG, each tile's entropy-coded data after a restart marker (see
+``TiffJpegReader._stack_info``): one GIL release per run instead of per tile, which is what
+lets threads scale. Each level verifies on a few tiles that this gives exactly the pixels of
+decoding tile by tile, and decodes tile by tile otherwise.
+
 Colour: Aperio writes photometric RGB with JPEG streams that carry no JFIF marker and store
 RGB components (no colour transform); generic TIFF writers (tifffile, libtiff) store YCbCr
 JPEG under photometric YCbCr. Decoding an RGB stream as YCbCr (the libjpeg default without
