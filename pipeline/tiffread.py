@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -372,7 +373,7 @@ class TiffJpegReader:
                 grid[ri, :, [ci for ci, _ in hits]] = np.stack([t for _, t in hits])
             if not datas:
                 continue
-            tiles = self._scratch("tiles", (len(datas) * rh, rw, 3)).reshape(-1, rh, rw, 3)
+            tiles = self._scratch("tiles", (len(datas), rh, rw, 3))
             if step == k:
                 self._decode_row(lv, datas, [tx0 + ci for ci in cis], ty, step, stack, tiles)
             else:  # exact box filter: full decode, then Image.reduce
@@ -451,12 +452,12 @@ class TiffJpegReader:
             self._stacks[key] = info
         return info
 
-    def _scratch(self, name: str, shape: tuple[int, int, int]) -> np.ndarray:
+    def _scratch(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """This thread's reusable uint8 buffer ``name``, viewed as ``shape``."""
         bufs = getattr(self._local, "bufs", None)
         if bufs is None:
             bufs = self._local.bufs = {}
-        nbytes = shape[0] * shape[1] * shape[2]
+        nbytes = math.prod(shape)
         buf = bufs.get(name)
         if buf is None or buf.size < nbytes:
             buf = bufs[name] = np.empty(nbytes, np.uint8)
@@ -487,7 +488,7 @@ class TiffJpegReader:
         # page-faulted in and trimmed away again every time, and page faults of threads of
         # one process contend in the kernel.
         starts, blobs = [], []
-        buf = memoryview(self._scratch("bytes", (sum(b - a for a, b in spans), 1, 1)).reshape(-1))
+        buf = memoryview(self._scratch("bytes", (sum(b - a for a, b in spans),)))
         at = 0
         for a, b in spans:
             view = buf[at:at + b - a]
