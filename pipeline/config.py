@@ -219,6 +219,25 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="local Ray only: CPUs to use")
 
 
+class SinkConfig(_Strict):
+    """The lake writers and commits (pipeline.sink, pipeline.writer)."""
+
+    writers: int = Field(2, ge=1, le=1024, description="writer actors per tiling pass: tile "
+                         "embeddings go from the encoders to these, never to the driver")
+    writer_resource: str | None = Field(None, description="custom resource writers require")
+    embedding_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="stored embedding type; float32 is read by every client "
+        "(Spark cannot read Parquet FLOAT16), float16 halves the bytes")
+    commit_seconds: float = Field(2.0, gt=0, description="commit written slides at least this "
+                                  "often (one Delta transaction per table and model)")
+    commit_slides: int = Field(64, ge=1, description="... or as soon as this many are written")
+    compact: bool = Field(True, description="compact the slides and errors tables at job end")
+    lease_wait_s: float = Field(0.0, ge=0, description="how long a job waits for another "
+                                "job's lease on the same lake before it gives up")
+    lease_ttl_s: float = Field(120.0, gt=0, description="a lease not renewed this long "
+                               "belongs to a dead job and may be taken over")
+
+
 class JobConfig(_Strict):
     manifest: str = Field(description="CSV or Parquet manifest at any fsspec URL")
     output: str = Field(description="root of the output lake at any fsspec URL")
@@ -226,6 +245,7 @@ class JobConfig(_Strict):
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    sink: SinkConfig = Field(default_factory=SinkConfig)
     default_cohort: str = Field("default", min_length=1)
     mean_pool: bool = True
     errors_flush_seconds: float = Field(30.0, gt=0)

@@ -212,6 +212,11 @@ class PinnedStaging:
         return self._stream
 
 
+def _prepare(x: torch.Tensor, spec: TileModelSpec) -> torch.Tensor:
+    """The generic preprocessing, unless the model takes the uint8 tiles itself (bench-null)."""
+    return x if spec.preprocess_on == "model" else preprocess(x, spec)
+
+
 def encode_tiles(spec: TileModelSpec, model: torch.nn.Module, tiles: np.ndarray,
                  device: torch.device, precision: str, micro_batch: int | None = None,
                  staging: PinnedStaging | None = None) -> np.ndarray:
@@ -232,7 +237,7 @@ def encode_tiles(spec: TileModelSpec, model: torch.nn.Module, tiles: np.ndarray,
     # A read-only array (Ray's zero-copy batches) would make torch warn on every batch.
     x = torch.from_numpy(tiles if tiles.flags.writeable else tiles.copy()).to(device)
     with torch.inference_mode():
-        parts = [registry.embed(spec, model, preprocess(x[s], spec)).to(torch.float16)
+        parts = [registry.embed(spec, model, _prepare(x[s], spec)).to(torch.float16)
                  for s in micro_batch_slices(n, micro_batch)]
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).cpu().numpy()
 
@@ -258,7 +263,7 @@ def _encode_cuda(spec: TileModelSpec, model: torch.nn.Module, tiles: np.ndarray,
             x = torch.empty(tuple(host.shape), dtype=torch.uint8, device=device)
             x.copy_(host, non_blocking=True)
             staging.in_flight(i, side.record_event())  # the slot is free once this is done
-            pixels = preprocess(x, spec)
+            pixels = _prepare(x, spec)
             return pixels, side.record_event()
 
     with torch.inference_mode():

@@ -1,175 +1,54 @@
 """Builds and runs the Ray Data pipeline; the job entry point.
 
-    manifest -> plan (validate, fingerprint, skip what is committed) -> one slide per block
-      -> tiling tasks (CPU), one pass per tiling spec -> one encoder actor pool per model
-      -> driver-side sink (commit each slide as soon as all its tiles are embedded; hand its
-      embeddings to a slide-encoder actor where configured) -> run record
+    plan (pipeline.plan) -> lease on the lake -> one Ray Data pipeline per tiling spec, all
+    running at once: slides -> tiling tasks (CPU) -> one encoder actor pool per model ->
+    route_to_writers -> writer actors (pipeline.writer: one tiles file per slide and model)
+    -> the coordinator here, which sees only metadata and commits Delta transactions
+    -> compaction -> run record
 
-Only embeddings reach the driver: tiles are dropped by the last encoder of a pass.
+No tile embedding reaches the driver: encoders hand them to writers on the cluster.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import platform
+import queue
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from pipeline import __version__
-from pipeline.config import JobConfig, SlideEncoderConfig, TilingConfig
-from pipeline.manifest import Manifest, SlideEntry, read_manifest
+from pipeline.config import JobConfig, TilingConfig
+from pipeline.lease import Lease
 from pipeline.models import registry
-from pipeline.models.weights import WeightsRef, resolve_weights
-from pipeline.sink import Lake, SlideBuffer, now, slide_row
+from pipeline.plan import (
+    TILE_ORDER,
+    Plan,
+    SlideTask,
+    code_version,
+    error_row,
+    plan_job,
+    resolve_all_weights,
+    slide_encoders,
+    tiling_groups,
+)
+from pipeline.sink import Lake, TilesFile, embedding_array, now, slides_schema
 from pipeline.slide_encode import SlideEncoderStage, get_slide_model
-from pipeline.storage import Fingerprint, fingerprint, url_to_fs
 from pipeline.tiling import tile_slides
+from pipeline.writer import SinkWriter, SlideResult, WriterTask, route_to_writers, unpack, writer_of
 
 log = logging.getLogger("pipeline")
 
-RECIPE_VERSION = 1  # bump when an embedding recipe changes meaning: forces recomputation
-TILE_ORDER = "row-major"
-
-
-def code_version() -> str:
-    return __version__
-
-
-def work_key(fp: Fingerprint, model_id: str, weights: WeightsRef, tiling: TilingConfig) -> str:
-    """Everything that changes a slide's rows for a model; equal keys mean nothing to redo."""
-    parts = [str(fp), model_id, weights.identity, tiling.spec_hash(), RECIPE_VERSION]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
-
-
-def slide_work_key(tile_key: str, weights: WeightsRef, cfg: SlideEncoderConfig) -> str:
-    """A slide encoder's output depends on its input tile embeddings and its own settings."""
-    parts = [tile_key, cfg.id, weights.identity, sorted(cfg.layers), cfg.global_pool]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
-
-
-def model_tiling(cfg: JobConfig) -> dict[str, TilingConfig]:
-    """Each model's tiling: its declared field of view unless the job fixes mpp/tile size."""
-    return {m.id: cfg.tiling.for_model(*registry.tiling_spec(registry.get(m.id)))
-            for m in cfg.models}
-
-
-def tiling_groups(cfg: JobConfig) -> list[tuple[TilingConfig, list[str]]]:
-    """Models that share a tiling spec share one tiling pass."""
-    groups: dict[str, tuple[TilingConfig, list[str]]] = {}
-    for model_id, tiling in model_tiling(cfg).items():
-        groups.setdefault(tiling.spec_hash(), (tiling, []))[1].append(model_id)
-    return list(groups.values())
-
-
-def slide_encoders(cfg: JobConfig) -> dict[str, SlideEncoderConfig]:
-    """tile model id -> its slide encoder config, for models that have one."""
-    return {m.id: m.slide_encoder for m in cfg.models if m.slide_encoder is not None}
-
-
-@dataclass
-class SlideTask:
-    entry: SlideEntry
-    fingerprint: Fingerprint
-    models: list[str]  # tile models to run; their slide encoders run with them
-    work_keys: dict[str, str]  # per output model (tile models and slide encoders)
-    stale_cohort: dict[str, str | None] = field(default_factory=dict)
-
-
-@dataclass
-class Plan:
-    manifest: Manifest
-    weights: dict[str, WeightsRef]  # per output model (tile models and slide encoders)
-    tasks: list[SlideTask]
-    errors: list[dict[str, Any]]
-    up_to_date: dict[str, int]
-
-    def summary(self) -> dict[str, Any]:
-        per_model = {m: sum(m in t.work_keys and m in t.stale_cohort for t in self.tasks)
-                     for m in self.weights}
-        return {
-            "manifest_rows": len(self.manifest.entries) + len(self.manifest.problems),
-            "slides_to_process": len(self.tasks),
-            "work_per_model": per_model,
-            "up_to_date_per_model": self.up_to_date,
-            "errors_before_tiling": len(self.errors),
-        }
-
-
-def error_row(*, slide_id: str | None, uri: str | None, cohort: str | None, stage: str,
-              reason: str, model: str | None = None, row: int | None = None) -> dict[str, Any]:
-    return {"slide_id": slide_id, "uri": uri, "cohort": cohort, "model": model, "stage": stage,
-            "reason": reason, "manifest_row": row, "at": now()}
-
-
-def resolve_all_weights(cfg: JobConfig) -> dict[str, WeightsRef]:
-    """Fails the job, before any slide is touched, when any model's weights are unusable."""
-    refs = {}
-    for m in cfg.models:
-        refs[m.id] = resolve_weights(m, cfg.storage)
-        if m.slide_encoder is not None:
-            s = m.slide_encoder
-            refs[s.id] = resolve_weights(s, cfg.storage, spec=get_slide_model(s.id))
-    for model_id, ref in refs.items():
-        if ref.random:
-            log.warning("=" * 78)
-            log.warning("MODEL %s RUNS WITH RANDOM WEIGHTS (%s): its embeddings are meaningless. "
-                        "Recorded as random_weights=true in every output row.",
-                        model_id, ref.identity)
-            log.warning("=" * 78)
-    return refs
-
-
-def plan_job(cfg: JobConfig, lake: Lake, weights: dict[str, WeightsRef] | None = None) -> Plan:
-    weights = weights or resolve_all_weights(cfg)
-    manifest = read_manifest(cfg.manifest, cfg.storage, cfg.default_cohort)
-    errors = [error_row(slide_id=p.slide_id, uri=p.uri, cohort=p.cohort, stage="manifest",
-                        reason=p.reason, row=p.row) for p in manifest.problems]
-    committed = lake.committed()
-    slides_of = slide_encoders(cfg)
-    tiling_of = model_tiling(cfg)
-    tasks: list[SlideTask] = []
-    up_to_date = {m: 0 for m in weights}
-    for e in manifest.entries:
-        try:
-            fs, path = url_to_fs(e.uri, cfg.storage)
-            fp = fingerprint(fs, path)
-        except FileNotFoundError:
-            errors.append(error_row(slide_id=e.slide_id, uri=e.uri, cohort=e.cohort,
-                                    stage="stage", reason=f"slide file not found: {e.uri}",
-                                    row=e.row))
-            continue
-        except Exception as err:  # noqa: BLE001 - any storage failure is this slide's error
-            errors.append(error_row(slide_id=e.slide_id, uri=e.uri, cohort=e.cohort,
-                                    stage="stage", row=e.row,
-                                    reason=f"cannot stat slide: {type(err).__name__}: {err}"))
-            continue
-        keys = {m.id: work_key(fp, m.id, weights[m.id], tiling_of[m.id]) for m in cfg.models}
-        for m, s in slides_of.items():
-            keys[s.id] = slide_work_key(keys[m], weights[s.id], s)
-        todo, stale = [], {}
-        for m in cfg.models:
-            # A slide encoder needs its tile model's embeddings: both run, or neither.
-            outputs = [m.id] + ([m.slide_encoder.id] if m.slide_encoder else [])
-            previous = {o: committed.get((e.slide_id, o)) for o in outputs}
-            if all(d and d.work_key == keys[o] and d.cohort == e.cohort
-                   for o, d in previous.items()):
-                for o in outputs:
-                    up_to_date[o] += 1
-                continue
-            todo.append(m.id)
-            stale.update({o: d.cohort if d else None for o, d in previous.items()})
-        if todo:
-            tasks.append(SlideTask(e, fp, todo, keys, stale))
-    return Plan(manifest, weights, tasks, errors, up_to_date)
+__all__ = ["plan_job", "run_job"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +110,7 @@ def warn_if_cluster_too_small(cfg: JobConfig, use_gpu: dict[str, bool]) -> None:
 
 
 def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
-                  plan: Plan, use_gpu: dict[str, bool]) -> Any:
+                  plan: Plan, use_gpu: dict[str, bool], writers: list[Any]) -> Any:
     """One tiling pass (one tiling spec) feeding the encoders of the models that share it."""
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
@@ -242,7 +121,7 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
     ctx.enable_progress_bars = sys.stderr.isatty()
     # Blocks of ~16 MB of tiles (a few chunks). At Ray Data's default (128 MB) a block holds
     # a whole slide or more, an encoder task takes several slides at once, and with the pixels
-    # dropped its output reaches the driver only when all of them are done: commits come in
+    # dropped its output reaches the writers only when all of them are done: commits come in
     # bursts, late, and a failure loses more work. Much smaller blocks cost Ray Data more in
     # per-block scheduling than the tiles are worth.
     ctx.target_max_block_size = max(16 << 20, tiling.chunk_tiles * tiling.tile_size ** 2 * 3)
@@ -284,7 +163,9 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
                                    "storage_cfg": cfg.storage.model_dump(),
                                    "drop_tiles": i == len(active) - 1},
             **enc_args)
-    return ds
+    # Embeddings leave Ray Data here, for the writers; what goes on is one metadata row a slide.
+    return ds.map_batches(route_to_writers, batch_size=None, batch_format="numpy",
+                          fn_kwargs={"writers": writers}, num_cpus=0.05)
 
 
 def start_slide_encoders(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]
@@ -307,184 +188,224 @@ def start_slide_encoders(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]
     return actors
 
 
-class Committer:
-    """Driver-side sink: buffers each slide's embeddings and commits it once complete."""
+def start_writers(cfg: JobConfig, tasks: list[SlideTask], slide_actors: dict[str, Any]
+                  ) -> list[Any]:
+    """The pass's writer actors, each knowing only the slides it owns."""
+    import ray
+
+    n = max(1, min(cfg.sink.writers, len(tasks)))
+    shards: list[dict[str, WriterTask]] = [{} for _ in range(n)]
+    has_encoder = set(slide_encoders(cfg))
+    for t in tasks:
+        shards[writer_of(t.entry.slide_id, n)][t.entry.slide_id] = WriterTask(
+            t.entry.cohort, tuple(t.models), {m: t.work_keys[m] for m in t.models},
+            {m: m in has_encoder for m in t.models})
+    opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0}
+    if cfg.sink.writer_resource:
+        opts["resources"] = {cfg.sink.writer_resource: 0.001}
+    actor = ray.remote(SinkWriter).options(**opts)
+    return [actor.remote(cfg.output, cfg.storage.model_dump(), cfg.sink.embedding_dtype,
+                         shard, {m: a for m, a in slide_actors.items()}) for shard in shards]
+
+
+@dataclass
+class _Pending:
+    """Rows of one output model waiting for the next commit."""
+
+    files: list[TilesFile] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    replaced_tiles: list[str] = field(default_factory=list)
+    replace: bool = False
+    slides: list[str] = field(default_factory=list)
+
+
+class Coordinator:
+    """Sees one metadata row per slide from every pass and commits them in small batches."""
 
     def __init__(self, cfg: JobConfig, plan: Plan, lake: Lake, run_id: str,
-                 use_gpu: dict[str, bool], slide_actors: dict[str, Any] | None = None):
+                 use_gpu: dict[str, bool]):
         self.cfg, self.plan, self.lake, self.run_id = cfg, plan, lake, run_id
-        self.tasks: dict[str, SlideTask] = {}
-        self.tiling = cfg.tiling
-        self.dims = {m.id: registry.get(m.id).dim for m in cfg.models}
         self.use_gpu = use_gpu
         self.slides_of = slide_encoders(cfg)
-        self.slide_actors = slide_actors or {}
-        # slide-encoder results in flight: future -> (task, tile model, slide-row values)
-        self.pending: dict[Any, tuple[SlideTask, str, dict[str, Any]]] = {}
-        self.buffers: dict[str, SlideBuffer] = {}
-        self.done: set[str] = set()
+        self.passes: dict[int, tuple[TilingConfig, dict[str, SlideTask]]] = {}
+        self.done: dict[int, set[str]] = {}
+        self.pending: dict[str, _Pending] = {}
+        self.pending_slides = 0
+        self.last_commit = time.monotonic()
         self.errors: list[dict[str, Any]] = list(plan.errors)
         self.errors_written = 0
-        self.error_parts = 0
-        self.last_flush = time.monotonic()
+        self.last_error_flush = time.monotonic()
         self.committed: dict[str, int] = {m: 0 for m in plan.weights}
         self.tiles_encoded: dict[str, int] = {m: 0 for m in plan.weights}
         self.timings: list[dict[str, Any]] = []
+        self.commits: list[dict[str, Any]] = []
         # first encoded batch at the driver: start-up and pipeline fill end here
         self.first_batch: dict[str, Any] | None = None
 
-    def start_pass(self, tiling: TilingConfig, tasks: list[SlideTask]) -> None:
-        """A new tiling pass: the slides it covers, restricted to the models that share it."""
-        self.tiling = tiling
-        self.tasks = {t.entry.slide_id: t for t in tasks}
-        self.buffers.clear()
-        self.done.clear()
+    def start_pass(self, pid: int, tiling: TilingConfig, tasks: list[SlideTask]) -> None:
+        self.passes[pid] = (tiling, {t.entry.slide_id: t for t in tasks})
+        self.done[pid] = set()
 
-    def end_pass(self, job_error: str | None) -> None:
-        """Every slide of the pass not committed or failed by now gets an error row."""
+    def end_pass(self, pid: int, job_error: str | None) -> None:
+        """Every slide of the pass not written or failed by now gets an error row."""
         reason = f"job stopped before this slide finished: {job_error}" if job_error else \
             "slide produced no output (internal error: please report)"
-        for sid, task in self.tasks.items():
-            if sid not in self.done:
-                self._fail(task, "incomplete", reason, ",".join(task.models))
+        for sid, task in self.passes[pid][1].items():
+            if sid not in self.done[pid]:
+                self._fail(pid, task, "incomplete", reason, ",".join(task.models))
 
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        ids = batch["slide_id"]
+    def add(self, pid: int, batch: dict[str, np.ndarray]) -> None:
         if self.first_batch is None:
-            self.first_batch = {"at": time.time(), "rows": len(ids)}
-        for sid in np.unique(ids):
+            self.first_batch = {"at": time.time(), "rows": len(batch["slide_id"])}
+        tiling, tasks = self.passes[pid]
+        for sid, err, stage, result in zip(batch["slide_id"], batch["error"],
+                                           batch["error_stage"], batch["result"], strict=True):
             sid = str(sid)
-            rows = np.nonzero(ids == sid)[0]
-            if sid in self.done:
-                continue  # a retried task re-delivered rows of a slide already committed
-            task = self.tasks[sid]
-            err = str(batch["error"][rows[0]])
+            if sid in self.done[pid]:
+                continue  # a retried task re-delivered a slide already handled
+            task = tasks[sid]
             if err:
-                self._fail(task, str(batch["error_stage"][rows[0]]), err)
+                self._fail(pid, task, str(stage), str(err))
                 continue
-            buf = self.buffers.get(sid)
-            if buf is None:
-                buf = SlideBuffer(sid, int(batch["num_tiles"][rows[0]]),
-                                  {m: self.dims[m] for m in task.models})
-                self.buffers[sid] = buf
-            cols = {m: f"emb__{m}" for m in task.models}
-            buf.add(rows, batch, cols)
-            if buf.complete:
-                self._commit(task, buf)
-        self.collect_slide_embeddings(wait=False)
-        if time.monotonic() - self.last_flush > self.cfg.errors_flush_seconds:
+            res = unpack(result)
+            if res is not None:
+                self._accept(pid, tiling, task, res)
+        self.tick()
+
+    def tick(self) -> None:
+        """Commit and flush errors when due (called on every batch and while waiting)."""
+        due = time.monotonic() - self.last_commit >= self.cfg.sink.commit_seconds
+        if self.pending_slides and (due or self.pending_slides >= self.cfg.sink.commit_slides):
+            self.commit()
+        if time.monotonic() - self.last_error_flush > self.cfg.errors_flush_seconds:
             self.flush_errors()
 
-    def _fail(self, task: SlideTask, stage: str, reason: str, model: str | None = None) -> None:
+    def _fail(self, pid: int, task: SlideTask, stage: str, reason: str,
+              model: str | None = None) -> None:
         e = task.entry
         self.errors.append(error_row(slide_id=e.slide_id, uri=e.uri, cohort=e.cohort,
                                      stage=stage, reason=reason, row=e.row, model=model))
-        self.buffers.pop(e.slide_id, None)
-        self.done.add(e.slide_id)
+        self.done[pid].add(e.slide_id)
 
-    def _values(self, task: SlideTask, buf: SlideBuffer, m: str) -> dict[str, Any]:
+    def _values(self, tiling: TilingConfig, task: SlideTask, res: SlideResult, m: str
+                ) -> dict[str, Any]:
         """The slide row of tile model ``m`` (mean pooling), lineage included."""
-        e, meta = task.entry, buf.meta
+        e, meta = task.entry, res.meta
         ref = self.plan.weights[m]
         spec = registry.get(m)
         gpu = self.use_gpu[m]
         return {
-                "slide_id": e.slide_id, "uri": e.uri, "fingerprint": str(task.fingerprint),
-                "size_bytes": task.fingerprint.size, "width": meta["width"],
-                "height": meta["height"], "mpp": meta["mpp"], "mpp_source": meta["mpp_source"],
-                "vendor": meta.get("vendor"), "objective_power": meta.get("objective_power"),
-                "target_mpp": meta["target_mpp"], "tile_px": meta["tile_px"],
-                "tile_l0": meta["tile_l0"], "level": meta["level"],
-                "num_tiles": buf.num_tiles, "tissue_area_mm2": meta["tissue_area_mm2"],
-                "tile_order": TILE_ORDER, "aggregation": "mean", "layer": None,
-                "source_model": m, "model_dim": spec.dim,
-                "precision": spec.precision if gpu else "fp32", "device": "cuda" if gpu else "cpu",
-                "weights": ref.source, "weights_identity": ref.identity,
-                "weights_sha256": ref.sha256, "random_weights": ref.random,
-                "tiling": json.dumps(self.tiling.model_dump(), sort_keys=True),
-                "tiling_hash": self.tiling.spec_hash(),
-                "work_key": task.work_keys[m], "code_version": code_version(),
-                "run_id": self.run_id,
-                "tiling_started_at": _ts(meta.get("tiling_started_at", buf.t_first)),
-                "committed_at": now(), "extra": json.dumps(e.extra, default=str),
-            }
+            "slide_id": e.slide_id, "uri": e.uri, "fingerprint": str(task.fingerprint),
+            "size_bytes": task.fingerprint.size, "width": meta["width"],
+            "height": meta["height"], "mpp": meta["mpp"], "mpp_source": meta["mpp_source"],
+            "vendor": meta.get("vendor"), "objective_power": meta.get("objective_power"),
+            "target_mpp": meta["target_mpp"], "tile_px": meta["tile_px"],
+            "tile_l0": meta["tile_l0"], "level": meta["level"],
+            "num_tiles": res.num_tiles, "tissue_area_mm2": meta["tissue_area_mm2"],
+            "tile_order": TILE_ORDER, "aggregation": "mean", "layer": None,
+            "source_model": m, "model_dim": spec.dim,
+            "precision": spec.precision if gpu else "fp32", "device": "cuda" if gpu else "cpu",
+            "weights": ref.source, "weights_identity": ref.identity,
+            "weights_sha256": ref.sha256, "random_weights": ref.random,
+            "tiling": json.dumps(tiling.model_dump(), sort_keys=True),
+            "tiling_hash": tiling.spec_hash(),
+            "work_key": task.work_keys[m], "tiles_path": res.files[m].path,
+            "code_version": code_version(), "run_id": self.run_id,
+            "tiling_started_at": _ts(meta.get("tiling_started_at", res.t_first)),
+            "committed_at": None, "extra": json.dumps(e.extra, default=str),
+            "cohort": e.cohort,
+        }
 
-    def _commit(self, task: SlideTask, buf: SlideBuffer) -> None:
-        e, meta = task.entry, buf.meta
+    def _queue(self, model: str, task: SlideTask, rows: list[dict[str, Any]],
+               emb: list[np.ndarray], tiles: TilesFile | None) -> None:
+        p = self.pending.setdefault(model, _Pending())
+        prev = task.previous.get(model)
+        if tiles is not None:
+            p.files.append(tiles)
+            if prev is not None and prev.tiles_path and prev.tiles_path != tiles.path:
+                p.replaced_tiles.append(prev.tiles_path)
+        p.rows += rows
+        p.embeddings += emb
+        p.replace = p.replace or prev is not None
+        p.slides.append(task.entry.slide_id)
+
+    def _accept(self, pid: int, tiling: TilingConfig, task: SlideTask, res: SlideResult
+                ) -> None:
         for m in task.models:
-            values = self._values(task, buf, m)
-            self.lake.commit_slide(m, e.cohort, e.slide_id, buf.tiles_table(m),
-                                   slide_row(self.dims[m], [values], buf.mean_embedding(m)),
-                                   stale_cohort=task.stale_cohort.get(m))
-            self.committed[m] += 1
-            self.tiles_encoded[m] += buf.num_tiles
+            values = self._values(tiling, task, res, m)
+            self._queue(m, task, [values], [res.means[m]], res.files[m])
+            self.tiles_encoded[m] += res.num_tiles
             if m in self.slides_of:
-                # Tiling order is the buffer's index order; coordinates are level-0 px.
-                coords = np.stack([buf.x, buf.y], axis=1)
-                fut = self.slide_actors[m].__call__.remote(buf.emb[m], coords)
-                self.pending[fut] = (task, m, values)
+                self._accept_slide_encoder(pid, task, m, values, res.slide_layers.get(m))
         self.timings.append({
-            "slide_id": e.slide_id, "num_tiles": buf.num_tiles, "models": task.models,
-            "tiling_started_at": meta.get("tiling_started_at"), "last_chunk_at": buf.t_last,
-            "committed_at": time.time(), "tiler_peak_rss_mb": buf.rss_mb,
-            "tiler_node": meta.get("node"), "tiler_pid": meta.get("pid"),
-            "reader": meta.get("reader"),
-            "encoder_nodes": {m: sorted(n) for m, n in buf.encoder_nodes.items()},
+            "slide_id": task.entry.slide_id, "num_tiles": res.num_tiles, "models": task.models,
+            "tiling_started_at": res.meta.get("tiling_started_at"), "last_chunk_at": res.t_last,
+            "written_at": time.time(), "tiler_peak_rss_mb": res.rss_mb,
+            "tiler_node": res.meta.get("node"), "tiler_pid": res.meta.get("pid"),
+            "reader": res.meta.get("reader"), "encoder_nodes": res.encoder_nodes,
         })
-        log.info("committed %s (%d tiles, %s)", e.slide_id, buf.num_tiles, ",".join(task.models))
-        del self.buffers[e.slide_id]
-        self.done.add(e.slide_id)
+        self.done[pid].add(task.entry.slide_id)
+        self.pending_slides += 1
 
-    def collect_slide_embeddings(self, wait: bool) -> None:
-        """Commit the slide-encoder rows whose results are back (all of them if ``wait``)."""
-        if not self.pending:
+    def _accept_slide_encoder(self, pid: int, task: SlideTask, m: str,
+                              values: dict[str, Any], layers: Any) -> None:
+        s = self.slides_of[m]
+        if not isinstance(layers, dict):
+            self.errors.append(error_row(
+                slide_id=task.entry.slide_id, uri=task.entry.uri, cohort=task.entry.cohort,
+                stage="slide_encoder", reason=f"{s.id}: {layers}", row=task.entry.row,
+                model=s.id))
             return
-        import ray
+        ref = self.plan.weights[s.id]
+        gpu = self.use_gpu[m]
+        spec = get_slide_model(s.id)
+        pooling = "global-pool" if s.global_pool else "cls"
+        rows = [{**values, "aggregation": f"{s.id} ({pooling})", "layer": layer,
+                 "model_dim": spec.dim, "precision": "fp16" if gpu else "fp32",
+                 "weights": ref.source, "weights_identity": ref.identity,
+                 "weights_sha256": ref.sha256, "random_weights": ref.random,
+                 "work_key": task.work_keys[s.id]} for layer in layers]
+        self._queue(s.id, task, rows, [layers[r["layer"]] for r in rows], None)
 
-        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending),
-                            timeout=None if wait else 0)
-        for fut in ready:
-            task, m, values = self.pending.pop(fut)
-            s = self.slides_of[m]
-            try:
-                layers = ray.get(fut)
-            except Exception as err:  # noqa: BLE001 - this slide's failure, not the job's
-                self._fail(task, "slide_encoder", f"{s.id}: {type(err).__name__}: {err}", s.id)
+    def commit(self) -> None:
+        """One Delta transaction per table and model: tiles files first, then slides rows."""
+        dtype = self.cfg.sink.embedding_dtype
+        started = time.monotonic()
+        for model, p in sorted(self.pending.items()):
+            if not p.rows:
                 continue
-            ref = self.plan.weights[s.id]
-            gpu = self.use_gpu[m]
-            spec = get_slide_model(s.id)
-            pooling = "global-pool" if s.global_pool else "cls"
-            rows = [{**values, "aggregation": f"{s.id} ({pooling})", "layer": layer,
-                     "model_dim": spec.dim, "precision": "fp16" if gpu else "fp32",
-                     "weights": ref.source, "weights_identity": ref.identity,
-                     "weights_sha256": ref.sha256, "random_weights": ref.random,
-                     "work_key": task.work_keys[s.id], "committed_at": now()}
-                    for layer in layers]
-            emb = np.stack([layers[r["layer"]] for r in rows])
-            e = task.entry
-            self.lake.commit_slide(s.id, e.cohort, e.slide_id, None,
-                                   slide_row(spec.dim, rows, emb),
-                                   stale_cohort=task.stale_cohort.get(s.id))
-            self.committed[s.id] = self.committed.get(s.id, 0) + 1
+            dim = int(p.embeddings[0].shape[-1])
+            self.lake.commit_tiles(model, dim, p.files, p.replaced_tiles)
+            stamp = now()
+            for r in p.rows:
+                r["committed_at"] = stamp
+            schema = slides_schema(dim, dtype)
+            cols = [embedding_array(np.stack(p.embeddings), dtype) if f.name == "embedding"
+                    else pa.array([r.get(f.name) for r in p.rows], f.type) for f in schema]
+            self.lake.commit_slides(model, pa.Table.from_arrays(cols, schema=schema),
+                                    replace=p.replace)
+            self.committed[model] += len(set(p.slides))
+            log.info("committed %d slides of %s: %s", len(set(p.slides)), model,
+                     ", ".join(sorted(set(p.slides))[:8]) + (" ..." if len(p.slides) > 8 else ""))
+        self.commits.append({"slides": self.pending_slides,
+                             "seconds": round(time.monotonic() - started, 4)})
+        self.pending.clear()
+        self.pending_slides = 0
+        self.last_commit = time.monotonic()
 
     def finish(self, job_error: str | None) -> None:
-        """Slide-encoder results still in flight are committed, or failed: nothing lost."""
-        if job_error is None:
-            self.collect_slide_embeddings(wait=True)
-        for task, m, _ in self.pending.values():
-            self._fail(task, "incomplete", f"job stopped before the slide encoder finished: "
-                       f"{job_error}", self.slides_of[m].id)
-        self.pending.clear()
+        """What is written gets committed (also after a failure elsewhere); errors flushed."""
+        if self.pending_slides:
+            self.commit()
         self.flush_errors()
 
     def flush_errors(self) -> None:
         pending = self.errors[self.errors_written:]
         if pending:
-            self.lake.write_errors(self.run_id, self.error_parts, pending)
-            self.error_parts += 1
+            self.lake.write_errors([{**e, "run_id": self.run_id} for e in pending])
             self.errors_written = len(self.errors)
-        self.last_flush = time.monotonic()
+        self.last_error_flush = time.monotonic()
 
 
 def _ts(t: float | None) -> Any:
@@ -497,12 +418,78 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
 
+_DONE = object()
+
+
+def _drain(pid: int, ds: Any, out: queue.Queue) -> None:
+    """Runs one pass in a thread: every pass streams at once (all models' pools busy)."""
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            out.put((pid, batch))
+        out.put((pid, _DONE))
+    except BaseException as err:  # noqa: BLE001 - handed to the coordinator's thread
+        out.put((pid, err))
+
+
+def run_passes(cfg: JobConfig, plan: Plan, coord: Coordinator, use_gpu: dict[str, bool]
+               ) -> None:
+    """All tiling passes at once; the coordinator consumes their metadata in this thread."""
+    import ray
+
+    slide_actors = start_slide_encoders(cfg, plan, use_gpu)
+    out: queue.Queue = queue.Queue()
+    threads, writers = {}, {}
+    for pid, (tiling, group) in enumerate(tiling_groups(cfg)):
+        tasks = [replace(t, models=[m for m in t.models if m in group])
+                 for t in plan.tasks if set(t.models) & set(group)]
+        if not tasks:
+            continue
+        coord.start_pass(pid, tiling, tasks)
+        writers[pid] = start_writers(cfg, tasks, slide_actors)
+        ds = build_dataset(cfg, tiling, tasks, plan, use_gpu, writers[pid])
+        threads[pid] = threading.Thread(target=_drain, args=(pid, ds, out),
+                                        name=f"pass-{pid}", daemon=True)
+        threads[pid].start()
+    failure: BaseException | None = None
+    running = set(threads)
+    while running:
+        try:
+            pid, item = out.get(timeout=0.25)
+        except queue.Empty:
+            coord.tick()
+            continue
+        if item is _DONE or isinstance(item, BaseException):
+            running.discard(pid)
+            error = None if item is _DONE else f"{type(item).__name__}: {item}"
+            coord.end_pass(pid, error)
+            for w in writers.pop(pid):
+                ray.kill(w)
+            if isinstance(item, BaseException) and failure is None:
+                failure = item
+            continue
+        coord.add(pid, item)
+    for a in slide_actors.values():
+        ray.kill(a)
+    if failure is not None:
+        raise failure
+
+
 def run_job(cfg: JobConfig, run_id: str | None = None) -> dict[str, Any]:
     """Run one job to completion and return its run record (also written to OUT/runs/)."""
     run_id = run_id or new_run_id()
     started = time.time()
-    lake = Lake(cfg.output, cfg.storage)
+    lake = Lake(cfg.output, cfg.storage, cfg.sink.embedding_dtype)
     weights = resolve_all_weights(cfg)
+    lease = Lease(lake.fs, lake.root, run_id, cfg.sink.lease_ttl_s, cfg.sink.lease_wait_s)
+    lease.acquire()
+    try:
+        return _run_leased(cfg, run_id, started, lake, weights)
+    finally:
+        lease.release()
+
+
+def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
+                weights: dict[str, Any]) -> dict[str, Any]:
     plan = plan_job(cfg, lake, weights)
     record: dict[str, Any] = {
         "run_id": run_id, "status": "running", "started_at": _ts(started),
@@ -512,54 +499,42 @@ def run_job(cfg: JobConfig, run_id: str | None = None) -> dict[str, Any]:
     lake.write_run(run_id, record)
     log.info("run %s: %s", run_id, json.dumps(plan.summary()))
     use_gpu: dict[str, bool] = {}
-    committer = None
+    coord = Coordinator(cfg, plan, lake, run_id, use_gpu)
     job_error = None
+    compaction: dict[str, Any] | None = None
     try:
         if plan.tasks:
             init_ray(cfg)
-            use_gpu = {m.id: _use_gpu(m.device) for m in cfg.models}
+            use_gpu.update({m.id: _use_gpu(m.device) for m in cfg.models})
             for m, gpu in use_gpu.items():
                 if not gpu:
                     log.warning("model %s: no GPU in the cluster; encoding on CPU (slow)", m)
             warn_if_cluster_too_small(cfg, use_gpu)
-            committer = Committer(cfg, plan, lake, run_id, use_gpu,
-                                  start_slide_encoders(cfg, plan, use_gpu))
-            for tiling, group in tiling_groups(cfg):
-                tasks = [replace(t, models=[m for m in t.models if m in group])
-                         for t in plan.tasks if set(t.models) & set(group)]
-                if not tasks:
-                    continue
-                committer.start_pass(tiling, tasks)
-                ds = build_dataset(cfg, tiling, tasks, plan, use_gpu)
-                try:
-                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                        committer.add(batch)
-                except BaseException as err:
-                    committer.end_pass(f"{type(err).__name__}: {err}")
-                    raise
-                committer.end_pass(None)
-        else:
-            committer = Committer(cfg, plan, lake, run_id, use_gpu)
+            run_passes(cfg, plan, coord, use_gpu)
     except BaseException as err:
         job_error = f"{type(err).__name__}: {err}"
         raise
     finally:
-        if committer is not None:
-            committer.finish(job_error)
-            record.update({
-                "status": "failed" if job_error else "succeeded",
-                "error": job_error,
-                "finished_at": _ts(time.time()),
-                "wall_s": round(time.time() - started, 3),
-                "counts": {
-                    "committed": committer.committed,
-                    "tiles_encoded": committer.tiles_encoded,
-                    "up_to_date": plan.up_to_date,
-                    "errors": len(committer.errors),
-                },
-                "encoders": {m: ("cuda" if g else "cpu") for m, g in use_gpu.items()},
-                "first_batch": committer.first_batch,
-                "slides": committer.timings,
-            })
-            lake.write_run(run_id, record)
+        coord.finish(job_error)
+        if job_error is None and cfg.sink.compact and any(coord.committed.values()):
+            compaction = lake.compact()
+        record.update({
+            "status": "failed" if job_error else "succeeded",
+            "error": job_error,
+            "finished_at": _ts(time.time()),
+            "wall_s": round(time.time() - started, 3),
+            "counts": {
+                "committed": coord.committed,
+                "tiles_encoded": coord.tiles_encoded,
+                "up_to_date": plan.up_to_date,
+                "errors": len(coord.errors),
+            },
+            "encoders": {m: ("cuda" if g else "cpu") for m, g in use_gpu.items()},
+            "first_batch": coord.first_batch,
+            "commits": {"count": len(coord.commits),
+                        "seconds": round(sum(c["seconds"] for c in coord.commits), 3)},
+            "compaction": compaction,
+            "slides": coord.timings,
+        })
+        lake.write_run(run_id, record)
     return record

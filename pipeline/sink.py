@@ -1,16 +1,24 @@
-"""Output lake: Parquet layout, schemas, the per-slide commit protocol, and readers for users.
+"""Output lake: Delta Lake tables, their schemas, the commit protocol, and readers for users.
 
-Layout (Hive partitions, low cardinality only)::
+Layout (Delta tables of Hive-partitioned Parquet; one table per dataset and model, so each
+model's rows read as one schema whatever its embedding width)::
 
-    OUT/tiles/model=<model>/cohort=<cohort>/<slide>.parquet    all tiles of one slide, one file
-    OUT/slides/model=<model>/cohort=<cohort>/<slide>.parquet   one row: the slide's commit record
-    OUT/errors/run_id=<run>/part-<n>.parquet                   failed manifest rows and slides
-    OUT/runs/<run_id>.json                                     config, versions, counts, timings
+    OUT/tiles/model=<model>/     Delta table, partitioned by cohort; one data file per slide
+    OUT/slides/model=<model>/    Delta table, partitioned by cohort; one row per slide (per layer)
+    OUT/errors/                  Delta table: failed manifest rows and slides, with a reason
+    OUT/runs/<run_id>.json       config, versions, counts, timings of each run
+    OUT/_lease.json              the running job's claim on the lake (pipeline.lease)
 
-Commit protocol for one (slide, model): write the tiles file atomically, then the slides row
-atomically. File names are deterministic, so a re-run after a crash overwrites with identical
-rows instead of adding duplicates; a slide's tiles appear all at once or not at all, and the
-slides row (the commit record) appears only after them. The refresh logic reads the slides rows.
+Commit protocol for one (slide, model). Writers on the cluster write the slide's tiles as one
+Parquet file at a deterministic path (slide, work key) under its table; nothing references it
+yet. The coordinator then commits, in this order, two Delta transactions per flush of slides:
+the tiles table adds those files (and removes the files of rows they replace), then the slides
+table adds the slides rows (replacing earlier rows of the same slides in the same transaction).
+The slides row is the commit record: it names its tiles file (`tiles_path`) and both carry the
+work key, so readers that start from slides rows (``read_tiles``, the documented joins) see a
+slide's tiles only once its row is there, all of them, once. A kill between the two
+transactions leaves a tiles file no slides row names; the re-run writes the same path again
+(same rows, so adding it again is a no-op in Delta), and ``compact`` drops files no row names.
 """
 
 from __future__ import annotations
@@ -19,21 +27,25 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.config import StorageConfig
-from pipeline.storage import atomic_write_bytes, join, url_to_fs
+from pipeline.storage import atomic_write_bytes, join, protocol_of, url_to_fs
 
 TILES, SLIDES, ERRORS, RUNS = "tiles", "slides", "errors", "runs"
-PARTITIONING = ("model", "cohort")
+PARTITION = "cohort"  # the one partition column inside each table; the model is the table
+EMBEDDING = "embedding"
+EMBEDDING_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,150}$")
 
 
@@ -45,11 +57,11 @@ def safe_name(slide_id: str) -> str:
     return f"{cleaned}-{hashlib.sha1(slide_id.encode()).hexdigest()[:10]}"
 
 
-def embedding_type(dim: int) -> pa.DataType:
-    return pa.list_(pa.float16(), dim)
+def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
+    return pa.list_(EMBEDDING_TYPES[dtype], dim)
 
 
-def tiles_schema(dim: int) -> pa.Schema:
+def tiles_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     return pa.schema([
         ("slide_id", pa.string()),
         ("tile_index", pa.int32()),       # position in the slide's row-major tiling order
@@ -61,14 +73,15 @@ def tiles_schema(dim: int) -> pa.Schema:
         ("level", pa.int16()),            # pyramid level the pixels were read from
         ("level_mpp", pa.float32()),      # microns per pixel of that level
         ("tissue", pa.float32()),         # tissue fraction of the tile
-        ("embedding", embedding_type(dim)),
+        ("work_key", pa.string()),        # the slides row these tiles belong to
+        (EMBEDDING, embedding_type(dim, dtype)),
     ])
 
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 
-def slides_schema(dim: int) -> pa.Schema:
+def slides_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     return pa.schema([
         ("slide_id", pa.string()),
         ("uri", pa.string()),
@@ -87,7 +100,7 @@ def slides_schema(dim: int) -> pa.Schema:
         ("num_tiles", pa.int64()),
         ("tissue_area_mm2", pa.float64()),
         ("tile_order", pa.string()),
-        ("embedding", embedding_type(dim)),
+        (EMBEDDING, embedding_type(dim, dtype)),
         ("aggregation", pa.string()),     # "mean", or the slide encoder that produced it
         ("layer", pa.int16()),            # slide-encoder layer (null for mean pooling)
         ("source_model", pa.string()),    # the tile model whose embeddings were aggregated
@@ -101,11 +114,13 @@ def slides_schema(dim: int) -> pa.Schema:
         ("tiling", pa.string()),
         ("tiling_hash", pa.string()),
         ("work_key", pa.string()),
+        ("tiles_path", pa.string()),      # the slide's tiles file, relative to its tiles table
         ("code_version", pa.string()),
         ("run_id", pa.string()),
         ("tiling_started_at", TIMESTAMP),
         ("committed_at", TIMESTAMP),
         ("extra", pa.string()),           # the manifest's extra columns, as JSON
+        (PARTITION, pa.string()),
     ])
 
 
@@ -117,7 +132,8 @@ ERRORS_SCHEMA = pa.schema([
     ("stage", pa.string()),
     ("reason", pa.string()),
     ("manifest_row", pa.int32()),
-    ("at", TIMESTAMP),
+    ("failed_at", TIMESTAMP),
+    ("run_id", pa.string()),
 ])
 
 
@@ -125,205 +141,416 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
-
-
-def embedding_array(emb: np.ndarray) -> pa.FixedSizeListArray:
-    emb = np.ascontiguousarray(emb, dtype=np.float16)
-    flat = pa.array(emb.reshape(-1), type=pa.float16())
+def embedding_array(emb: np.ndarray, dtype: str = "float32") -> pa.FixedSizeListArray:
+    emb = np.ascontiguousarray(emb, dtype=np.dtype(dtype))
+    flat = pa.array(emb.reshape(-1), type=EMBEDDING_TYPES[dtype])
     return pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
 
 
-@dataclass
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Embeddings: no dictionary (never repeats, 2x the cost to try), byte-stream-split floats.
+
+    Plain zstd over byte-stream-split float columns is the cheapest encoding that still
+    compresses embeddings, and every client reads it."""
+    buf = io.BytesIO()
+    floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
+    pq.write_table(table, buf, compression="zstd", compression_level=1,
+                   use_dictionary=[c for c in ("slide_id", "work_key") if c in table.schema.names],
+                   use_byte_stream_split=floats + [f"{EMBEDDING}.list.element"]
+                   if EMBEDDING in table.schema.names else floats,
+                   row_group_size=1 << 20, write_statistics=["slide_id", "tile_index", "x", "y"])
+    return buf.getvalue()
+
+
+def file_stats(table: pa.Table) -> str:
+    """Delta's per-file statistics (row count, min/max/null counts of the key columns)."""
+    mins, maxs, nulls = {}, {}, {}
+    for name in ("slide_id", "tile_index", "x", "y"):
+        if name not in table.schema.names or table.num_rows == 0:
+            continue
+        mm = pc.min_max(table[name])
+        mins[name], maxs[name] = mm["min"].as_py(), mm["max"].as_py()
+        nulls[name] = table[name].null_count
+    return json.dumps({"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs,
+                       "nullCount": nulls})
+
+
+@dataclass(frozen=True)
+class TilesFile:
+    """A slide's tiles written by a writer on the cluster, not yet part of the table."""
+
+    model: str
+    cohort: str
+    slide_id: str
+    work_key: str
+    path: str          # relative to the model's tiles table
+    size: int
+    num_rows: int
+    stats: str
+    written_at_ms: int
+
+
+@dataclass(frozen=True)
 class CommittedSlide:
     cohort: str
     work_key: str
+    tiles_path: str | None
+
+
+def delta_storage_options(url: str, storage: StorageConfig) -> dict[str, str] | None:
+    """delta-rs (object_store) options equivalent to the job's fsspec options."""
+    if protocol_of(url) not in {"s3", "s3a"}:
+        return None
+    opts: dict[str, str] = {}
+    if storage.endpoint_url:
+        opts["AWS_ENDPOINT_URL"] = storage.endpoint_url
+        if storage.endpoint_url.startswith("http://"):
+            opts["AWS_ALLOW_HTTP"] = "true"
+    if storage.region:
+        opts["AWS_REGION"] = storage.region
+    if storage.profile:
+        opts["AWS_PROFILE"] = storage.profile
+    if storage.anon:
+        opts["AWS_SKIP_SIGNATURE"] = "true"
+    return opts
+
+
+def _table_uri(url: str) -> str:
+    """delta-rs wants a plain path for local tables and s3:// (not s3a) for S3."""
+    proto = protocol_of(url)
+    if proto in {"file", "local"}:
+        return url.split("://", 1)[-1]
+    return "s3://" + url.split("://", 1)[1] if proto == "s3a" else url
 
 
 class Lake:
-    """The output root; all writes of the job go through here."""
+    """The output root. Writers on the cluster use ``write_tiles``; the coordinator commits."""
 
-    def __init__(self, url: str, storage: StorageConfig):
+    def __init__(self, url: str, storage: StorageConfig | None = None,
+                 embedding_dtype: str = "float32"):
         self.url = url.rstrip("/")
-        self.fs, self.root = url_to_fs(self.url, storage)
+        self.storage = storage or StorageConfig()
+        self.fs, self.root = url_to_fs(self.url, self.storage)
         self.fs.invalidate_cache()  # fsspec instances are shared: never plan from a stale listing
-        self.storage = storage
+        self.embedding_dtype = embedding_dtype
+        self.options = delta_storage_options(self.url, self.storage)
 
-    def _path(self, *parts: str) -> str:
-        return join(self.root, *parts)
+    # -- where things are --------------------------------------------------------------------
 
-    def part_path(self, table: str, model: str, cohort: str, slide_id: str) -> str:
-        return self._path(table, f"model={model}", f"cohort={cohort}",
-                          f"{safe_name(slide_id)}.parquet")
+    def table_url(self, table: str, model: str | None = None) -> str:
+        parts = [table] + ([f"model={model}"] if model is not None else [])
+        return _table_uri(join(self.url, *parts))
+
+    def table_path(self, table: str, model: str | None = None) -> str:
+        """The same location as a path of ``self.fs``."""
+        return join(self.root, table, *([f"model={model}"] if model is not None else []))
+
+    def models(self, table: str) -> list[str]:
+        """Models with a table under ``table/`` (one LIST, no per-slide requests)."""
+        base = join(self.root, table)
+        try:
+            entries = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in entries]
+        return sorted(n.split("=", 1)[1] for n in names if n.startswith("model="))
+
+    def delta(self, table: str, model: str | None = None) -> Any | None:
+        """The Delta table, or None where it does not exist yet."""
+        from deltalake import DeltaTable
+
+        url = self.table_url(table, model)
+        if not DeltaTable.is_deltatable(url, storage_options=self.options):
+            return None
+        return DeltaTable(url, storage_options=self.options)
+
+    # -- planning ----------------------------------------------------------------------------
 
     def committed(self) -> dict[tuple[str, str], CommittedSlide]:
-        """(slide_id, model) -> where and with which work key it is committed."""
-        if not self.fs.exists(self._path(SLIDES)):
-            return {}
-        table = read_slides(self.url, columns=["slide_id", "cohort", "work_key"],
-                            storage=self.storage)
-        return {(r["slide_id"], r["model"]): CommittedSlide(r["cohort"], r["work_key"])
-                for r in table.to_pylist()}
+        """(slide_id, model) -> its committed row, from each slides table's snapshot."""
+        out: dict[tuple[str, str], CommittedSlide] = {}
+        for model in self.models(SLIDES):
+            dt = self.delta(SLIDES, model)
+            if dt is None:
+                continue
+            t = dt.to_pyarrow_dataset().to_table(
+                columns=["slide_id", PARTITION, "work_key", "tiles_path"])
+            for sid, cohort, key, path in zip(*(t[c].to_pylist() for c in t.column_names),
+                                              strict=True):
+                out[(sid, model)] = CommittedSlide(cohort, key, path)
+        return out
 
-    def commit_slide(self, model: str, cohort: str, slide_id: str, tiles: pa.Table | None,
-                     slide_row: pa.Table, stale_cohort: str | None = None) -> None:
-        if tiles is not None:  # slide encoders have no tiles of their own
-            atomic_write_bytes(self.fs, self.part_path(TILES, model, cohort, slide_id),
-                               _parquet_bytes(tiles))
-        atomic_write_bytes(self.fs, self.part_path(SLIDES, model, cohort, slide_id),
-                           _parquet_bytes(slide_row))
-        if stale_cohort and stale_cohort != cohort:
-            # The slide moved cohort: retire the old copy (commit record first).
-            for table in (SLIDES, TILES):
-                path = self.part_path(table, model, stale_cohort, slide_id)
-                if self.fs.exists(path):
-                    self.fs.rm_file(path)
+    # -- writers (on the cluster) ------------------------------------------------------------
 
-    def write_errors(self, run_id: str, part: int, rows: list[dict[str, Any]]) -> None:
+    def tiles_relpath(self, cohort: str, slide_id: str, work_key: str) -> str:
+        return f"{PARTITION}={cohort}/{safe_name(slide_id)}-{work_key[:16]}.parquet"
+
+    def write_tiles(self, model: str, cohort: str, slide_id: str, work_key: str,
+                    table: pa.Table) -> TilesFile:
+        """One slide's tiles as one file; idempotent (same inputs, same path and rows)."""
+        rel = self.tiles_relpath(cohort, slide_id, work_key)
+        data = parquet_bytes(table)
+        atomic_write_bytes(self.fs, join(self.table_path(TILES, model), rel), data)
+        return TilesFile(model, cohort, slide_id, work_key, rel, len(data), table.num_rows,
+                         file_stats(table), int(time.time() * 1000))
+
+    # -- commits (the coordinator) -----------------------------------------------------------
+
+    def _ensure(self, table: str, model: str | None, schema: pa.Schema,
+                partition_by: list[str] | None) -> Any:
+        from deltalake import DeltaTable
+
+        dt = self.delta(table, model)
+        if dt is None:
+            try:
+                dt = DeltaTable.create(self.table_url(table, model), schema=schema,
+                                       partition_by=partition_by, mode="ignore",
+                                       storage_options=self.options)
+            except Exception:  # noqa: BLE001 - a concurrent creator won: use its table
+                dt = self.delta(table, model)
+                if dt is None:
+                    raise
+        return dt
+
+    def commit_tiles(self, model: str, dim: int, files: Sequence[TilesFile],
+                     replaced: Iterable[str] = ()) -> None:
+        """Add written tiles files (and drop the files of rows they replace): one transaction."""
+        from deltalake.transaction import AddAction, RemoveAction
+
+        if not files:
+            return
+        schema = tiles_schema(dim, self.embedding_dtype)
+        dt = self._ensure(TILES, model, schema.append(pa.field(PARTITION, pa.string())),
+                          [PARTITION])
+        new = {f.path for f in files}
+        present = table_files(dt)
+        stamp = int(time.time() * 1000)
+        actions: list[Any] = [AddAction(f.path, f.size, {PARTITION: f.cohort}, f.written_at_ms,
+                                        True, f.stats) for f in files]
+        actions += [RemoveAction(p, True, stamp, partition_values=_partition_of(p))
+                    for p in set(replaced) - new if p in present]
+        dt.create_write_transaction(actions, "append",
+                                    schema.append(pa.field(PARTITION, pa.string())),
+                                    partition_by=[PARTITION])
+
+    def commit_slides(self, model: str, rows: pa.Table, replace: bool) -> None:
+        """Append slides rows; ``replace`` drops earlier rows of the same slides in the same
+        transaction (Delta's replace-where), so a reader never sees a slide twice."""
+        from deltalake import write_deltalake
+
+        if rows.num_rows == 0:
+            return
+        dt = self._ensure(SLIDES, model, rows.schema, [PARTITION])
+        if replace:
+            ids = ", ".join("'" + s.replace("'", "''") + "'"
+                            for s in sorted(set(rows["slide_id"].to_pylist())))
+            write_deltalake(dt, rows, mode="overwrite", predicate=f"slide_id IN ({ids})",
+                            partition_by=[PARTITION])
+        else:
+            write_deltalake(dt, rows, mode="append", partition_by=[PARTITION])
+
+    def write_errors(self, rows: list[dict[str, Any]]) -> None:
+        from deltalake import write_deltalake
+
         if not rows:
             return
         table = pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
-        atomic_write_bytes(self.fs, self._path(ERRORS, f"run_id={run_id}",
-                                               f"part-{part:05d}.parquet"), _parquet_bytes(table))
+        dt = self._ensure(ERRORS, None, ERRORS_SCHEMA, None)
+        write_deltalake(dt, table, mode="append")
+
+    def compact(self, target_mb: int = 128) -> dict[str, Any]:
+        """Few files per slides/errors table; tiles files no slides row names leave the table.
+
+        Tiles files stay one per slide (a MIL loader reads a slide's bag as one object)."""
+        report: dict[str, Any] = {}
+        for model in self.models(SLIDES):
+            dt = self.delta(SLIDES, model)
+            if dt is not None and len(table_files(dt)) > 1:
+                report[f"slides/{model}"] = _metrics(
+                    dt.optimize.compact(target_size=target_mb << 20))
+        errors = self.delta(ERRORS)
+        if errors is not None and len(table_files(errors)) > 1:
+            report["errors"] = _metrics(errors.optimize.compact(target_size=target_mb << 20))
+        named = {(m, c.tiles_path) for (_, m), c in self.committed().items() if c.tiles_path}
+        for model in self.models(TILES):
+            dt = self.delta(TILES, model)
+            if dt is None:
+                continue
+            orphans = sorted(p for p in table_files(dt) if (model, p) not in named)
+            if orphans:
+                from deltalake.transaction import RemoveAction
+
+                stamp = int(time.time() * 1000)
+                dt.create_write_transaction(
+                    [RemoveAction(p, True, stamp, partition_values=_partition_of(p))
+                     for p in orphans], "append", dt.schema(), partition_by=[PARTITION])
+                report[f"tiles/{model}"] = {"orphans_removed": len(orphans)}
+        return report
+
+    # -- run records ---------------------------------------------------------------------------
 
     def write_run(self, run_id: str, record: dict[str, Any]) -> None:
         data = json.dumps(record, indent=2, default=str).encode()
-        atomic_write_bytes(self.fs, self._path(RUNS, f"{run_id}.json"), data)
+        atomic_write_bytes(self.fs, join(self.root, RUNS, f"{run_id}.json"), data)
 
     def read_run(self, run_id: str) -> dict[str, Any]:
-        return json.loads(self.fs.cat_file(self._path(RUNS, f"{run_id}.json")))
+        return json.loads(self.fs.cat_file(join(self.root, RUNS, f"{run_id}.json")))
 
 
-@dataclass
-class SlideBuffer:
-    """Embeddings of one slide arriving in any order (and possibly twice, after a retry)."""
-
-    slide_id: str
-    num_tiles: int
-    dims: dict[str, int]
-    meta: dict[str, Any] = field(default_factory=dict)
-    t_first: float = float("inf")
-    t_last: float = 0.0
-    rss_mb: float = 0.0
-    encoder_nodes: dict[str, set[str]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        n = self.num_tiles
-        self.x = np.zeros(n, np.int64)
-        self.y = np.zeros(n, np.int64)
-        self.tissue = np.zeros(n, np.float32)
-        self.received = np.zeros(n, bool)
-        self.emb = {m: np.zeros((n, d), np.float16) for m, d in self.dims.items()}
-
-    def add(self, rows: np.ndarray, batch: dict[str, np.ndarray], columns: dict[str, str]) -> None:
-        idx = batch["index"][rows]
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_tiles):
-            raise ValueError(f"{self.slide_id}: tile index out of range")
-        self.x[idx] = batch["x"][rows]
-        self.y[idx] = batch["y"][rows]
-        self.tissue[idx] = batch["tissue"][rows]
-        for model, col in columns.items():
-            self.emb[model][idx] = batch[col][rows]
-            nodes = batch.get("node__" + model)
-            if nodes is not None:
-                self.encoder_nodes.setdefault(model, set()).update(str(n) for n in nodes[rows])
-        self.received[idx] = True
-        for m in batch["meta"][rows]:
-            if m:
-                self.meta.update(json.loads(m))
-        t = batch["t_chunk"][rows]
-        self.t_first = min(self.t_first, float(t.min()))
-        self.t_last = max(self.t_last, float(t.max()))
-        self.rss_mb = max(self.rss_mb, float(batch["rss_mb"][rows].max()))
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.received.all())
-
-    def tiles_table(self, model: str) -> pa.Table:
-        m = self.meta
-        n = self.num_tiles
-        dim = self.dims[model]
-        return pa.Table.from_arrays([
-            pa.array([self.slide_id] * n, pa.string()),
-            pa.array(np.arange(n, dtype=np.int32)),
-            pa.array(self.x), pa.array(self.y),
-            pa.array(np.full(n, m["tile_px"], np.int32)),
-            pa.array(np.full(n, m["tile_l0"], np.float32)),
-            pa.array(np.full(n, m["read_mpp"], np.float32)),
-            pa.array(np.full(n, m["level"], np.int16)),
-            pa.array(np.full(n, m["mpp"] * m["level_downsample"], np.float32)),
-            pa.array(self.tissue),
-            embedding_array(self.emb[model]),
-        ], schema=tiles_schema(dim))
-
-    def mean_embedding(self, model: str) -> np.ndarray:
-        return self.emb[model].astype(np.float32).mean(axis=0, keepdims=True).astype(np.float16)
+def table_files(dt: Any) -> set[str]:
+    """Paths (relative to the table) of the data files in the table's current snapshot."""
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    return set(adds["path"].to_pylist()) if adds.num_rows else set()
 
 
-def slide_row(dim: int, rows: list[dict[str, Any]], embeddings: np.ndarray) -> pa.Table:
-    """The slides-table rows of one (slide, model): usually one; one per layer for encoders."""
-    schema = slides_schema(dim)
-    cols = []
-    for f in schema:
-        if f.name == "embedding":
-            cols.append(embedding_array(embeddings))
-        else:
-            cols.append(pa.array([r.get(f.name) for r in rows], f.type))
-    return pa.Table.from_arrays(cols, schema=schema)
+def _partition_of(relpath: str) -> dict[str, str]:
+    first = relpath.split("/", 1)[0]
+    key, _, value = first.partition("=")
+    return {key: value} if key == PARTITION else {}
+
+
+def _metrics(m: Any) -> dict[str, Any]:
+    return {k: m.get(k) for k in ("numFilesAdded", "numFilesRemoved")} if isinstance(m, dict) \
+        else {"result": str(m)}
 
 
 # ----------------------------------------------------------------------------------------------
-# Readers for users: plain pyarrow, no Ray needed.
+# Readers for users: no Ray needed. Each starts from a Delta snapshot, so it sees committed
+# rows only; tiles are found from the slides rows that name them (no listing).
 
 
-def _dataset(url: str, table: str, storage: StorageConfig | None = None) -> pads.Dataset:
-    fs, root = url_to_fs(url.rstrip("/"), storage or StorageConfig())
-    return pads.dataset(join(root, table), filesystem=fs, format="parquet", partitioning="hive")
+def _with_fixed_embedding(table: pa.Table, model: str) -> pa.Table:
+    """Delta has no fixed-size list type: give readers ``fixed_size_list<float, D>`` back."""
+    if EMBEDDING not in table.schema.names:
+        return table
+    col = table[EMBEDDING]
+    if pa.types.is_fixed_size_list(col.type) or table.num_rows == 0:
+        return table
+    lengths = pc.list_value_length(col)
+    dim = pc.min_max(lengths)["max"].as_py()
+    fixed = col.cast(pa.list_(col.type.value_type, dim))
+    return table.set_column(table.schema.get_field_index(EMBEDDING), EMBEDDING, fixed)
 
 
-def _read_per_model(url: str, table: str, model: str | None, columns: Iterable[str] | None,
-                    storage: StorageConfig | None) -> pa.Table:
-    """Models differ in embedding width, so each model's partition is read as its own dataset."""
-    fs, root = url_to_fs(url.rstrip("/"), storage or StorageConfig())
-    base = join(root, table)
-    models = sorted(p.rsplit("model=", 1)[1] for p in fs.ls(base, detail=False)
-                    if p.rstrip("/").rsplit("/", 1)[-1].startswith("model="))
+def _models(lake: Lake, table: str, model: str | None, columns: Iterable[str] | None
+            ) -> list[str]:
+    models = lake.models(table)
     if model is not None:
         models = [m for m in models if m == model]
-    if len(models) > 1 and (columns is None or "embedding" in columns):
-        raise ValueError(f"{table} holds several models ({', '.join(models)}) whose embeddings "
-                         "differ in width: pass model=... (or columns without 'embedding')")
-    parts = []
-    for m in models:
-        ds = pads.dataset(join(base, f"model={m}"), filesystem=fs, format="parquet",
-                          partitioning=pads.partitioning(pa.schema([("cohort", pa.string())]),
-                                                         flavor="hive"))
-        t = ds.to_table(columns=list(columns) if columns else None)
-        parts.append(t.append_column("model", pa.array([m] * t.num_rows, pa.string())))
-    if not parts:
-        raise FileNotFoundError(f"no {table} under {url} for model {model!r}")
-    return pa.concat_tables(parts)
+    if not models:
+        raise FileNotFoundError(f"no {table} under {lake.url} for model {model!r}")
+    if len(models) > 1 and (columns is None or EMBEDDING in columns):
+        dims = {m: _dim(lake, table, m) for m in models}
+        if len(set(dims.values())) > 1:
+            raise ValueError(f"{table} holds several models ({', '.join(models)}) whose "
+                             "embeddings differ in width: pass model=... (or columns without "
+                             "'embedding')")
+    return models
 
 
-def read_tiles(url: str, model: str | None = None, columns: Iterable[str] | None = None,
-               storage: StorageConfig | None = None) -> pa.Table:
-    """Tiles of one model (or of all models, when they share an embedding width)."""
-    return _read_per_model(url, TILES, model, columns, storage)
+def _dim(lake: Lake, table: str, model: str) -> int | None:
+    dt = lake.delta(table, model)
+    if dt is None:
+        return None
+    t = dt.to_pyarrow_dataset().head(1, columns=[EMBEDDING])
+    return len(t[EMBEDDING][0]) if t.num_rows else None
+
+
+def _slides_of(lake: Lake, model: str, columns: list[str] | None) -> pa.Table | None:
+    dt = lake.delta(SLIDES, model)
+    if dt is None:
+        return None
+    t = dt.to_pyarrow_dataset().to_table(columns=columns)
+    t = _with_fixed_embedding(t, model)
+    return t.append_column("model", pa.array([model] * t.num_rows, pa.string()))
 
 
 def read_slides(url: str, model: str | None = None, columns: Iterable[str] | None = None,
                 storage: StorageConfig | None = None) -> pa.Table:
-    return _read_per_model(url, SLIDES, model, columns, storage)
+    """Committed slides rows of one model (or of all, where their embeddings share a width)."""
+    lake = Lake(url, storage)
+    cols = list(columns) if columns else None
+    parts = [t for m in _models(lake, SLIDES, model, cols)
+             if (t := _slides_of(lake, m, cols)) is not None]
+    return pa.concat_tables(parts) if parts else slides_schema(1).empty_table()
+
+
+def tile_files(url: str, model: str, storage: StorageConfig | None = None,
+               slide_ids: Iterable[str] | None = None) -> dict[str, str]:
+    """slide_id -> URL of its tiles file (one object per slide), from the slides table alone:
+    what a MIL data loader needs to fetch one slide's bag without listing the lake."""
+    lake = Lake(url, storage)
+    slides = _slides_of(lake, model, ["slide_id", "tiles_path"])
+    if slides is None:
+        return {}
+    wanted = set(slide_ids) if slide_ids is not None else None
+    base = join(lake.url, TILES, f"model={model}")
+    return {s: join(base, p) for s, p in zip(slides["slide_id"].to_pylist(),
+                                             slides["tiles_path"].to_pylist(), strict=True)
+            if p and (wanted is None or s in wanted)}
+
+
+def tiles_dataset(url: str, model: str, storage: StorageConfig | None = None,
+                  slide_ids: Iterable[str] | None = None) -> pads.Dataset:
+    """A pyarrow dataset over the tiles files of committed slides (cohort from the paths)."""
+    lake = Lake(url, storage)
+    files = tile_files(url, model, storage, slide_ids)
+    base = lake.table_path(TILES, model)
+    paths = [join(base, p.split(f"model={model}/", 1)[1]) for p in files.values()]
+    return pads.dataset(paths, filesystem=lake.fs, format="parquet",
+                        partitioning=pads.partitioning(pa.schema([(PARTITION, pa.string())]),
+                                                       flavor="hive"),
+                        partition_base_dir=base)
+
+
+def read_tiles(url: str, model: str | None = None, columns: Iterable[str] | None = None,
+               storage: StorageConfig | None = None) -> pa.Table:
+    """Tiles of committed slides of one model (or of all, where widths agree)."""
+    lake = Lake(url, storage)
+    cols = list(columns) if columns else None
+    parts = []
+    for m in _models(lake, TILES, model, cols):
+        if lake.delta(SLIDES, m) is None:
+            continue
+        t = tiles_dataset(url, m, storage).to_table(columns=cols)
+        parts.append(t.append_column("model", pa.array([m] * t.num_rows, pa.string())))
+    if not parts:
+        raise FileNotFoundError(f"no committed tiles under {url} for model {model!r}")
+    return pa.concat_tables(parts)
 
 
 def read_errors(url: str, run_id: str | None = None, storage: StorageConfig | None = None
                 ) -> pa.Table:
-    fs, root = url_to_fs(url.rstrip("/"), storage or StorageConfig())
-    if not fs.exists(join(root, ERRORS)):
+    lake = Lake(url, storage)
+    dt = lake.delta(ERRORS)
+    if dt is None:
         return ERRORS_SCHEMA.empty_table()
-    ds = _dataset(url, ERRORS, storage)
+    ds = dt.to_pyarrow_dataset()
     return ds.to_table(filter=pads.field("run_id") == run_id if run_id else None)
+
+
+def duckdb_connect(url: str, models: Sequence[str] | None = None,
+                   storage: StorageConfig | None = None, con: Any = None) -> Any:
+    """A DuckDB connection with views ``"tiles_<model>"`` and ``"slides_<model>"`` over the
+    committed rows, embeddings as ``FLOAT[D]`` (so ``array_cosine_similarity`` needs no cast).
+
+    Tiles are scanned lazily from their files; nothing is read until a query runs."""
+    import duckdb
+
+    con = con or duckdb.connect()
+    lake = Lake(url, storage)
+    for m in models or lake.models(SLIDES):
+        slides = _slides_of(lake, m, None)
+        if slides is None:
+            continue
+        con.register(f"slides_{m}", slides)
+        if m in lake.models(TILES):
+            con.register(f"tiles_{m}", tiles_dataset(url, m, storage))
+    return con
+
+
+__all__ = [
+    "CommittedSlide", "ERRORS_SCHEMA", "Lake", "TilesFile", "duckdb_connect", "embedding_array",
+    "embedding_type", "read_errors", "read_slides", "read_tiles", "safe_name", "slides_schema",
+    "tile_files", "tiles_dataset", "tiles_schema",
+]

@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import random
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -78,7 +80,16 @@ class Fingerprint:
 
 def fingerprint(fs: fsspec.AbstractFileSystem, path: str) -> Fingerprint:
     """Size + ETag/mtime of a file: changes when the file is rewritten, cheap to get."""
-    info = fs.info(path)
+    return fingerprint_from_info(fs.info(path), path)
+
+
+def fingerprint_from_info(info: dict[str, Any], path: str) -> Fingerprint:
+    """The Fingerprint of one ``fs.info`` dict or one ``fs.ls(..., detail=True)`` entry.
+
+    The only place that turns storage metadata into a Fingerprint: ``fingerprint()`` (HEAD /
+    stat) and ``fingerprints()`` (listings) both go through here, so they cannot disagree.
+    S3 listings and HEADs carry the same quoted ETag; the quotes are stripped.
+    """
     if info.get("type") == "directory":
         raise IsADirectoryError(path)
     for key in ("ETag", "etag", "generation", "md5Hash"):
@@ -87,7 +98,116 @@ def fingerprint(fs: fsspec.AbstractFileSystem, path: str) -> Fingerprint:
     mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()
+        if not info.get("mtime") and info.get("LastModified"):
+            # S3 without ETag: a HEAD's Last-Modified has whole seconds, a listing's has
+            # milliseconds. Whole seconds for both (a no-op on HEAD results).
+            mtime = float(math.floor(mtime))
     return Fingerprint(int(info["size"]), f"mtime={float(mtime or 0):.6f}")
+
+
+HEAD_AT_MOST = 2  # a parent with at most this many wanted files is HEADed, not listed
+
+
+def fingerprints(uris: Sequence[str], storage: StorageConfig, *, max_workers: int = 16
+                 ) -> dict[str, Fingerprint | BaseException]:
+    """Fingerprints of many slide URIs from directory listings: one LIST per ~1,000 objects
+    under each parent prefix, prefixes listed in parallel, instead of one HEAD per slide.
+
+    URIs are grouped by filesystem (protocol and options) and parent directory. Each parent
+    holding more than ``HEAD_AT_MOST`` (2) of the wanted URIs is listed once with
+    ``fs.ls(parent, detail=True)`` (S3: paginated ListObjectsV2, 1 request per 1,000 keys,
+    whatever else the prefix holds); a parent with at most 2 of them gets one ``fs.info``
+    (HEAD / stat) per URI instead, so 2 slides in a prefix of 200k other objects cost 2
+    requests, not 200. Listings and HEADs run in a ThreadPoolExecutor(max_workers). Listings
+    bypass and do not leave behind fsspec's listing cache (s3fs caches listings with no
+    expiry, and a cached parent listing also answers later ``fs.info`` calls), so a rewrite is
+    always seen. Local symlinks are stat'ed through (as ``fs.info`` does).
+
+    Returns one entry per distinct input URI, never raises for a single URI's problem:
+    - the same ``Fingerprint`` as ``fingerprint(*url_to_fs(uri, storage))``;
+    - ``FileNotFoundError(uri)`` if the URI is not in its parent's listing (or the parent does
+      not exist);
+    - ``IsADirectoryError(uri)`` if the URI names a directory (an S3 common prefix);
+    - the listing's (or HEAD's) exception, for every URI of that parent, if listing failed
+      after ``storage.retries`` retries of transient errors (see ``is_transient``);
+    - the exception of ``url_to_fs`` for a URI it cannot parse.
+    """
+    out: dict[str, Fingerprint | BaseException] = {}
+    groups: dict[tuple[fsspec.AbstractFileSystem, str], dict[str, list[str]]] = {}
+    for uri in dict.fromkeys(uris):
+        try:
+            fs, path = url_to_fs(uri, storage)
+        except Exception as err:  # noqa: BLE001 - reported as this URI's result
+            out[uri] = err
+            continue
+        groups.setdefault((fs, fs._parent(path)), {}).setdefault(path, []).append(uri)
+
+    def head(fs: fsspec.AbstractFileSystem, path: str, owners: list[str]
+             ) -> dict[str, Fingerprint | BaseException]:
+        def stat() -> Fingerprint:
+            fs.invalidate_cache(path)  # a cached parent listing would answer fs.info
+            return fingerprint(fs, path)
+
+        try:
+            fp: Fingerprint | BaseException = with_retries(
+                stat, retries=storage.retries, what=f"stat {owners[0]}")
+        except FileNotFoundError:
+            return {u: FileNotFoundError(u) for u in owners}
+        except IsADirectoryError:
+            return {u: IsADirectoryError(u) for u in owners}
+        except Exception as err:  # noqa: BLE001 - reported as this URI's result
+            fp = err
+        return dict.fromkeys(owners, fp)
+
+    def listed(fs: fsspec.AbstractFileSystem, parent_path: str, wanted: dict[str, list[str]]
+               ) -> dict[str, Fingerprint | BaseException]:
+        def ls() -> list[dict[str, Any]]:
+            fs.invalidate_cache(parent_path)
+            try:
+                return fs.ls(parent_path, detail=True)
+            finally:
+                fs.invalidate_cache(parent_path)
+
+        try:
+            entries = with_retries(ls, retries=storage.retries, what=f"list {parent_path}")
+        except FileNotFoundError:
+            entries = []
+        except Exception as err:  # noqa: BLE001 - every URI of this parent gets it
+            return {u: err for owners in wanted.values() for u in owners}
+        by_name: dict[str, dict[str, Any]] = {}
+        for e in entries:
+            name = fs._strip_protocol(e["name"]).rstrip("/")
+            # S3 may hold both an object "a/x" and a prefix "a/x/": fs.info gives the object.
+            if name in wanted and (name not in by_name or e.get("type") != "directory"):
+                by_name[name] = e
+        res: dict[str, Fingerprint | BaseException] = {}
+        for path, owners in wanted.items():
+            entry = by_name.get(path)
+            if entry is None:
+                res.update({u: FileNotFoundError(u) for u in owners})
+            elif entry.get("islink"):
+                res.update(head(fs, path, owners))  # the listing stat'ed the link, not its target
+            elif entry.get("type") == "directory":
+                res.update({u: IsADirectoryError(u) for u in owners})
+            else:
+                try:
+                    fp: Fingerprint | BaseException = fingerprint_from_info(entry, path)
+                except Exception as err:  # noqa: BLE001 - a malformed entry: this URI's error
+                    fp = err
+                res.update(dict.fromkeys(owners, fp))
+        return res
+
+    with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+        futures = []
+        for (fs, parent_path), wanted in groups.items():
+            if len(wanted) <= HEAD_AT_MOST:
+                futures += [pool.submit(head, fs, p, owners) for p, owners in wanted.items()]
+            else:
+                futures.append(pool.submit(listed, fs, parent_path, wanted))
+        for f in futures:
+            out.update(f.result())
+    log.debug("fingerprints: %d uris, %d parents", len(out), len(groups))
+    return out
 
 
 TRANSIENT = (ConnectionError, TimeoutError)

@@ -88,9 +88,9 @@ def test_job_outputs_follow_the_contract(slide_dir: Path, tmp_path: Path) -> Non
     assert errors["trunc"]["stage"] in {"open", "read"}, errors["trunc"]
     assert "mpp" in errors["nompp"]["reason"]
 
-    # Types: half-float fixed-size lists, readable without Ray.
-    assert tiles.schema.field("embedding").type == pa.list_(pa.float16(), 384)
-    assert slides.schema.field("embedding").type == pa.list_(pa.float16(), 384)
+    # Types: float32 fixed-size lists (every client reads them), readable without Ray.
+    assert tiles.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    assert slides.schema.field("embedding").type == pa.list_(pa.float32(), 384)
 
     by_id = {r["slide_id"]: r for r in slides.to_pylist()}
     cmu = by_id["cmu"]

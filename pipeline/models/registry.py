@@ -19,7 +19,7 @@ import torch
 
 Interpolation = Literal["bilinear", "bicubic"]
 Precision = Literal["fp16", "bf16", "fp32"]
-PreprocessOn = Literal["device", "cpu"]
+PreprocessOn = Literal["device", "cpu", "model"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,8 +56,11 @@ class TileModelSpec:
     gated: bool = False
     native_magnification: str | None = None  # as published, when given as a magnification
     # "cpu": the GPU resize cannot match the model card within tolerance; preprocess with PIL.
+    # "model": the module takes the uint8 (N, H, W, 3) tiles itself (bench-null).
     preprocess_on: PreprocessOn = "device"
     notes: str = ""
+    # A benchmark/test stand-in, not a pathology model: listed by `models`, not in the README.
+    benchmark: bool = False
 
 
 def _timm_vit_spec(**kw: Any) -> TileModelSpec:
@@ -306,6 +309,28 @@ def _all_specs() -> tuple[TileModelSpec, ...]:
             hub_filename="model.safetensors",
             licence="Owkin non-commercial licence (verify); not gated",
         ),
+        TileModelSpec(
+            id="bench-null",
+            family="bench-null",
+            timm_name="none",  # no network: grid-mean RGB x fixed projection (bench_null.py)
+            timm_kwargs={},
+            dim=1024,  # UNI-sized
+            params=0,  # the projection is a buffer drawn from a fixed seed, not a parameter
+            input_size=224, resize_size=224, interpolation="bilinear", crop=True,
+            mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),  # if preprocessed anyway: pixels / 255
+            embedding="pooled",
+            precision="fp32",  # nothing to gain from autocast
+            native_tile_px=224, native_mpp=0.5,  # as kaiko
+            hub_repo=None,
+            hub_filename=None,
+            licence="benchmark/test model: no network, embeddings meaningless; nothing to "
+            "download: use weights: random",
+            preprocess_on="model",  # the generic float conversion would cost ~20x the pooling
+            notes="benchmark/test model: no network, embeddings meaningless. Mean RGB of a "
+            "4x4 grid of the uint8 tile (48 values) times a fixed 48x1024 projection "
+            "(numpy default_rng(0)): measures the pipeline's own ceiling without a GPU",
+            benchmark=True,
+        ),
     )
 
 
@@ -343,11 +368,18 @@ def _build_conch15(spec: TileModelSpec) -> torch.nn.Module:
     return conch.build_v15(spec.timm_name, spec.timm_kwargs, spec.dim)
 
 
+def _build_bench_null(spec: TileModelSpec) -> torch.nn.Module:
+    from pipeline.models import bench_null
+
+    return bench_null.build(spec.dim)
+
+
 BUILDERS: dict[str, Callable[[TileModelSpec], torch.nn.Module]] = {
     "timm": _build_timm,
     "hf-dinov2": _build_timm,  # same network; only the checkpoint names differ (ADAPTERS)
     "conch": _build_conch,
     "conch-v1.5": _build_conch15,
+    "bench-null": _build_bench_null,
 }
 
 
@@ -425,7 +457,8 @@ def _cls_patch_mean(spec: TileModelSpec, model: torch.nn.Module, x: torch.Tensor
 
 
 def _pooled(spec: TileModelSpec, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # CONCH: the tower's own forward is the embedding (attentional pool + ln_contrast).
+    # CONCH: the tower's own forward is the embedding (attentional pool + ln_contrast);
+    # bench-null: likewise (grid mean x fixed projection).
     return model(x)
 
 
@@ -462,10 +495,15 @@ def _tile_text(spec: TileModelSpec) -> str:
 
 
 def markdown_table() -> str:
-    """The README's model table, generated so it cannot drift from the registry."""
+    """The README's model table, generated so it cannot drift from the registry.
+
+    Pathology models only: benchmark/test entries (bench-null) are listed by ``models``.
+    """
     head = ["id", "dim", "params", "precision", "tile spec", "hub repo", "licence / gating"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for spec in MODELS.values():
+        if spec.benchmark:
+            continue
         repo = f"`{spec.hub_repo}`" if spec.hub_repo else "-"
         cells = [f"`{spec.id}`", str(spec.dim), f"{spec.params:,}", spec.precision,
                  _tile_text(spec), repo, spec.licence.replace("|", "/")]

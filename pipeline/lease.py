@@ -1,0 +1,131 @@
+"""One job at a time per lake: a lease object, created exclusively, renewed while the job runs.
+
+Two jobs started at the same moment on one lake would both plan the same work (the lake's
+snapshot is the same for both) and both pay for it. The lease makes the second one wait for
+the first (``sink.lease_wait_s``) and then plan against what the first committed, or refuse
+with a message naming the holder. Exclusive creation is O_EXCL locally and a conditional PUT
+(``If-None-Match: *``) on S3. A holder that dies stops renewing; after ``sink.lease_ttl_s``
+its lease may be taken over.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.storage import atomic_write_bytes, join
+
+log = logging.getLogger("pipeline")
+LEASE_FILE = "_lease.json"
+
+
+class LakeBusy(RuntimeError):
+    """Another live job holds the lake."""
+
+
+def _create_exclusive(fs: Any, path: str, data: bytes) -> bool:
+    """True if we created ``path``; False if it already existed."""
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return True
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as err:  # s3fs maps 412 PreconditionFailed to EINVAL
+        if err.errno == errno.EINVAL or "Precondition" in str(err):
+            return False
+        raise
+    return True
+
+
+class Lease:
+    def __init__(self, fs: Any, root: str, run_id: str, ttl_s: float, wait_s: float):
+        self.fs, self.path, self.run_id = fs, join(root, LEASE_FILE), run_id
+        self.ttl_s, self.wait_s = ttl_s, wait_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({"run_id": self.run_id, "host": socket.gethostname(),
+                           "pid": os.getpid(), "renewed_at": time.time(),
+                           "ttl_s": self.ttl_s}).encode()
+
+    def holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # torn or foreign content: treat as expired
+            return {"run_id": "?", "renewed_at": 0.0}
+
+    def acquire(self) -> None:
+        deadline = time.monotonic() + self.wait_s
+        waited = False
+        while True:
+            self.fs.invalidate_cache()
+            if _create_exclusive(self.fs, self.path, self._body()):
+                break
+            other = self.holder()
+            if other is None:
+                continue  # released between our attempt and our read
+            age = time.time() - float(other.get("renewed_at", 0.0))
+            if age > float(other.get("ttl_s", self.ttl_s)):
+                log.warning("lake lease of run %s was last renewed %.0f s ago: taking it over",
+                            other.get("run_id"), age)
+                self._remove()
+                continue
+            if time.monotonic() >= deadline:
+                raise LakeBusy(
+                    f"the lake is in use by run {other.get('run_id')} (host "
+                    f"{other.get('host')}, pid {other.get('pid')}, lease renewed {age:.0f} s "
+                    f"ago): a second job would redo its work. Wait for it to finish, or set "
+                    f"sink.lease_wait_s to wait for it (then only what it left is done)")
+            if not waited:
+                log.info("waiting for run %s to release the lake", other.get("run_id"))
+                waited = True
+            time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+        self._thread = threading.Thread(target=self._renew, name="lake-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                atomic_write_bytes(self.fs, self.path, self._body())
+            except Exception as err:  # noqa: BLE001 - retried at the next tick
+                log.warning("could not renew the lake lease: %s", err)
+
+    def _remove(self) -> None:
+        try:
+            self.fs.rm_file(self.path)
+        except FileNotFoundError:
+            pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        other = self.holder()
+        if other is not None and other.get("run_id") == self.run_id:
+            self._remove()
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

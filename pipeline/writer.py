@@ -1,0 +1,209 @@
+"""Writers on the cluster: tile embeddings go from the encoders to these, never to the driver.
+
+    encoder actors -> route_to_writers (a light Ray Data stage) -> SinkWriter actor owning the
+    slide (by hash of its id) -> one tiles file per (slide, model) -> SlideResult (metadata,
+    file paths, statistics, the slide's pooled embedding) -> the coordinator, which commits
+
+Writers buffer a slide until all its tiles have arrived (in any order, possibly twice after a
+retried task), then write it. Capacity grows with the number of writers (``sink.writers``).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import StorageConfig
+from pipeline.encode import EMB_PREFIX, embedding_column, node_column
+from pipeline.sink import Lake, TilesFile, embedding_array, tiles_schema
+
+
+@dataclass(frozen=True)
+class WriterTask:
+    """What a writer must know of a slide to name and fill its files."""
+
+    cohort: str
+    models: tuple[str, ...]
+    work_keys: dict[str, str]
+    slide_encoder: dict[str, bool] = field(default_factory=dict)  # tile model -> has one
+
+
+@dataclass
+class SlideResult:
+    """A written slide, as the coordinator sees it: metadata only, plus pooled embeddings."""
+
+    slide_id: str
+    num_tiles: int
+    meta: dict[str, Any]
+    files: dict[str, TilesFile]
+    means: dict[str, np.ndarray]                 # model -> (D,) float32 mean of its tiles
+    slide_layers: dict[str, dict[int, np.ndarray] | str] = field(default_factory=dict)
+    t_first: float = 0.0
+    t_last: float = 0.0
+    rss_mb: float = 0.0
+    encoder_nodes: dict[str, list[str]] = field(default_factory=dict)
+
+
+class SlideBuffer:
+    """Embeddings of one slide arriving in any order (and possibly twice, after a retry)."""
+
+    def __init__(self, slide_id: str, num_tiles: int, models: tuple[str, ...]):
+        self.slide_id, self.num_tiles, self.models = slide_id, num_tiles, models
+        n = num_tiles
+        self.x = np.zeros(n, np.int64)
+        self.y = np.zeros(n, np.int64)
+        self.tissue = np.zeros(n, np.float32)
+        self.received = np.zeros(n, bool)
+        self.emb: dict[str, np.ndarray] = {}
+        self.meta: dict[str, Any] = {}
+        self.t_first, self.t_last, self.rss_mb = float("inf"), 0.0, 0.0
+        self.encoder_nodes: dict[str, set[str]] = {}
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        idx = batch["index"]
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_tiles):
+            raise ValueError(f"{self.slide_id}: tile index out of range")
+        self.x[idx] = batch["x"]
+        self.y[idx] = batch["y"]
+        self.tissue[idx] = batch["tissue"]
+        for m in self.models:
+            values = batch[embedding_column(m)]
+            if m not in self.emb:  # the encoder's own dtype (fp16 on GPU): cast only on write
+                self.emb[m] = np.zeros((self.num_tiles, values.shape[1]), values.dtype)
+            self.emb[m][idx] = values
+            nodes = batch.get(node_column(m))
+            if nodes is not None:
+                self.encoder_nodes.setdefault(m, set()).update(str(n) for n in nodes)
+        self.received[idx] = True
+        for meta in batch["meta"]:
+            if meta:
+                self.meta.update(json.loads(meta))
+        t = batch["t_chunk"]
+        self.t_first = min(self.t_first, float(t.min()))
+        self.t_last = max(self.t_last, float(t.max()))
+        self.rss_mb = max(self.rss_mb, float(batch["rss_mb"].max()))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.received.all())
+
+    def tiles_table(self, model: str, work_key: str, dtype: str) -> pa.Table:
+        m, n = self.meta, self.num_tiles
+        emb = self.emb[model]
+        return pa.Table.from_arrays([
+            pa.array([self.slide_id] * n, pa.string()),
+            pa.array(np.arange(n, dtype=np.int32)),
+            pa.array(self.x), pa.array(self.y),
+            pa.array(np.full(n, m["tile_px"], np.int32)),
+            pa.array(np.full(n, m["tile_l0"], np.float32)),
+            pa.array(np.full(n, m["read_mpp"], np.float32)),
+            pa.array(np.full(n, m["level"], np.int16)),
+            pa.array(np.full(n, m["mpp"] * m["level_downsample"], np.float32)),
+            pa.array(self.tissue),
+            pa.array([work_key] * n, pa.string()),
+            embedding_array(emb, dtype),
+        ], schema=tiles_schema(emb.shape[1], dtype))
+
+    def mean_embedding(self, model: str) -> np.ndarray:
+        return self.emb[model].astype(np.float32).mean(axis=0)
+
+
+class SinkWriter:
+    """A Ray actor: buffers the slides it owns and writes each one's tiles once complete."""
+
+    def __init__(self, output: str, storage: dict[str, Any], embedding_dtype: str,
+                 tasks: dict[str, WriterTask], slide_actors: dict[str, Any] | None = None):
+        self.lake = Lake(output, StorageConfig(**storage), embedding_dtype)
+        self.tasks = tasks
+        self.slide_actors = slide_actors or {}
+        self.buffers: dict[str, SlideBuffer] = {}
+        self.done: set[str] = set()
+
+    def add(self, slide_id: str, num_tiles: int, batch: dict[str, np.ndarray]) -> bytes | None:
+        """Returns the pickled SlideResult when this batch completes the slide, else None."""
+        if slide_id in self.done:
+            return None  # a retried task re-delivered rows of a slide already written
+        task = self.tasks[slide_id]
+        buf = self.buffers.get(slide_id)
+        if buf is None:
+            buf = self.buffers[slide_id] = SlideBuffer(slide_id, num_tiles, task.models)
+        buf.add(batch)
+        if not buf.complete:
+            return None
+        del self.buffers[slide_id]
+        self.done.add(slide_id)
+        return pickle.dumps(self._write(slide_id, task, buf))
+
+    def _write(self, slide_id: str, task: WriterTask, buf: SlideBuffer) -> SlideResult:
+        files, means, layers = {}, {}, {}
+        for m in task.models:
+            files[m] = self.lake.write_tiles(
+                m, task.cohort, slide_id, task.work_keys[m],
+                buf.tiles_table(m, task.work_keys[m], self.lake.embedding_dtype))
+            means[m] = buf.mean_embedding(m)
+            actor = self.slide_actors.get(m)
+            if actor is not None:
+                import ray
+
+                # Tiling order is the buffer's index order; coordinates are level-0 px.
+                coords = np.stack([buf.x, buf.y], axis=1)
+                try:
+                    layers[m] = ray.get(actor.__call__.remote(buf.emb[m], coords))
+                except Exception as err:  # noqa: BLE001 - this slide's failure, not the job's
+                    layers[m] = f"{type(err).__name__}: {err}"
+        return SlideResult(slide_id, buf.num_tiles, buf.meta, files, means, layers,
+                           buf.t_first, buf.t_last, buf.rss_mb,
+                           {m: sorted(n) for m, n in buf.encoder_nodes.items()})
+
+    def pending(self) -> list[str]:
+        return sorted(self.buffers)
+
+
+def writer_of(slide_id: str, n: int) -> int:
+    return zlib.crc32(slide_id.encode()) % n
+
+
+_PASS_THROUGH = ("index", "x", "y", "tissue", "meta", "t_chunk", "rss_mb")
+
+
+def route_to_writers(batch: dict[str, np.ndarray], *, writers: list[Any]) -> dict[str, np.ndarray]:
+    """Send each slide's rows to the writer that owns it; emit one metadata row per slide."""
+    import ray
+
+    ids = batch["slide_id"]
+    out_ids, errors, stages, metas, futures = [], [], [], [], []
+    emb_cols = [c for c in batch if c.startswith(EMB_PREFIX) or c.startswith(node_column(""))]
+    for sid in np.unique(ids):
+        sid = str(sid)
+        rows = np.nonzero(ids == sid)[0]
+        err = str(batch["error"][rows[0]])
+        out_ids.append(sid)
+        errors.append(err)
+        stages.append(str(batch["error_stage"][rows[0]]))
+        metas.append(str(batch["meta"][rows[0]]))
+        if err:
+            futures.append(None)
+            continue
+        sub = {c: batch[c][rows] for c in (*_PASS_THROUGH, *emb_cols)}
+        w = writers[writer_of(sid, len(writers))]
+        futures.append(w.add.remote(sid, int(batch["num_tiles"][rows[0]]), sub))
+    refs = [f for f in futures if f is not None]
+    got = iter(ray.get(refs)) if refs else iter(())
+    results = [next(got) if f is not None else None for f in futures]
+    return {
+        "slide_id": np.array(out_ids, dtype=object),
+        "error": np.array(errors, dtype=object),
+        "error_stage": np.array(stages, dtype=object),
+        "meta": np.array(metas, dtype=object),
+        "result": np.array([r if r is not None else b"" for r in results], dtype=object),
+    }
+
+
+def unpack(result: bytes) -> SlideResult | None:
+    return pickle.loads(result) if result else None
