@@ -16,6 +16,9 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 setup: $(BIN)/.installed
+	@java -version >/dev/null 2>&1 || [ -x "$${JAVA_HOME:-/nonexistent}/bin/java" ] || echo "setup: no Java" \
+	  "runtime (java on PATH or JAVA_HOME): the Spark test (pytest -m spark) will be skipped;" \
+	  "install Java 17+, e.g. apt-get install openjdk-17-jre-headless" >&2
 
 demo: setup
 	$(BIN)/python -m pipeline demo --output demo-output

@@ -239,6 +239,7 @@ class Coordinator:
         self.committed: dict[str, int] = {m: 0 for m in plan.weights}
         self.tiles_encoded: dict[str, int] = {m: 0 for m in plan.weights}
         self.timings: list[dict[str, Any]] = []
+        self.uncommitted_timings: list[dict[str, Any]] = []  # written, waiting for a commit
         self.commits: list[dict[str, Any]] = []
         # first encoded batch at the driver: start-up and pipeline fill end here
         self.first_batch: dict[str, Any] | None = None
@@ -338,7 +339,7 @@ class Coordinator:
             self.tiles_encoded[m] += res.num_tiles
             if m in self.slides_of:
                 self._accept_slide_encoder(pid, task, m, values, res.slide_layers.get(m))
-        self.timings.append({
+        self.uncommitted_timings.append({
             "slide_id": task.entry.slide_id, "num_tiles": res.num_tiles, "models": task.models,
             "tiling_started_at": res.meta.get("tiling_started_at"), "last_chunk_at": res.t_last,
             "written_at": time.time(), "tiler_peak_rss_mb": res.rss_mb,
@@ -365,7 +366,7 @@ class Coordinator:
                  "model_dim": spec.dim, "precision": "fp16" if gpu else "fp32",
                  "weights": ref.source, "weights_identity": ref.identity,
                  "weights_sha256": ref.sha256, "random_weights": ref.random,
-                 "work_key": task.work_keys[s.id]} for layer in layers]
+                 "work_key": task.work_keys[s.id], "tiles_path": None} for layer in layers]
         self._queue(s.id, task, rows, [layers[r["layer"]] for r in rows], None)
 
     def commit(self) -> None:
@@ -388,6 +389,10 @@ class Coordinator:
             self.committed[model] += len(set(p.slides))
             log.info("committed %d slides of %s: %s", len(set(p.slides)), model,
                      ", ".join(sorted(set(p.slides))[:8]) + (" ..." if len(p.slides) > 8 else ""))
+        for t in self.uncommitted_timings:
+            t["committed_at"] = time.time()
+        self.timings += self.uncommitted_timings
+        self.uncommitted_timings = []
         self.commits.append({"slides": self.pending_slides,
                              "seconds": round(time.monotonic() - started, 4)})
         self.pending.clear()

@@ -3,8 +3,8 @@
 Layout (Delta tables of Hive-partitioned Parquet; one table per dataset and model, so each
 model's rows read as one schema whatever its embedding width)::
 
-    OUT/tiles/model=<model>/     Delta table, partitioned by cohort; one data file per slide
-    OUT/slides/model=<model>/    Delta table, partitioned by cohort; one row per slide (per layer)
+    OUT/tiles/<model>/           Delta table, partitioned by cohort; one data file per slide
+    OUT/slides/<model>/          Delta table, partitioned by cohort; one row per slide (per layer)
     OUT/errors/                  Delta table: failed manifest rows and slides, with a reason
     OUT/runs/<run_id>.json       config, versions, counts, timings of each run
     OUT/_lease.json              the running job's claim on the lake (pipeline.lease)
@@ -238,12 +238,12 @@ class Lake:
     # -- where things are --------------------------------------------------------------------
 
     def table_url(self, table: str, model: str | None = None) -> str:
-        parts = [table] + ([f"model={model}"] if model is not None else [])
+        parts = [table] + ([model] if model is not None else [])
         return _table_uri(join(self.url, *parts))
 
     def table_path(self, table: str, model: str | None = None) -> str:
         """The same location as a path of ``self.fs``."""
-        return join(self.root, table, *([f"model={model}"] if model is not None else []))
+        return join(self.root, table, *([model] if model is not None else []))
 
     def models(self, table: str) -> list[str]:
         """Models with a table under ``table/`` (one LIST, no per-slide requests)."""
@@ -252,17 +252,20 @@ class Lake:
             entries = self.fs.ls(base, detail=False)
         except FileNotFoundError:
             return []
+        # A folder per model; no "model=" in its name: Delta readers (Polars) take every
+        # key=value folder above a table's files for a partition the table does not have.
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in entries]
-        return sorted(n.split("=", 1)[1] for n in names if n.startswith("model="))
+        return sorted(n for n in names if n and n[0] not in "._" and "=" not in n)
 
     def delta(self, table: str, model: str | None = None) -> Any | None:
         """The Delta table, or None where it does not exist yet."""
         from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
 
-        url = self.table_url(table, model)
-        if not DeltaTable.is_deltatable(url, storage_options=self.options):
+        try:
+            return DeltaTable(self.table_url(table, model), storage_options=self.options)
+        except TableNotFoundError:
             return None
-        return DeltaTable(url, storage_options=self.options)
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -484,7 +487,7 @@ def tile_files(url: str, model: str, storage: StorageConfig | None = None,
     if slides is None:
         return {}
     wanted = set(slide_ids) if slide_ids is not None else None
-    base = join(lake.url, TILES, f"model={model}")
+    base = join(lake.url, TILES, model)
     return {s: join(base, p) for s, p in zip(slides["slide_id"].to_pylist(),
                                              slides["tiles_path"].to_pylist(), strict=True)
             if p and (wanted is None or s in wanted)}
@@ -496,7 +499,8 @@ def tiles_dataset(url: str, model: str, storage: StorageConfig | None = None,
     lake = Lake(url, storage)
     files = tile_files(url, model, storage, slide_ids)
     base = lake.table_path(TILES, model)
-    paths = [join(base, p.split(f"model={model}/", 1)[1]) for p in files.values()]
+    prefix = join(lake.url, TILES, model) + "/"
+    paths = [join(base, p[len(prefix):]) for p in files.values()]
     return pads.dataset(paths, filesystem=lake.fs, format="parquet",
                         partitioning=pads.partitioning(pa.schema([(PARTITION, pa.string())]),
                                                        flavor="hive"),

@@ -129,6 +129,14 @@ def test_other_tile_sizes(model: torch.nn.Module, size: int) -> None:
     np.testing.assert_allclose(got, numpy_reference(tiles), rtol=0, atol=2e-5)
 
 
+def test_gpu_reduction_equals_the_cpu_one() -> None:
+    from pipeline.models import bench_null
+
+    for size in (224, 1024):
+        x = torch.from_numpy(random_tiles(5 if size == 224 else 1, size))
+        assert torch.equal(bench_null._cell_sums_direct(x), bench_null._cell_sums_cpu(x))
+
+
 def test_generic_preprocessing_gives_the_same_embedding(model: torch.nn.Module) -> None:
     tiles = random_tiles(4)
     with torch.inference_mode():

@@ -183,7 +183,7 @@ def test_incremental_refresh(slide_dir: Path, tmp_path: Path) -> None:
     assert fifth["counts"]["tiles_encoded"]["kaiko-vits16"] == 0
     assert fifth["counts"]["committed"] == {"kaiko-vits16": 0, "uni": 3}
     uni = read_tiles(out, model="uni")
-    assert uni.schema.field("embedding").type == pa.list_(pa.float16(), 1024)
+    assert uni.schema.field("embedding").type == pa.list_(pa.float32(), 1024)
     assert run_job(cfg2)["plan"]["slides_to_process"] == 0
 
 

@@ -1,4 +1,5 @@
-"""Sink pieces that need no Ray: buffering out-of-order and re-delivered rows, file names."""
+"""The lake's commit protocol without Ray: Delta transactions, idempotent re-commits after a
+kill, replacement without duplicates, compaction, orphans invisible, buffering."""
 
 from __future__ import annotations
 
@@ -7,54 +8,158 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
 
-from pipeline.config import StorageConfig
-from pipeline.sink import Lake, SlideBuffer, read_slides, read_tiles, safe_name, slide_row
+from pipeline.sink import (
+    SLIDES,
+    TILES,
+    Lake,
+    embedding_array,
+    read_slides,
+    read_tiles,
+    safe_name,
+    slides_schema,
+    table_files,
+    tile_files,
+)
+from pipeline.writer import SlideBuffer
 
 META = {"tile_px": 224, "tile_l0": 448.0, "target_mpp": 0.5, "level": 0, "mpp": 0.25,
         "level_downsample": 1.0, "read_mpp": 0.5}
+DIM = 4
 
 
-def batch(idx: list[int], dim: int = 4) -> dict[str, np.ndarray]:
+def batch(idx: list[int], value: float | None = None) -> dict[str, np.ndarray]:
     n = len(idx)
     i = np.array(idx, np.int64)
+    emb = np.repeat(i[:, None], DIM, 1).astype(np.float16)
+    if value is not None:
+        emb[:] = value
     return {"index": i, "x": i * 10, "y": i * 20, "tissue": np.full(n, 0.5, np.float32),
-            "emb__m": np.repeat(i[:, None], dim, 1).astype(np.float16),
-            "meta": np.array([json.dumps(META)] + [""] * (n - 1), dtype=object),
+            "emb__m": emb, "meta": np.array([json.dumps(META)] + [""] * (n - 1), dtype=object),
             "t_chunk": np.full(n, 1.0), "rss_mb": np.full(n, 100.0, np.float32)}
 
 
+def full_buffer(slide_id: str, n: int = 3, value: float | None = None) -> SlideBuffer:
+    buf = SlideBuffer(slide_id, n, ("m",))
+    buf.add(batch(list(range(n)), value))
+    return buf
+
+
+def slide_rows(rows: list[dict], emb: np.ndarray) -> pa.Table:
+    schema = slides_schema(DIM)
+    cols = [embedding_array(emb) if f.name == "embedding" else
+            pa.array([r.get(f.name) for r in rows], f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def commit(lake: Lake, slide_id: str, cohort: str, key: str, value: float | None = None,
+           replace: bool = False, replaced: tuple[str, ...] = (), tiles_only: bool = False
+           ) -> str:
+    buf = full_buffer(slide_id, value=value)
+    f = lake.write_tiles("m", cohort, slide_id, key, buf.tiles_table("m", key, "float32"))
+    lake.commit_tiles("m", DIM, [f], replaced)
+    if not tiles_only:
+        row = {"slide_id": slide_id, "work_key": key, "num_tiles": 3, "tiles_path": f.path,
+               "cohort": cohort}
+        lake.commit_slides("m", slide_rows([row], buf.mean_embedding("m")[None]), replace)
+    return f.path
+
+
 def test_buffer_completes_only_with_every_tile_and_ignores_redelivery() -> None:
-    buf = SlideBuffer("s", 5, {"m": 4})
+    buf = SlideBuffer("s", 5, ("m",))
     for idx in ([3, 4], [0], [3, 4]):  # out of order, one chunk delivered twice
-        b = batch(idx)
-        buf.add(np.arange(len(idx)), b, {"m": "emb__m"})
+        buf.add(batch(idx))
     assert not buf.complete
-    b = batch([1, 2])
-    buf.add(np.arange(2), b, {"m": "emb__m"})
+    buf.add(batch([1, 2]))
     assert buf.complete
-    t = buf.tiles_table("m")
+    t = buf.tiles_table("m", "k", "float32")
     assert t["tile_index"].to_pylist() == [0, 1, 2, 3, 4]
     assert t["x"].to_pylist() == [0, 10, 20, 30, 40]
-    assert t.schema.field("embedding").type == pa.list_(pa.float16(), 4)
-    assert buf.mean_embedding("m").tolist() == [[2.0] * 4]
+    assert t.schema.field("embedding").type == pa.list_(pa.float32(), DIM)
+    assert buf.tiles_table("m", "k", "float16").schema.field("embedding").type == \
+        pa.list_(pa.float16(), DIM)
+    assert buf.mean_embedding("m").tolist() == [2.0] * DIM
 
 
-def test_commit_overwrites_deterministic_files(tmp_path: Path) -> None:
-    lake = Lake(str(tmp_path), StorageConfig())
-    buf = SlideBuffer("a/b c", 2, {"m": 4})
-    buf.add(np.arange(2), batch([0, 1]), {"m": "emb__m"})
-    row = slide_row(4, [{"slide_id": "a/b c", "work_key": "k1", "num_tiles": 2}],
-                    buf.mean_embedding("m"))
-    for _ in range(2):
-        lake.commit_slide("m", "c1", "a/b c", buf.tiles_table("m"), row)
-    assert read_tiles(str(tmp_path)).num_rows == 2
-    assert lake.committed()[("a/b c", "m")].work_key == "k1"
-    # moving cohort retires the old copy
-    lake.commit_slide("m", "c2", "a/b c", buf.tiles_table("m"), row, stale_cohort="c1")
-    slides = read_slides(str(tmp_path))
-    assert slides["cohort"].to_pylist() == ["c2"] and read_tiles(str(tmp_path)).num_rows == 2
+def test_recommit_after_a_kill_is_idempotent_and_orphans_stay_invisible(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    commit(lake, "a", "c1", "k1")
+    # killed between the two transactions: tiles committed, no slides row
+    orphan = commit(lake, "b", "c1", "kb", tiles_only=True)
+    assert read_slides(str(tmp_path))["slide_id"].to_pylist() == ["a"]
+    assert set(read_tiles(str(tmp_path))["slide_id"].to_pylist()) == {"a"}
+    # the re-run writes the same path again and commits both: one copy of each
+    commit(lake, "b", "c1", "kb")
+    commit(lake, "a", "c1", "k1", replace=True)
+    tiles = read_tiles(str(tmp_path))
+    assert sorted(tiles["slide_id"].to_pylist()) == ["a"] * 3 + ["b"] * 3
+    assert sorted(read_slides(str(tmp_path))["slide_id"].to_pylist()) == ["a", "b"]
+    assert orphan in table_files(lake.delta(TILES, "m"))
+    assert lake.committed()[("b", "m")].tiles_path == orphan
     assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_rewritten_slide_replaces_its_rows_in_one_transaction(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    old = commit(lake, "a", "c1", "k1", value=1.0)
+    commit(lake, "z", "c1", "kz")
+    version = lake.delta(SLIDES, "m").version()
+    # the slide file changed and the slide moved cohort: new work key, new path
+    new = commit(lake, "a", "c2", "k2", value=2.0, replace=True, replaced=(old,))
+    assert lake.delta(SLIDES, "m").version() == version + 1  # one transaction
+    slides = read_slides(str(tmp_path))
+    by_id = {r["slide_id"]: r for r in slides.to_pylist()}
+    assert sorted(by_id) == ["a", "z"] and by_id["a"]["cohort"] == "c2"
+    assert by_id["a"]["work_key"] == "k2" and by_id["a"]["embedding"] == [2.0] * DIM
+    tiles = read_tiles(str(tmp_path))
+    a = tiles.filter(pa.compute.equal(tiles["slide_id"], "a"))
+    assert a.num_rows == 3 and set(a["cohort"].to_pylist()) == {"c2"}
+    assert set(a["work_key"].to_pylist()) == {"k2"}
+    files = table_files(lake.delta(TILES, "m"))
+    assert new in files and old not in files
+    # time travel still shows the old snapshot: a reader mid-commit saw a whole state
+    before = DeltaTable(lake.table_url(SLIDES, "m"), version=version).to_pyarrow_table()
+    assert sorted(before["slide_id"].to_pylist()) == ["a", "z"]
+
+
+def test_compaction_leaves_few_files_and_drops_orphans(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    for i in range(12):
+        commit(lake, f"s{i:02d}", "c1" if i % 2 else "c2", f"k{i}")
+    orphan = commit(lake, "gone", "c1", "kg", tiles_only=True)
+    before = read_slides(str(tmp_path)).sort_by("slide_id")
+    assert len(table_files(lake.delta(SLIDES, "m"))) == 12
+    report = lake.compact()
+    assert len(table_files(lake.delta(SLIDES, "m"))) == 2  # one per cohort partition
+    assert orphan not in table_files(lake.delta(TILES, "m"))
+    assert report["tiles/m"] == {"orphans_removed": 1}
+    after = read_slides(str(tmp_path)).sort_by("slide_id")
+    assert after.select(["slide_id", "work_key", "embedding"]).equals(
+        before.select(["slide_id", "work_key", "embedding"]))
+    assert len(tile_files(str(tmp_path), "m")) == 12
+
+
+def test_readers_refuse_mixed_widths_without_a_model(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    commit(lake, "a", "c1", "k1")
+    wide = SlideBuffer("a", 2, ("w",))
+    b = batch([0, 1])
+    b["emb__w"] = np.ones((2, 8), np.float16)
+    wide.add(b)
+    f = lake.write_tiles("w", "c1", "a", "kw", wide.tiles_table("w", "kw", "float32"))
+    lake.commit_tiles("w", 8, [f])
+    schema = slides_schema(8)
+    row = {"slide_id": "a", "work_key": "kw", "tiles_path": f.path, "cohort": "c1"}
+    lake.commit_slides("w", pa.Table.from_arrays(
+        [embedding_array(np.ones((1, 8))) if x.name == "embedding" else
+         pa.array([row.get(x.name)], x.type) for x in schema], schema=schema), False)
+    with pytest.raises(ValueError, match="differ in width"):
+        read_tiles(str(tmp_path))
+    assert read_tiles(str(tmp_path), model="w").schema.field("embedding").type == \
+        pa.list_(pa.float32(), 8)
+    assert read_slides(str(tmp_path), columns=["slide_id"]).num_rows == 2
 
 
 def test_safe_names() -> None:

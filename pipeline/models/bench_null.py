@@ -55,6 +55,12 @@ def _cell_sums_cpu(tiles: torch.Tensor) -> torch.Tensor:
     return cols.view(n, GRID, GRID, w // GRID, c).sum(dim=3, dtype=torch.int32)
 
 
+def _cell_sums_direct(tiles: torch.Tensor) -> torch.Tensor:
+    """As ``_cell_sums_cpu`` in one reduction: cheapest on a GPU (and shapes on meta)."""
+    n, h, w, c = tiles.shape
+    return tiles.reshape(n, GRID, h // GRID, GRID, w // GRID, c).sum(dim=(2, 4), dtype=torch.int32)
+
+
 def pooled_features(x: torch.Tensor) -> torch.Tensor:
     """Tiles -> float32 (N, 48): mean of each channel over each cell of a 4x4 grid, in 0..1.
 
@@ -65,9 +71,8 @@ def pooled_features(x: torch.Tensor) -> torch.Tensor:
         n, h, w, _ = x.shape
         if n and h % GRID == 0 and w % GRID == 0 and x.device.type == "cpu":
             sums = _cell_sums_cpu(x.contiguous())
-        elif h % GRID == 0 and w % GRID == 0:  # one reduction is cheapest on a GPU / meta
-            sums = x.reshape(n, GRID, h // GRID, GRID, w // GRID, CHANNELS).sum(
-                dim=(2, 4), dtype=torch.int32)
+        elif h % GRID == 0 and w % GRID == 0:
+            sums = _cell_sums_direct(x)
         else:
             cells = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2).float(), GRID) / 255.0
             return cells.permute(0, 2, 3, 1).reshape(n, FEATURES)

@@ -1,0 +1,550 @@
+"""Sink capacity: what one writer stores per second, how writers add up, and what commits cost.
+
+    .venv/bin/python bench/sink.py [--slides 40] [--tiles 2000] [--dim 1024] [--repeats 3]
+        [--parts write,procs,ray,commit,s3] [--grow-to 64000] [--grow-batch 640]
+
+UNI-sized rows (1024-d); embeddings arrive as random float16 (what encoders emit on a GPU),
+in chunks of 64 tiles (``tiling.chunk_tiles``), shaped as ``route_to_writers`` hands them on.
+
+- **write** (one process, side by side, interleaved repeats): ``SlideBuffer.add`` of every
+  chunk + ``tiles_table`` + ``Lake.write_tiles`` (``parquet_bytes``, statistics, atomic file
+  write with fsync), stored as float32 (the default) and as float16 (opt-in
+  ``sink.embedding_dtype``), against the old baseline: the same buffer fill and rows as
+  ``fixed_size_list<float16>`` through ``pq.write_table`` with default options (snappy,
+  dictionary on, no byte-stream-split, plain file write). MB/s counts embedding bytes as
+  stored (tiles x dim x 4 for float32, x 2 for float16); tiles/s is the rate that matters
+  for keeping up with encoders.
+- **procs**: the float32 write path in 1 and in 2 processes at once (fork, each its own
+  slides, started together at a barrier): aggregate tiles/s and the ratio, with each
+  process's CPU time over its wall time (1.0 = one core busy the whole time).
+- **ray**: ``SinkWriter`` actors on a local ``ray.init(num_cpus=2)``, 1 and 2 of them, fed by
+  the driver through ``SinkWriter.add`` (a window of 8 calls in flight per actor), against
+  the raw figures of **procs** in the same run.
+- **commit**: ``Lake.commit_tiles`` + ``Lake.commit_slides`` for batches of 64 slides, local
+  disk: on new tables, then after the tables have grown to ``--grow-to`` slides (64,000 =
+  1,000 commits of 64), and a re-run commit that replaces rows (``replace=True``). Growth is
+  fast-forwarded in commits of ``--grow-batch`` slides (same number of tiles files in the
+  tiles table; fewer, larger files in the slides table than 1,000 real commits would leave);
+  ``--grow-batch 64`` makes it literal (~4-5 min). The tiles files committed are not
+  written: a commit only records them.
+- **s3**: the same commit on a moto S3 server on 127.0.0.1, with the HTTP requests each commit
+  makes (counted at the server), on new tables and after growing to ``--s3-grow-to``.
+
+Writes bench/results/sink_<host>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchkit import cpu_model, write_results  # noqa: E402
+from lakekit import CountingS3, code_state, set_s3_env, slides_rows, versions  # noqa: E402
+
+import pipeline.sink as sink  # noqa: E402
+from pipeline.config import StorageConfig  # noqa: E402
+from pipeline.sink import Lake, TilesFile  # noqa: E402
+from pipeline.writer import SlideBuffer  # noqa: E402
+
+MODEL = "uni"
+KEY = "0123456789abcdef01234567"
+CHUNK = 64
+META = {"tile_px": 224, "tile_l0": 448.0, "target_mpp": 0.5, "level": 0, "mpp": 0.25,
+        "level_downsample": 1.0, "read_mpp": 0.5, "width": 100_000, "height": 80_000}
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: chunks of random float16 embeddings, as encoders hand them to writers.
+
+
+def make_slides(n_slides: int, n_tiles: int, dim: int, seed: int = 0) -> list[list[dict]]:
+    """Per slide, its chunks of ``CHUNK`` tiles (distinct random data per slide)."""
+    rng = np.random.default_rng(seed)
+    meta = json.dumps(META)
+    slides = []
+    for _ in range(n_slides):
+        emb = rng.standard_normal((n_tiles, dim), dtype=np.float32).astype(np.float16)
+        chunks = []
+        for s in range(0, n_tiles, CHUNK):
+            i = np.arange(s, min(n_tiles, s + CHUNK))
+            chunks.append({"index": i, "x": (i % 200) * 448, "y": (i // 200) * 448,
+                           "tissue": np.full(len(i), 0.8, np.float32),
+                           f"emb__{MODEL}": emb[i],
+                           "meta": np.array([meta] + [""] * (len(i) - 1), dtype=object),
+                           "t_chunk": np.full(len(i), time.time()),
+                           "rss_mb": np.full(len(i), 100.0, np.float32)})
+        slides.append(chunks)
+    return slides
+
+
+def fill(sid: str, chunks: list[dict], n_tiles: int) -> SlideBuffer:
+    buf = SlideBuffer(sid, n_tiles, (MODEL,))
+    for c in chunks:
+        buf.add(c)
+    assert buf.complete
+    return buf
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) one writer process
+
+
+class _Timed:
+    """Wraps pipeline.sink.parquet_bytes to time the encoding inside write_tiles."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.inner = sink.parquet_bytes
+
+    def __call__(self, table: pa.Table) -> bytes:
+        t = time.perf_counter()
+        try:
+            return self.inner(table)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+def write_variant(variant: str, slides: list[list[dict]], n_tiles: int, dim: int, out: Path,
+                  prefix: str = "s") -> dict[str, float]:
+    """Fill + table + store every slide with one variant; seconds per phase and sizes."""
+    phases = {"fill": 0.0, "table": 0.0, "encode": 0.0, "store": 0.0}
+    nbytes = 0
+    timed = _Timed()
+    dtype = "float16" if variant == "baseline" else variant
+    lake = Lake(str(out), StorageConfig(), embedding_dtype=dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    sink.parquet_bytes = timed
+    cpu0 = time.process_time()
+    try:
+        started = time.perf_counter()
+        for k, chunks in enumerate(slides):
+            sid = f"{prefix}{k:05d}"
+            t0 = time.perf_counter()
+            buf = fill(sid, chunks, n_tiles)
+            t1 = time.perf_counter()
+            table = buf.tiles_table(MODEL, KEY, dtype)
+            t2 = time.perf_counter()
+            if variant == "baseline":
+                path = out / f"{sid}.parquet"
+                pq.write_table(table, path)
+                enc_s, nb = 0.0, path.stat().st_size
+            else:
+                before = timed.seconds
+                f = lake.write_tiles(MODEL, "c0", sid, KEY, table)
+                enc_s, nb = timed.seconds - before, f.size
+            t3 = time.perf_counter()
+            phases["fill"] += t1 - t0
+            phases["table"] += t2 - t1
+            phases["encode"] += enc_s
+            phases["store"] += (t3 - t2) - enc_s
+            nbytes += nb
+        wall = time.perf_counter() - started
+    finally:
+        sink.parquet_bytes = timed.inner
+    tiles = len(slides) * n_tiles
+    itemsize = 2 if dtype == "float16" else 4
+    return {"wall_s": wall, "cpu_s": time.process_time() - cpu0, **{f"{k}_s": v for k, v in
+                                                                    phases.items()},
+            "tiles": tiles, "tiles_per_s": tiles / wall,
+            "emb_mb_per_s": tiles * dim * itemsize / wall / 1e6,
+            "write_only_tiles_per_s": tiles / (wall - phases["fill"]),
+            "file_bytes_per_tile": nbytes / tiles, "raw_emb_bytes_per_tile": dim * itemsize}
+
+
+def bench_write(slides: list[list[dict]], n_tiles: int, dim: int, repeats: int,
+                scratch: Path) -> dict[str, Any]:
+    variants = ("float32", "float16", "baseline")
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    # a warm-up slide per variant: first-call costs (zstd contexts, imports) out of the figures
+    for v in variants:
+        write_variant(v, slides[:1], n_tiles, dim, scratch / "warm")
+    shutil.rmtree(scratch / "warm", ignore_errors=True)
+    for r in range(repeats):
+        order = variants if r % 2 == 0 else variants[::-1]
+        for v in order:
+            d = scratch / f"w-{v}"
+            runs[v].append(write_variant(v, slides, n_tiles, dim, d))
+            shutil.rmtree(d, ignore_errors=True)
+    best = {v: max(rs, key=lambda x: x["tiles_per_s"]) for v, rs in runs.items()}
+    base = best["baseline"]["tiles_per_s"]
+    return {"runs": runs, "best": best,
+            "ratio_tiles_per_s_vs_baseline": {v: best[v]["tiles_per_s"] / base
+                                              for v in variants}}
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) 1 vs 2 writer processes
+
+
+def _proc(k: int, slides: list[list[dict]], n_tiles: int, dim: int, out: str,
+          barrier: Any, q: Any) -> None:
+    barrier.wait()
+    t0 = time.time()
+    res = write_variant("float32", slides, n_tiles, dim, Path(out), prefix=f"p{k}-")
+    q.put({"start": t0, "end": time.time(), **res})
+
+
+def run_procs(n: int, slides: list[list[dict]], n_tiles: int, dim: int, scratch: Path
+              ) -> dict[str, Any]:
+    ctx = mp.get_context("fork")  # the slides' chunks are shared copy-on-write
+    barrier, q = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_proc, args=(k, slides, n_tiles, dim,
+                                             str(scratch / f"p{n}-{k}"), barrier, q))
+             for k in range(n)]
+    for p in procs:
+        p.start()
+    res = [q.get() for _ in procs]
+    for p in procs:
+        p.join()
+    for k in range(n):
+        shutil.rmtree(scratch / f"p{n}-{k}", ignore_errors=True)
+    wall = max(r["end"] for r in res) - min(r["start"] for r in res)
+    tiles = sum(r["tiles"] for r in res)
+    return {"processes": n, "wall_s": wall, "tiles": tiles, "tiles_per_s": tiles / wall,
+            "emb_mb_per_s": tiles * dim * 4 / wall / 1e6,
+            "cpu_per_wall": [r["cpu_s"] / r["wall_s"] for r in res],
+            "per_process_tiles_per_s": [r["tiles_per_s"] for r in res],
+            "loadavg_after": os.getloadavg()}
+
+
+def bench_procs(slides: list[list[dict]], n_tiles: int, dim: int, repeats: int,
+                scratch: Path) -> dict[str, Any]:
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    for r in range(repeats):
+        for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+            runs[n].append(run_procs(n, slides, n_tiles, dim, scratch))
+    best = {n: max(rs, key=lambda x: x["tiles_per_s"]) for n, rs in runs.items()}
+    return {"runs": runs, "best": best,
+            "ratio_2_vs_1": best[2]["tiles_per_s"] / best[1]["tiles_per_s"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) SinkWriter actors on a local Ray
+
+
+def bench_ray(slides: list[list[dict]], n_tiles: int, dim: int, scratch: Path,
+              window: int = 8) -> dict[str, Any]:
+    import ray
+
+    from pipeline.writer import SinkWriter, WriterTask, unpack, writer_of
+
+    set_s3_env()
+    t0 = time.perf_counter()
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=1_500_000_000, log_to_driver=False)
+    init_s = time.perf_counter() - t0
+    out: dict[str, Any] = {"ray_init_s": init_s, "window_per_actor": window, "runs": {}}
+    try:
+        for n in (1, 2):
+            lake_dir = scratch / f"ray-{n}"
+            ids = [f"r{n}-{k:05d}" for k in range(len(slides))]
+            shards: list[dict[str, WriterTask]] = [{} for _ in range(n)]
+            for sid in [*ids, f"warm{n}"]:
+                shards[writer_of(sid, n)][sid] = WriterTask("c0", (MODEL,), {MODEL: KEY})
+            actor = ray.remote(SinkWriter).options(num_cpus=0, max_restarts=0)
+            writers = [actor.remote(str(lake_dir), StorageConfig().model_dump(), "float32",
+                                    shard) for shard in shards]
+            # warm-up: actor start and imports happen before the clock starts
+            warm, wsid = slides[0][0], f"warm{n}"
+            for k, w in enumerate(writers):
+                if writer_of(wsid, n) == k:
+                    ray.get(w.add.remote(wsid, len(warm["index"]), warm))
+                else:
+                    ray.get(w.pending.remote())
+            inflight: dict[int, list[Any]] = {k: [] for k in range(n)}
+            results = []
+            cpu0 = time.process_time()
+            started = time.perf_counter()
+            for sid, chunks in zip(ids, slides, strict=True):
+                k = writer_of(sid, n)
+                for c in chunks:
+                    if len(inflight[k]) >= window:
+                        done, inflight[k] = ray.wait(inflight[k], num_returns=1)
+                        results += ray.get(done)
+                    inflight[k].append(writers[k].add.remote(sid, n_tiles, c))
+            for refs in inflight.values():
+                results += ray.get(refs)
+            wall = time.perf_counter() - started
+            written = [r for r in (unpack(x) for x in results if x) if r is not None]
+            assert len(written) == len(ids), (len(written), len(ids))
+            tiles = len(ids) * n_tiles
+            out["runs"][n] = {"actors": n, "wall_s": wall, "tiles": tiles,
+                              "tiles_per_s": tiles / wall,
+                              "emb_mb_per_s": tiles * dim * 4 / wall / 1e6,
+                              "driver_cpu_per_wall": (time.process_time() - cpu0) / wall,
+                              "calls": sum(len(c) for c in slides)}
+            for w in writers:
+                ray.kill(w)
+            shutil.rmtree(lake_dir, ignore_errors=True)
+    finally:
+        ray.shutdown()
+    out["ratio_2_vs_1"] = out["runs"][2]["tiles_per_s"] / out["runs"][1]["tiles_per_s"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) commit cost
+
+
+def tiles_files(lake: Lake, ids: list[str], cohorts: list[str], key: str) -> list[TilesFile]:
+    stamp = int(time.time() * 1000)
+    return [TilesFile(MODEL, c, s, key, lake.tiles_relpath(c, s, key), 3_600_000, 2000,
+                      json.dumps({"numRecords": 2000, "minValues": {"slide_id": s,
+                                                                    "tile_index": 0},
+                                  "maxValues": {"slide_id": s, "tile_index": 1999},
+                                  "nullCount": {"slide_id": 0, "tile_index": 0}}), stamp)
+            for s, c in zip(ids, cohorts, strict=True)]
+
+
+class Committer:
+    """Commits batches of slides as Coordinator.commit does (tiles, then slides)."""
+
+    COHORTS = ("TCGA-BRCA", "TCGA-LUAD", "TCGA-COAD", "CPTAC")
+
+    def __init__(self, lake: Lake, dim: int):
+        self.lake, self.dim, self.next = lake, dim, 0
+
+    def batch(self, n: int) -> tuple[list[str], list[str]]:
+        ids = [f"slide-{self.next + i:07d}" for i in range(n)]
+        # a manifest in cohort order: a batch is mostly one cohort, sometimes two
+        cohorts = [self.COHORTS[((self.next + i) // 2500) % len(self.COHORTS)]
+                   for i in range(n)]
+        self.next += n
+        return ids, cohorts
+
+    def commit(self, ids: list[str], cohorts: list[str], key: str = KEY,
+               replace: bool = False, replaced: list[str] | None = None) -> dict[str, float]:
+        files = tiles_files(self.lake, ids, cohorts, key)
+        rows = slides_rows(ids, cohorts, [key] * len(ids), [f.path for f in files], self.dim)
+        t0 = time.perf_counter()
+        self.lake.commit_tiles(MODEL, self.dim, files, replaced or [])
+        t1 = time.perf_counter()
+        self.lake.commit_slides(MODEL, rows, replace=replace)
+        t2 = time.perf_counter()
+        return {"tiles_s": t1 - t0, "slides_s": t2 - t1, "total_s": t2 - t0}
+
+
+def _summary(rows: list[dict[str, float]], extra: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    out: dict[str, Any] = {"commits": len(rows)}
+    for k in ("tiles_s", "slides_s", "total_s"):
+        v = sorted(r[k] for r in rows)
+        out[f"median_{k}"] = statistics.median(v)
+        out[f"p90_{k}"] = v[min(len(v) - 1, int(0.9 * len(v)))]
+    if "requests" in rows[0]:
+        out["median_requests"] = statistics.median(r["requests"] for r in rows)
+    return {**out, **(extra or {})}
+
+
+def commit_series(c: Committer, n: int, batch: int = 64, s3: CountingS3 | None = None
+                  ) -> list[dict[str, float]]:
+    rows = []
+    for _ in range(n):
+        ids, cohorts = c.batch(batch)
+        if s3 is not None:
+            s3.reset()
+        r = c.commit(ids, cohorts)
+        if s3 is not None:
+            r["requests"] = s3.total()
+        rows.append(r)
+    return rows
+
+
+def grow(c: Committer, to: int, step: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    n = 0
+    while c.next + step <= to:
+        c.commit(*c.batch(step))
+        n += 1
+    if c.next < to:
+        c.commit(*c.batch(to - c.next))
+        n += 1
+    return {"grown_to_slides": c.next, "grow_commits": n, "grow_s": time.perf_counter() - t0}
+
+
+def replace_series(c: Committer, n: int, s3: CountingS3 | None = None
+                   ) -> list[dict[str, float]]:
+    """Re-runs: 64 committed slides get new work keys (new tiles files, old ones removed)."""
+    rows = []
+    for k in range(n):
+        start = 64 * (2 * k + 1)
+        ids = [f"slide-{i:07d}" for i in range(start, start + 64)]
+        cohorts = [Committer.COHORTS[(i // 2500) % len(Committer.COHORTS)]
+                   for i in range(start, start + 64)]
+        old = [c.lake.tiles_relpath(co, s, KEY) for s, co in zip(ids, cohorts, strict=True)]
+        if s3 is not None:
+            s3.reset()
+        r = c.commit(ids, cohorts, key=f"{k:08d}" + KEY[8:], replace=True, replaced=old)
+        if s3 is not None:
+            r["requests"] = s3.total()
+        rows.append(r)
+    return rows
+
+
+def bench_commit(dim: int, scratch: Path, first: int, grow_to: int, grow_batch: int,
+                 after: int) -> dict[str, Any]:
+    lake = Lake(str(scratch / "commit-lake"))
+    c = Committer(lake, dim)
+    new = commit_series(c, first)
+    g = grow(c, grow_to, grow_batch)
+    grown = commit_series(c, after)
+    repl = replace_series(c, max(3, after // 4))
+    from pipeline.sink import SLIDES, TILES, table_files
+
+    sizes = {t: len(table_files(lake.delta(t, MODEL))) for t in (TILES, SLIDES)}
+    t0 = time.perf_counter()
+    committed = lake.committed()
+    committed_s = time.perf_counter() - t0
+    out = {"new_tables": _summary(new), "grown": _summary(grown, {**g, "table_files": sizes}),
+           "replace_on_grown": _summary(repl),
+           "lake_committed_s_on_grown": committed_s, "committed_rows": len(committed)}
+    out["grown_vs_new_total"] = (out["grown"]["median_total_s"]
+                                 / out["new_tables"]["median_total_s"])
+    shutil.rmtree(scratch / "commit-lake", ignore_errors=True)
+    return out
+
+
+def bench_s3_commit(dim: int, first: int, grow_to: int, grow_batch: int, after: int
+                    ) -> dict[str, Any]:
+    s3 = CountingS3()
+    try:
+        bucket = s3.bucket("bench-sink")
+        lake = Lake(f"s3://{bucket}/lake", StorageConfig(endpoint_url=s3.endpoint))
+        c = Committer(lake, dim)
+        new = commit_series(c, first, s3=s3)
+        s3.reset()
+        g = grow(c, grow_to, grow_batch)
+        g["grow_requests"] = s3.total()
+        grown = commit_series(c, after, s3=s3)
+        s3.reset()
+        c.commit(*c.batch(64))
+        one = s3.report()
+        repl = replace_series(c, max(2, after // 4), s3=s3)
+        out = {"new_tables": _summary(new), "grown": _summary(grown, g),
+               "replace_on_grown": _summary(repl), "one_commit_requests": one}
+        out["grown_vs_new_total"] = (out["grown"]["median_total_s"]
+                                     / out["new_tables"]["median_total_s"])
+        return out
+    finally:
+        s3.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--slides", type=int, default=40)
+    ap.add_argument("--tiles", type=int, default=2000)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--parts", default="write,procs,ray,commit,s3")
+    ap.add_argument("--first-commits", type=int, default=30)
+    ap.add_argument("--grow-to", type=int, default=64_000)
+    ap.add_argument("--grow-batch", type=int, default=640)
+    ap.add_argument("--after-commits", type=int, default=12)
+    ap.add_argument("--s3-grow-to", type=int, default=12_800)
+    ap.add_argument("--scratch", default=None, help="local dir for the lakes (default: tmp)")
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-sink-", dir=args.scratch))
+    out: dict[str, Any] = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
+                                       "loadavg_start": os.getloadavg()},
+                           "versions": versions(), "code": code_state(),
+                           "args": vars(args)}
+    started = time.perf_counter()
+    try:
+        slides = None
+        if parts & {"write", "procs", "ray"}:
+            t0 = time.perf_counter()
+            slides = make_slides(args.slides, args.tiles, args.dim)
+            print(f"inputs: {args.slides} slides x {args.tiles} tiles x {args.dim}-d float16 "
+                  f"({time.perf_counter() - t0:.1f} s to generate)", flush=True)
+        if "write" in parts:
+            assert slides is not None
+            w = out["write"] = bench_write(slides, args.tiles, args.dim, args.repeats, scratch)
+            print("\n(a) one writer process, best of", args.repeats, "interleaved repeats")
+            print(f"{'variant':<10} {'tiles/s':>9} {'emb MB/s':>9} {'x base':>7} "
+                  f"{'B/tile':>7} {'fill':>6} {'table':>6} {'encode':>7} {'store':>6}")
+            for v, b in w["best"].items():
+                print(f"{v:<10} {b['tiles_per_s']:>9,.0f} {b['emb_mb_per_s']:>9.1f} "
+                      f"{w['ratio_tiles_per_s_vs_baseline'][v]:>7.2f} "
+                      f"{b['file_bytes_per_tile']:>7,.0f} {b['fill_s']:>6.2f} "
+                      f"{b['table_s']:>6.2f} {b['encode_s']:>7.2f} {b['store_s']:>6.2f}",
+                      flush=True)
+        if "procs" in parts:
+            assert slides is not None
+            p = out["procs"] = bench_procs(slides, args.tiles, args.dim,
+                                           max(1, args.repeats - 1), scratch)
+            print("\n(b) float32 writers in parallel processes (best of interleaved runs)")
+            for n, b in p["best"].items():
+                print(f"{n} process(es): {b['tiles_per_s']:>9,.0f} tiles/s "
+                      f"{b['emb_mb_per_s']:>6.1f} MB/s  cpu/wall per process "
+                      f"{', '.join(f'{x:.2f}' for x in b['cpu_per_wall'])}")
+            print(f"2 vs 1: {p['ratio_2_vs_1']:.2f}x", flush=True)
+        if "ray" in parts:
+            assert slides is not None
+            r = out["ray"] = bench_ray(slides, args.tiles, args.dim, scratch)
+            print(f"\n(c) SinkWriter actors, local Ray num_cpus=2 (init {r['ray_init_s']:.1f} s)")
+            for n, b in r["runs"].items():
+                raw = out.get("procs", {}).get("best", {}).get(n)
+                vs = f"  {b['tiles_per_s'] / raw['tiles_per_s']:.2f} of raw" if raw else ""
+                print(f"{n} actor(s): {b['tiles_per_s']:>9,.0f} tiles/s "
+                      f"{b['emb_mb_per_s']:>6.1f} MB/s  driver cpu/wall "
+                      f"{b['driver_cpu_per_wall']:.2f}{vs}")
+            print(f"2 vs 1: {r['ratio_2_vs_1']:.2f}x", flush=True)
+        if "commit" in parts:
+            c = out["commit_local"] = bench_commit(args.dim, scratch, args.first_commits,
+                                                   args.grow_to, args.grow_batch,
+                                                   args.after_commits)
+            print("\n(d) commit of 64 slides (commit_tiles + commit_slides), local disk")
+            _print_commit(c)
+            print(f"Lake.committed() on the grown lake ({c['committed_rows']:,} rows): "
+                  f"{c['lake_committed_s_on_grown']:.2f} s", flush=True)
+        if "s3" in parts:
+            c = out["commit_s3"] = bench_s3_commit(args.dim, max(5, args.first_commits // 2),
+                                                   args.s3_grow_to, args.grow_batch,
+                                                   max(4, args.after_commits // 2))
+            print("\n(d) commit of 64 slides, moto S3 on 127.0.0.1 (requests counted there)")
+            _print_commit(c)
+            print("one commit's requests:", json.dumps(c["one_commit_requests"]["by_operation"]))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    out["wall_s"] = time.perf_counter() - started
+    out["machine"]["loadavg_end"] = os.getloadavg()
+    print(f"\n{out['wall_s']:.0f} s; results: {write_results('sink', out)}")
+
+
+def _print_commit(c: dict[str, Any]) -> None:
+    for name, label in (("new_tables", "new tables"),
+                        ("grown", f"after {c['grown']['grown_to_slides']:,} slides"),
+                        ("replace_on_grown", "re-run (replace) on those")):
+        s = c[name]
+        req = f"  {s['median_requests']:.0f} requests" if "median_requests" in s else ""
+        print(f"{label:<28} median {s['median_total_s']:.3f} s (tiles {s['median_tiles_s']:.3f}"
+              f" + slides {s['median_slides_s']:.3f}), p90 {s['p90_total_s']:.3f} s, "
+              f"{s['commits']} commits{req}")
+    print(f"grown / new: {c['grown_vs_new_total']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
