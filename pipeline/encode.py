@@ -16,6 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.columns import (  # noqa: F401 - re-exported for the stage's users
+    EMB_PREFIX,
+    MODELS_COLUMN,
+    TILE_COLUMN,
+    embedding_column,
+    node_column,
+)
 from pipeline.config import StorageConfig
 from pipeline.models import registry
 from pipeline.models.preprocess import preprocess
@@ -24,20 +31,7 @@ from pipeline.models.weights import WeightsRef, load_model
 
 log = logging.getLogger(__name__)
 
-EMB_PREFIX = "emb__"
-TILE_COLUMN = "tile"
-MODELS_COLUMN = "models"
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def embedding_column(model_id: str) -> str:
-    """Output column holding ``model_id``'s embeddings."""
-    return EMB_PREFIX + model_id
-
-
-def node_column(model_id: str) -> str:
-    """Output column naming the Ray node that encoded each row (placement is auditable)."""
-    return "node__" + model_id
 
 
 def _ray_node_id() -> str:

@@ -5,7 +5,7 @@ snapshot is the same for both) and both pay for it. The lease makes the second o
 the first (``sink.lease_wait_s``) and then plan against what the first committed, or refuse
 with a message naming the holder. Exclusive creation is O_EXCL locally and a conditional PUT
 (``If-None-Match: *``) on S3. A holder that dies stops renewing; after ``sink.lease_ttl_s``
-its lease may be taken over.
+its lease may be taken over, at once where it ran on this host and its process is gone.
 """
 
 from __future__ import annotations
@@ -53,6 +53,16 @@ def _create_exclusive(fs: Any, path: str, data: bytes) -> bool:
     return True
 
 
+def _holder_died_here(holder: dict[str, Any]) -> bool:
+    """A holder on this host whose process is gone (killed) needs no TTL to be known dead."""
+    import psutil
+
+    if holder.get("host") != socket.gethostname() or not holder.get("pid"):
+        return False
+    pid = int(holder["pid"])
+    return pid != os.getpid() and not psutil.pid_exists(pid)
+
+
 class Lease:
     def __init__(self, fs: Any, root: str, run_id: str, ttl_s: float, wait_s: float):
         self.fs, self.path, self.run_id = fs, join(root, LEASE_FILE), run_id
@@ -84,6 +94,11 @@ class Lease:
             if other is None:
                 continue  # released between our attempt and our read
             age = time.time() - float(other.get("renewed_at", 0.0))
+            if _holder_died_here(other):
+                log.warning("lake lease of run %s: its process %s on this host is gone: "
+                            "taking it over", other.get("run_id"), other.get("pid"))
+                self._remove()
+                continue
             if age > float(other.get("ttl_s", self.ttl_s)):
                 log.warning("lake lease of run %s was last renewed %.0f s ago: taking it over",
                             other.get("run_id"), age)

@@ -200,7 +200,9 @@ def start_writers(cfg: JobConfig, tasks: list[SlideTask], slide_actors: dict[str
         shards[writer_of(t.entry.slide_id, n)][t.entry.slide_id] = WriterTask(
             t.entry.cohort, tuple(t.models), {m: t.work_keys[m] for m in t.models},
             {m: m in has_encoder for m in t.models})
-    opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0}
+    # A writer lost with its node comes back empty: slides it was buffering end as
+    # "incomplete" error rows (re-run to finish them); the job itself goes on.
+    opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
     if cfg.sink.writer_resource:
         opts["resources"] = {cfg.sink.writer_resource: 0.001}
     actor = ray.remote(SinkWriter).options(**opts)
@@ -243,6 +245,7 @@ class Coordinator:
         self.commits: list[dict[str, Any]] = []
         # first encoded batch at the driver: start-up and pipeline fill end here
         self.first_batch: dict[str, Any] | None = None
+        self.pass_mode = "none"
 
     def start_pass(self, pid: int, tiling: TilingConfig, tasks: list[SlideTask]) -> None:
         self.passes[pid] = (tiling, {t.entry.slide_id: t for t in tasks})
@@ -436,27 +439,61 @@ def _drain(pid: int, ds: Any, out: queue.Queue) -> None:
         out.put((pid, err))
 
 
+def passes_fit_at_once(cfg: JobConfig, groups: list[list[str]], use_gpu: dict[str, bool]
+                       ) -> bool:
+    """Can every pass hold one tiling task and all its encoder actors at the same time?
+
+    If not, concurrent passes would each hold actors while none can tile (a deadlock), so
+    they run one after another, as small clusters must."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus = len(groups) * cfg.ray.tiling_cpus
+    gpus = 0.0
+    for group in groups:
+        for m in cfg.models:
+            if m.id in group:
+                cpus += cfg.ray.encoder_cpus * m.actors
+                gpus += m.actors if use_gpu[m.id] else 0
+    return cpus <= res.get("CPU", 0) and gpus <= res.get("GPU", 0)
+
+
 def run_passes(cfg: JobConfig, plan: Plan, coord: Coordinator, use_gpu: dict[str, bool]
                ) -> None:
-    """All tiling passes at once; the coordinator consumes their metadata in this thread."""
+    """All tiling passes at once where the cluster holds them (one after another where it
+    does not); the coordinator consumes their metadata in this thread."""
     import ray
 
     slide_actors = start_slide_encoders(cfg, plan, use_gpu)
-    out: queue.Queue = queue.Queue()
-    threads, writers = {}, {}
+    passes = []
     for pid, (tiling, group) in enumerate(tiling_groups(cfg)):
         tasks = [replace(t, models=[m for m in t.models if m in group])
                  for t in plan.tasks if set(t.models) & set(group)]
-        if not tasks:
-            continue
+        if tasks:
+            passes.append((pid, tiling, group, tasks))
+    at_once = len(passes) <= 1 or passes_fit_at_once(cfg, [p[2] for p in passes], use_gpu)
+    if not at_once:
+        log.warning("the cluster cannot hold the encoders of all %d tiling passes at once: "
+                    "running them one after another (more CPUs/GPUs, or fewer "
+                    "models[].actors / ray.encoder_cpus, lets them run together)", len(passes))
+    coord.pass_mode = "concurrent" if at_once else "sequential"
+    out: queue.Queue = queue.Queue()
+    writers: dict[int, list[Any]] = {}
+    waiting = list(passes)
+
+    def start(pid: int, tiling: TilingConfig, tasks: list[SlideTask]) -> None:
         coord.start_pass(pid, tiling, tasks)
         writers[pid] = start_writers(cfg, tasks, slide_actors)
         ds = build_dataset(cfg, tiling, tasks, plan, use_gpu, writers[pid])
-        threads[pid] = threading.Thread(target=_drain, args=(pid, ds, out),
-                                        name=f"pass-{pid}", daemon=True)
-        threads[pid].start()
+        threading.Thread(target=_drain, args=(pid, ds, out), name=f"pass-{pid}",
+                         daemon=True).start()
+
+    running: set[int] = set()
+    while waiting and (at_once or not running):
+        pid, tiling, _, tasks = waiting.pop(0)
+        start(pid, tiling, tasks)
+        running.add(pid)
     failure: BaseException | None = None
-    running = set(threads)
     while running:
         try:
             pid, item = out.get(timeout=0.25)
@@ -471,8 +508,15 @@ def run_passes(cfg: JobConfig, plan: Plan, coord: Coordinator, use_gpu: dict[str
                 ray.kill(w)
             if isinstance(item, BaseException) and failure is None:
                 failure = item
+            if waiting and failure is None:
+                nxt, tiling, _, tasks = waiting.pop(0)
+                start(nxt, tiling, tasks)
+                running.add(nxt)
             continue
         coord.add(pid, item)
+    for pid, _, _, tasks in waiting:  # never started: the job failed before them
+        coord.start_pass(pid, passes[0][1], tasks)
+        coord.end_pass(pid, f"{type(failure).__name__}: {failure}")
     for a in slide_actors.values():
         ray.kill(a)
     if failure is not None:
@@ -536,6 +580,7 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
             },
             "encoders": {m: ("cuda" if g else "cpu") for m, g in use_gpu.items()},
             "first_batch": coord.first_batch,
+            "passes": coord.pass_mode,
             "commits": {"count": len(coord.commits),
                         "seconds": round(sum(c["seconds"] for c in coord.commits), 3)},
             "compaction": compaction,

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.columns import EMB_PREFIX, NODE_PREFIX, embedding_column, node_column
 from pipeline.config import StorageConfig
-from pipeline.encode import EMB_PREFIX, embedding_column, node_column
 from pipeline.sink import Lake, TilesFile, embedding_array, tiles_schema
 
 
@@ -178,7 +178,7 @@ def route_to_writers(batch: dict[str, np.ndarray], *, writers: list[Any]) -> dic
 
     ids = batch["slide_id"]
     out_ids, errors, stages, metas, futures = [], [], [], [], []
-    emb_cols = [c for c in batch if c.startswith(EMB_PREFIX) or c.startswith(node_column(""))]
+    emb_cols = [c for c in batch if c.startswith((EMB_PREFIX, NODE_PREFIX))]
     for sid in np.unique(ids):
         sid = str(sid)
         rows = np.nonzero(ids == sid)[0]

@@ -69,7 +69,10 @@ def test_entry_is_a_marked_benchmark_model() -> None:
     assert registry.tiling_spec(SPEC) == (224, 0.5) == registry.tiling_spec(
         registry.get("kaiko-vits16"))
     assert SPEC.preprocess_on == "model"  # the encoder stage hands it the uint8 tiles
-    assert all(not s.benchmark for s in registry.MODELS.values() if s.id != "bench-null")
+    bench = {s.id for s in registry.MODELS.values() if s.benchmark}
+    assert bench == {"bench-null", "bench-null-256", "bench-null-512"}
+    assert [registry.tiling_spec(registry.get(m)) for m in sorted(bench)] == \
+        [(224, 0.5), (256, 0.5), (512, 0.5)]
 
 
 def test_not_in_the_readme_table_but_listed_as_benchmark(capsys) -> None:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import boto3
-import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pytest
 from jobkit import (
     DATA,
+    REPO,
     assert_same_lake,
     embeddings,
      errors_by_slide,
@@ -118,30 +118,43 @@ def test_job_outputs_follow_the_contract(slide_dir: Path, tmp_path: Path) -> Non
     assert run["status"] == "succeeded" and run["counts"]["committed"] == {"kaiko-vits16": 3}
 
 
-def test_duckdb_and_pyarrow_read_the_lake(slide_dir: Path, tmp_path: Path) -> None:
-    """The read paths documented in the README, verbatim."""
+def readme_snippets() -> list[str]:
+    """The python blocks of the README's "Reading the outputs" section, in order."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Reading the outputs", 1)[1].split("\n### ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_read_paths_run_verbatim(slide_dir: Path, tmp_path: Path) -> None:
+    """Every read snippet of the README, run as written against a real job's lake."""
     manifest = write_manifest(tmp_path / "m.csv", [
         {"slide_id": "cmu", "uri": str(slide_dir / "cmu.svs"), "cohort": "skin"}])
     out = str(tmp_path / "lake")
     run_job(job_config(str(manifest), out))
-    rows = duckdb.sql(f"""
-        SELECT s.slide_id, s.cohort, s.num_tiles, t.x, t.y, t.embedding
-        FROM read_parquet('{out}/tiles/**/*.parquet', hive_partitioning = true) t
-        JOIN read_parquet('{out}/slides/**/*.parquet', hive_partitioning = true) s
-          USING (model, cohort, slide_id)
-        WHERE s.model = 'kaiko-vits16';
-    """).fetchall()
-    assert rows and all(r[0] == "cmu" and r[1] == "skin" and len(r[5]) == 384 for r in rows)
-    assert len(rows) == rows[0][2]
-
-    tiles = pads.dataset(f"{out}/tiles", format="parquet", partitioning="hive").to_table(
-        filter=pads.field("model") == "kaiko-vits16")
-    emb = tiles["embedding"].combine_chunks()
-    x = emb.values.to_numpy(zero_copy_only=False).reshape(len(emb), emb.type.list_size)
-    assert x.dtype == np.float16 and x.shape == (len(rows), 384)
-    duck = np.array(sorted(rows, key=lambda r: (r[4], r[3]))[0][5], np.float32)
-    order = np.lexsort((np.array(tiles["x"]), np.array(tiles["y"])))
-    np.testing.assert_allclose(x[order[0]].astype(np.float32), duck, rtol=0, atol=0)
+    truth = read_tiles(out, model="kaiko-vits16")
+    n = truth.num_rows
+    snippets = readme_snippets()
+    assert len(snippets) == 4
+    spaces: list[dict] = []
+    for code in snippets:
+        scope: dict = {}
+        exec(compile(code.replace('"OUT', '"' + out), "README.md", "exec"), scope)
+        spaces.append(scope)
+    duck, arrow, polars, spark = spaces
+    assert len(duck["rows"]) == n and all(r[0] == "cmu" and r[1] == "skin" for r in duck["rows"])
+    assert all(-1.0 <= r[5] <= 1.0 for r in duck["rows"])
+    assert arrow["X"].shape == (n, 384) and arrow["X"].dtype == np.float32
+    assert list(arrow["slides"]["slide_id"]) == ["cmu"]
+    np.testing.assert_array_equal(np.sort(arrow["X"], axis=0), np.sort(embeddings(truth), 0))
+    assert polars["tiles"].height == n and polars["slides"].height == 1
+    pyspark = pytest.importorskip("pyspark.sql")
+    session = (pyspark.SparkSession.builder.master("local[1]")
+               .config("spark.ui.enabled", "false").getOrCreate())
+    try:
+        tiles, slides = spark["read_committed"](session, out, "kaiko-vits16")
+        assert tiles.count() == n and slides.count() == 1
+    finally:
+        session.stop()
 
 
 def test_incremental_refresh(slide_dir: Path, tmp_path: Path) -> None:
@@ -255,3 +268,33 @@ def test_whole_job_in_s3(slide_dir: Path, s3_endpoint: str, s3_bucket: str,
     assert not os.listdir(tmp_path / "scratch") or all(
         f.startswith(".") for f in os.listdir(tmp_path / "scratch"))  # staged slides removed
     assert run_job(cfg)["plan"]["slides_to_process"] == 0
+
+
+def test_models_of_different_tile_specs_run_at_once(tmp_path: Path) -> None:
+    """Three tiling specs (224, 256 and 512 px): three passes, streaming at the same time."""
+    d = tmp_path / "slides"
+    d.mkdir()
+    rows = []
+    for i in range(4):
+        write_pyramid_svs(d / f"s{i}.svs", width=2400, height=1800, mpp=0.5, levels=(1, 4),
+                          seed=40 + i)
+        rows.append({"slide_id": f"s{i}", "uri": str(d / f"s{i}.svs"), "cohort": "c"})
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = str(tmp_path / "lake")
+    models = ["bench-null", "bench-null-256", "bench-null-512"]
+    cfg = job_config(str(manifest), out, models=models, tiling={"chunk_tiles": 16},
+                     ray={"tiling_cpus": 0.4, "encoder_cpus": 0.2},
+                     sink={"commit_slides": 1})
+    record = run_job(cfg)
+    assert record["passes"] == "concurrent"
+    assert record["counts"]["committed"] == {m: 4 for m in models}
+    spans = {}
+    for m in models:
+        mine = [s for s in record["slides"] if s["models"] == [m]]
+        assert len(mine) == 4
+        spans[m] = (min(s["tiling_started_at"] for s in mine),
+                    max(s["committed_at"] for s in mine))
+    # every pass started before any pass had finished
+    assert max(a for a, _ in spans.values()) < min(b for _, b in spans.values()), spans
+    px = {m: read_tiles(out, model=m)["tile_px"].unique().to_pylist() for m in models}
+    assert px == {"bench-null": [224], "bench-null-256": [256], "bench-null-512": [512]}

@@ -201,6 +201,7 @@ def cluster_job(tmp: Path, manifest: Path, out: Path) -> Path:
                        object_store_budget_gb=0.0015)
     data["tiling"]["chunk_tiles"] = 2
     data["models"][0]["batch_size"] = 8  # slides commit one by one, not all in one batch
+    data["sink"]["commit_slides"] = 1
     return write_job(tmp / f"{out.name}.yaml", build_config(data))
 
 
@@ -231,7 +232,11 @@ def job_logs(c: Cluster, sid: str) -> str:
 
 
 def committed(out: Path) -> int:
-    return len(list((out / "slides").glob("model=*/cohort=*/*.parquet")))
+    """Slides committed now, as a reader following the documented path sees them."""
+    try:
+        return read_slides(str(out), columns=["slide_id"]).num_rows
+    except FileNotFoundError:
+        return 0
 
 
 def tiling_now(pids: list[int]) -> bool:

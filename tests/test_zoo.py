@@ -30,7 +30,7 @@ EXPECTED_IDS = {
     "kaiko-vits8", "kaiko-vitb16", "kaiko-vitb8", "kaiko-vitl14", "h-optimus-0", "h-optimus-1",
     "phikon-v2",
 }
-BENCHMARK_IDS = {"bench-null"}  # benchmark/test stand-ins, not pathology models
+BENCHMARK_IDS = {"bench-null", "bench-null-256", "bench-null-512"}  # benchmark/test stand-ins, not pathology models
 
 
 def spec_of(model_id: str, **changes) -> registry.TileModelSpec:
@@ -450,7 +450,7 @@ def test_tiling_spec_groups_models() -> None:
         groups.setdefault(registry.tiling_spec(spec), []).append(spec.id)
     assert registry.tiling_spec(registry.get("virchow")) == (224, 0.5)
     assert registry.tiling_spec(registry.get("uni")) == (256, 0.5)
-    assert set(groups[(512, 0.5)]) == {"conch", "conch-v1.5"}
+    assert set(groups[(512, 0.5)]) == {"conch", "conch-v1.5", "bench-null-512"}
     assert {"uni", "uni2-h", "gigapath"} <= set(groups[(256, 0.5)])
 
 

@@ -101,6 +101,33 @@ def _kaiko(name: str, timm_name: str, dim: int, params: int, img: int = 224) -> 
     )
 
 
+def _bench_null(tile_px: int) -> TileModelSpec:
+    """Benchmark stand-ins at the fields of view of kaiko/Virchow (224), UNI (256) and CONCH
+    (512): a job with all three has three tiling specs, as a real 3-model job would."""
+    return TileModelSpec(
+        id="bench-null" if tile_px == 224 else f"bench-null-{tile_px}",
+        family="bench-null",
+        timm_name="none",  # no network: grid-mean RGB x fixed projection (bench_null.py)
+        timm_kwargs={},
+        dim=1024,  # UNI-sized
+        params=0,  # the projection is a buffer drawn from a fixed seed, not a parameter
+        input_size=tile_px, resize_size=tile_px, interpolation="bilinear", crop=True,
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),  # if preprocessed anyway: pixels / 255
+        embedding="pooled",
+        precision="fp32",  # nothing to gain from autocast
+        native_tile_px=tile_px, native_mpp=0.5,
+        hub_repo=None,
+        hub_filename=None,
+        licence="benchmark/test model: no network, embeddings meaningless; nothing to "
+        "download: use weights: random",
+        preprocess_on="model",  # the generic float conversion would cost ~20x the pooling
+        notes="benchmark/test model: no network, embeddings meaningless. Mean RGB of a "
+        "4x4 grid of the uint8 tile (48 values) times a fixed 48x1024 projection "
+        "(numpy default_rng(0)): measures the pipeline's own ceiling without a GPU",
+        benchmark=True,
+    )
+
+
 def _all_specs() -> tuple[TileModelSpec, ...]:
     swiglu = _swiglu_kwargs()
     virchow_kwargs = {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, **swiglu,
@@ -309,28 +336,7 @@ def _all_specs() -> tuple[TileModelSpec, ...]:
             hub_filename="model.safetensors",
             licence="Owkin non-commercial licence (verify); not gated",
         ),
-        TileModelSpec(
-            id="bench-null",
-            family="bench-null",
-            timm_name="none",  # no network: grid-mean RGB x fixed projection (bench_null.py)
-            timm_kwargs={},
-            dim=1024,  # UNI-sized
-            params=0,  # the projection is a buffer drawn from a fixed seed, not a parameter
-            input_size=224, resize_size=224, interpolation="bilinear", crop=True,
-            mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),  # if preprocessed anyway: pixels / 255
-            embedding="pooled",
-            precision="fp32",  # nothing to gain from autocast
-            native_tile_px=224, native_mpp=0.5,  # as kaiko
-            hub_repo=None,
-            hub_filename=None,
-            licence="benchmark/test model: no network, embeddings meaningless; nothing to "
-            "download: use weights: random",
-            preprocess_on="model",  # the generic float conversion would cost ~20x the pooling
-            notes="benchmark/test model: no network, embeddings meaningless. Mean RGB of a "
-            "4x4 grid of the uint8 tile (48 values) times a fixed 48x1024 projection "
-            "(numpy default_rng(0)): measures the pipeline's own ceiling without a GPU",
-            benchmark=True,
-        ),
+        *(_bench_null(px) for px in (224, 256, 512)),
     )
 
 
