@@ -11,9 +11,16 @@ The module takes the uint8 tiles (N, H, W, 3) as the encoder stage hands them (t
 entry says ``preprocess_on="model"``: the generic float conversion and normalisation would
 cost ~20x the pooling). It also accepts the generic preprocessing's output (N, 3, H, W), which
 for this entry (mean 0, std 1) is pixels / 255; both give the same embedding up to rounding.
+
+``WSI_BENCH_DEVICE_MS_PER_TILE`` (benchmarks only) makes each forward also wait that long per
+tile without using a CPU: a stand-in for a GPU's time, so that a benchmark on a machine
+without GPUs can show whether several encoder pools really work at the same time.
 """
 
 from __future__ import annotations
+
+import os
+import time
 
 import numpy as np
 import torch
@@ -96,6 +103,9 @@ class BenchNull(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, dim) float32 embeddings of uint8 (N, H, W, 3) tiles or (N, 3, H, W) pixels."""
+        device_ms = float(os.environ.get("WSI_BENCH_DEVICE_MS_PER_TILE", "0") or 0)
+        if device_ms > 0 and x.device.type != "meta":
+            time.sleep(len(x) * device_ms / 1000.0)
         return pooled_features(x) @ self.projection
 
 
