@@ -1,7 +1,7 @@
 """The pipeline's own ceiling, and passes of several tiling specs at once, on a local
 multi-node Ray cluster (head + worker nodes with custom resources standing in for GPU nodes).
 
-    .venv/bin/python bench/cluster.py [--slides 8] [--nodes 2] [--device-ms 4]
+    .venv/bin/python bench/cluster.py [--slides 16] [--nodes 2] [--device-ms 4]
 
 1. Ceiling: a job with ``bench-null`` (no network: the encoders cost next to nothing) against
    tiling alone on the same cores (``tile_slide`` in one process per node core, no Ray).
@@ -50,7 +50,8 @@ def make_slides(d: Path, n: int) -> list[Path]:
     paths = []
     for i in range(n):
         p = d / f"s{i}.svs"
-        write_pyramid_svs(p, width=4800, height=3600, mpp=0.5, levels=(1, 4), seed=500 + i)
+        write_pyramid_svs(p, width=6000, height=4800, mpp=0.5, levels=(1, 4), seed=500 + i,
+                          background=False)
         paths.append(p)
     return paths
 
@@ -111,7 +112,7 @@ def job(manifest: Path, out: Path, models: list[str], tiling: dict[str, Any],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slides", type=int, default=8)
+    ap.add_argument("--slides", type=int, default=16)
     ap.add_argument("--nodes", type=int, default=2, help="worker nodes of 1 CPU each")
     ap.add_argument("--device-ms", type=float, default=4.0,
                     help="simulated device time per tile in the multi-model part")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    """Compact a lake's slides and errors tables; drop tiles files no slides row names."""
+    from pipeline.config import StorageConfig
+    from pipeline.lease import Lease
+    from pipeline.sink import Lake
+
+    storage = StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url else \
+        StorageConfig()
+    lake = Lake(args.output, storage)
+    # Orphans are told from files of a job still committing by the lease: hold it meanwhile.
+    with Lease(lake.fs, lake.root, f"compact-{os.getpid()}", 120.0, args.wait):
+        report = lake.compact()
+        if args.vacuum_hours is not None:
+            report["vacuumed"] = lake.vacuum(args.vacuum_hours)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from pipeline.models import registry
     from pipeline.slide_encode import SLIDE_MODELS
@@ -107,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="validate the job and show what a run would do; no Ray")
     _job_args(p)
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("compact", help="compact a lake's tables (jobs do it at their end)")
+    p.add_argument("output", help="the lake's root URL (the job's output:)")
+    p.add_argument("--endpoint-url", help="S3 endpoint (MinIO, on-prem)")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for a running job")
+    p.add_argument("--vacuum-hours", type=float, default=None,
+                   help="also delete files that left the tables more than this many hours "
+                   "ago (readers of older snapshots lose them)")
+    p.set_defaults(func=cmd_compact)
     p = sub.add_parser("models", help="list the model registry")
     p.add_argument("--markdown", action="store_true", help="the README's table")
     p.set_defaults(func=cmd_models)

@@ -58,6 +58,7 @@ def write_demo_job(out: Path) -> Path:
 
 def run_demo(out: Path) -> int:
     from pipeline.run import run_job
+    from pipeline.sink import read_errors
 
     out = out.resolve()
     job = write_demo_job(out)
@@ -76,20 +77,19 @@ def run_demo(out: Path) -> int:
     print(f"\noutputs under {lake}:")
     for sub in ("tiles", "slides", "errors", "runs"):
         print(f"  {lake / sub}")
-    print("\nread them with DuckDB:")
-    print(f"  duckdb -c \"SELECT model, cohort, slide_id, num_tiles FROM "
-          f"read_parquet('{lake}/slides/**/*.parquet', hive_partitioning=true)\"")
+    print("\nread them from Python (DuckDB views over the committed rows):")
+    print(f"  from pipeline.sink import duckdb_connect; con = duckdb_connect({str(lake)!r})")
+    print('  con.sql(\'SELECT slide_id, num_tiles FROM "slides_kaiko-vits16"\').show()')
     try:
-        import duckdb
+        from pipeline.sink import duckdb_connect
 
-        print(duckdb.sql(
-            f"SELECT model, cohort, slide_id, num_tiles, random_weights FROM "
-            f"read_parquet('{lake}/slides/**/*.parquet', hive_partitioning=true) "
-            f"ORDER BY slide_id"))
-        print(duckdb.sql(
-            f"SELECT slide_id, stage, reason FROM "
-            f"read_parquet('{lake}/errors/**/*.parquet', hive_partitioning=true) "
-            f"WHERE run_id = '{record['run_id']}'"))
-    except ImportError:
+        con = duckdb_connect(str(lake))
+        for view in sorted(r[0] for r in con.sql("SHOW TABLES").fetchall()
+                           if r[0].startswith("slides_")):
+            print(con.sql(f'SELECT cohort, slide_id, num_tiles, random_weights FROM "{view}" '
+                          "ORDER BY slide_id"))
+        con.register("errors", read_errors(str(lake), record["run_id"]))
+        print(con.sql("SELECT slide_id, stage, reason FROM errors"))
+    except ImportError:  # duckdb is a dev dependency
         pass
     return 0 if record["status"] == "succeeded" else 1

@@ -390,6 +390,22 @@ class Lake:
                 report[f"tiles/{model}"] = {"orphans_removed": len(orphans)}
         return report
 
+    def vacuum(self, retention_hours: float) -> dict[str, int]:
+        """Delete files that left each table more than ``retention_hours`` ago."""
+        out = {}
+        for table in (TILES, SLIDES):
+            for model in self.models(table):
+                dt = self.delta(table, model)
+                if dt is not None:
+                    out[f"{table}/{model}"] = len(dt.vacuum(
+                        retention_hours=int(retention_hours), dry_run=False,
+                        enforce_retention_duration=False))
+        errors = self.delta(ERRORS)
+        if errors is not None:
+            out[ERRORS] = len(errors.vacuum(retention_hours=int(retention_hours), dry_run=False,
+                                            enforce_retention_duration=False))
+        return out
+
     # -- run records ---------------------------------------------------------------------------
 
     def write_run(self, run_id: str, record: dict[str, Any]) -> None:

@@ -61,3 +61,25 @@ def test_readme_model_table_is_the_registry() -> None:
     text = (REPO / "README.md").read_text()
     section = text.split("<!-- models:start -->\n", 1)[1].split("<!-- models:end -->", 1)[0]
     assert section == markdown_table(), "regenerate: python -m pipeline models --markdown"
+
+
+def test_compact_command_compacts_a_lake(tmp_path: Path) -> None:
+    """`compact` on a lake of one-slide commits leaves one slides file per cohort."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.cli import main
+    from pipeline.sink import SLIDES, Lake, embedding_array, slides_schema, table_files
+
+    lake = Lake(str(tmp_path))
+    schema = slides_schema(2)
+    for i in range(5):
+        row = {"slide_id": f"s{i}", "work_key": f"k{i}", "cohort": "c"}
+        lake.commit_slides("m", pa.Table.from_arrays(
+            [embedding_array(np.ones((1, 2))) if f.name == "embedding" else
+             pa.array([row.get(f.name)], f.type) for f in schema], schema=schema), False)
+    assert len(table_files(lake.delta(SLIDES, "m"))) == 5
+    assert main(["compact", str(tmp_path)]) == 0
+    assert len(table_files(lake.delta(SLIDES, "m"))) == 1
+    assert main(["compact", str(tmp_path), "--vacuum-hours", "0"]) == 0
+    assert len(list((tmp_path / "slides" / "m" / "cohort=c").glob("*.parquet"))) == 1

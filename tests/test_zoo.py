@@ -30,7 +30,8 @@ EXPECTED_IDS = {
     "kaiko-vits8", "kaiko-vitb16", "kaiko-vitb8", "kaiko-vitl14", "h-optimus-0", "h-optimus-1",
     "phikon-v2",
 }
-BENCHMARK_IDS = {"bench-null", "bench-null-256", "bench-null-512"}  # benchmark/test stand-ins, not pathology models
+# benchmark/test stand-ins, not pathology models
+BENCHMARK_IDS = {"bench-null", "bench-null-256", "bench-null-512"}
 
 
 def spec_of(model_id: str, **changes) -> registry.TileModelSpec:
