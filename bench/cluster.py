@@ -132,9 +132,12 @@ def main() -> None:
         alone = tiling_alone(paths, args.nodes)
         print(f"tiling alone, {args.nodes} processes: {alone['tiles_per_s']:.0f} tiles/s "
               f"({alone['tiles']} tiles)", flush=True)
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        # Object stores of 1 GB a node (the default here is 150 MB, which throttles tiling).
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "object_store_memory": 500 << 20})
         for _ in range(args.nodes):
-            cluster.add_node(num_cpus=1, resources={"tiler": 1, "encoder": 1})
+            cluster.add_node(num_cpus=1, resources={"tiler": 1, "encoder": 1},
+                             object_store_memory=1 << 30)
         cluster.wait_for_nodes()
         try:
             fixed = {"mpp": 0.5, "tile_size": 224}

@@ -1,7 +1,9 @@
 """Planning a 10,000-slide lake in S3 with 1% new slides: seconds and HTTP requests.
 
     .venv/bin/python bench/plan.py [--slides 10000] [--prefixes 4] [--new-every 100]
-        [--batch 64] [--repeats 3] [--local-slides 100000]
+        [--batch 64] [--repeats 3]                  # S3 (~3-4 min): results/plan_<host>.json
+    .venv/bin/python bench/plan.py --parts local [--local-slides 100000]
+                                                    # (~1-2 min): results/plan_local_<host>.json
 
 Set-up, on a moto S3 server on 127.0.0.1 (its own process, counting every request it answers,
 by client: s3fs/botocore and delta-rs's Rust object_store, by User-Agent):
@@ -20,10 +22,13 @@ finds exactly the new slides; requests counted at the server between the start a
 of each call, and a phase breakdown (manifest, fingerprints, committed snapshot). Ray is
 never started (checked: ``ray.is_initialized()`` stays false).
 
-``--local-slides`` repeats the compacted case on local disk at that size (100,000): the same
-code minus the network, i.e. the CPU side of planning at 10x, for the extrapolation.
+Also measured, not what the pipeline does: the same plan after a checkpoint of the slides
+table (``DeltaTable.create_checkpoint()`` after ``Lake.compact()``), which turns a snapshot
+load from two GETs per commit since the last checkpoint into one checkpoint read.
 
-Writes bench/results/plan_<host>.json.
+``--parts local`` repeats the compacted case on local disk at ``--local-slides`` (100,000): the
+same code minus the network, i.e. the CPU side of planning at 10x, for the extrapolation.
+Client CPU time is recorded next to wall time (the S3 server runs in its own process).
 """
 
 from __future__ import annotations
@@ -115,10 +120,11 @@ def timed_plan(cfg: JobConfig, s3: CountingS3 | None, expect_tasks: int | None,
                keep_log: bool = False) -> dict[str, Any]:
     if s3 is not None:
         s3.reset(keep_log=keep_log)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     plan = plan_job(cfg, Lake(cfg.output, cfg.storage))
     wall = time.perf_counter() - t0
-    out: dict[str, Any] = {"seconds": wall, "tasks": len(plan.tasks),
+    out: dict[str, Any] = {"seconds": wall, "cpu_s": time.process_time() - c0,
+                           "tasks": len(plan.tasks),
                            "up_to_date": plan.up_to_date[MODEL], "errors": len(plan.errors)}
     if s3 is not None:
         out["requests"] = s3.report()
@@ -137,9 +143,9 @@ def phases(cfg: JobConfig, s3: CountingS3 | None) -> dict[str, Any]:
     def part(name: str, fn: Any) -> Any:
         if s3 is not None:
             s3.reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = fn()
-        out[name] = {"seconds": time.perf_counter() - t0}
+        out[name] = {"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
         if s3 is not None:
             out[name]["requests"] = s3.report()
         return res
@@ -151,12 +157,14 @@ def phases(cfg: JobConfig, s3: CountingS3 | None) -> dict[str, Any]:
     part("lake.committed()", lambda: lake.committed())
     part("fingerprints()", lambda: fingerprints([e.uri for e in manifest.entries],
                                                 cfg.storage))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     plan_job(cfg, Lake(cfg.output, cfg.storage), weights)
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    parts = [v for k, v in out.items() if k != "resolve_weights"]
     out["everything else (keys, compare)"] = {
-        "seconds": max(0.0, total - sum(v["seconds"] for k, v in out.items()
-                                        if k != "resolve_weights"))}
+        "seconds": max(0.0, total - sum(v["seconds"] for v in parts)),
+        "cpu_s": max(0.0, cpu - sum(v["cpu_s"] for v in parts))}
+    out["plan_job (same run)"] = {"seconds": total, "cpu_s": cpu}
     return out
 
 
@@ -253,13 +261,30 @@ def main() -> None:
     ap.add_argument("--new-every", type=int, default=100)
     ap.add_argument("--batch", type=int, default=64, help="slides rows per commit")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--local-slides", type=int, default=100_000, help="0: skip")
+    ap.add_argument("--local-slides", type=int, default=100_000)
+    ap.add_argument("--parts", default="s3", help="s3 and/or local (comma-separated)")
     args = ap.parse_args()
     logging.getLogger("pipeline").setLevel(logging.ERROR)
     out: dict[str, Any] = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                                        "loadavg_start": os.getloadavg()},
                            "versions": versions(), "code": code_state(), "args": vars(args)}
     started = time.perf_counter()
+    parts = set(args.parts.split(","))
+    if "s3" in parts:
+        report_s3(out, args)
+    if "local" in parts:
+        report_local(out, args)
+    ray = sys.modules.get("ray")  # plan_job must not need Ray
+    out["ray_imported"] = ray is not None
+    out["ray_initialized"] = bool(ray is not None and ray.is_initialized())
+    out["wall_s"] = time.perf_counter() - started
+    out["machine"]["loadavg_end"] = os.getloadavg()
+    kind = "plan" if "s3" in parts else "plan_local"
+    print(f"\nray imported: {out['ray_imported']}, initialized: {out['ray_initialized']}; "
+          f"{out['wall_s']:.0f} s; results: {write_results(kind, out)}")
+
+
+def report_s3(out: dict[str, Any], args: argparse.Namespace) -> None:
     s = out["s3"] = bench_s3(args)
     print(f"\nplan_job, {s['slides']:,} slides ({s['new_slides']} new), moto S3, "
           f"best / median of {args.repeats}")
@@ -276,26 +301,20 @@ def main() -> None:
     print("phases (compacted):")
     for k, v in s["phases_compacted"].items():
         req = f"  {v['requests']['total']} requests" if "requests" in v else ""
-        print(f"  {k:<34} {v['seconds']:6.2f} s{req}")
-    if args.local_slides:
-        scratch = Path(tempfile.mkdtemp(prefix="bench-plan-"))
-        try:
-            loc = out["local"] = bench_local(args, scratch)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        print(f"\nlocal disk, {loc['slides']:,} slides, compacted: best "
-              f"{loc['compacted']['best_s']:.2f} s, median {loc['compacted']['median_s']:.2f} s"
-              f" (empty lake {loc['empty_lake']['seconds']:.2f} s)")
-        for k, v in loc["phases_compacted"].items():
-            print(f"  {k:<34} {v['seconds']:6.2f} s")
-    ray = sys.modules.get("ray")  # plan_job must not need Ray
-    out["ray_imported"] = ray is not None
-    out["ray_initialized"] = bool(ray is not None and ray.is_initialized())
-    out["wall_s"] = time.perf_counter() - started
-    out["machine"]["loadavg_end"] = os.getloadavg()
-    print(f"\nray imported: {out['ray_imported']}, initialized: {out['ray_initialized']}; "
-          f"{out['wall_s']:.0f} s; results: "
-          f"{write_results('plan', out)}")
+        print(f"  {k:<34} {v['seconds']:6.2f} s (client cpu {v['cpu_s']:5.2f} s){req}")
+
+
+def report_local(out: dict[str, Any], args: argparse.Namespace) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="bench-plan-"))
+    try:
+        loc = out["local"] = bench_local(args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"\nlocal disk, {loc['slides']:,} slides, compacted: best "
+          f"{loc['compacted']['best_s']:.2f} s, median {loc['compacted']['median_s']:.2f} s"
+          f" (empty lake {loc['empty_lake']['seconds']:.2f} s)")
+    for k, v in loc["phases_compacted"].items():
+        print(f"  {k:<34} {v['seconds']:6.2f} s (cpu {v['cpu_s']:5.2f} s)")
 
 
 if __name__ == "__main__":

@@ -234,6 +234,7 @@ class Lake:
         self.fs.invalidate_cache()  # fsspec instances are shared: never plan from a stale listing
         self.embedding_dtype = embedding_dtype
         self.options = delta_storage_options(self.url, self.storage)
+        self._open: dict[tuple[str, str | None], Any] = {}  # tables this process commits to
 
     # -- where things are --------------------------------------------------------------------
 
@@ -301,8 +302,14 @@ class Lake:
 
     def _ensure(self, table: str, model: str | None, schema: pa.Schema,
                 partition_by: list[str] | None) -> Any:
+        """The table to commit to, created on first use; kept open between commits (delta-rs
+        rebases a commit onto newer versions, so a handle need not be re-read each time)."""
         from deltalake import DeltaTable
 
+        key = (table, model)
+        dt = self._open.get(key)
+        if dt is not None:
+            return dt
         dt = self.delta(table, model)
         if dt is None:
             try:
@@ -313,6 +320,7 @@ class Lake:
                 dt = self.delta(table, model)
                 if dt is None:
                     raise
+        self._open[key] = dt
         return dt
 
     def commit_tiles(self, model: str, dim: int, files: Sequence[TilesFile],
@@ -325,13 +333,15 @@ class Lake:
         schema = tiles_schema(dim, self.embedding_dtype)
         dt = self._ensure(TILES, model, schema.append(pa.field(PARTITION, pa.string())),
                           [PARTITION])
-        new = {f.path for f in files}
-        present = table_files(dt)
-        stamp = int(time.time() * 1000)
         actions: list[Any] = [AddAction(f.path, f.size, {PARTITION: f.cohort}, f.written_at_ms,
                                         True, f.stats) for f in files]
-        actions += [RemoveAction(p, True, stamp, partition_values=_partition_of(p))
-                    for p in set(replaced) - new if p in present]
+        gone = set(replaced) - {f.path for f in files}
+        if gone:  # only files still in the table can leave it
+            dt.update_incremental()
+            present = table_files(dt)
+            stamp = int(time.time() * 1000)
+            actions += [RemoveAction(p, True, stamp, partition_values=_partition_of(p))
+                        for p in sorted(gone & present)]
         dt.create_write_transaction(actions, "append",
                                     schema.append(pa.field(PARTITION, pa.string())),
                                     partition_by=[PARTITION])
@@ -345,6 +355,7 @@ class Lake:
             return
         dt = self._ensure(SLIDES, model, rows.schema, [PARTITION])
         if replace:
+            dt.update_incremental()  # the predicate must see every row committed so far
             ids = ", ".join("'" + s.replace("'", "''") + "'"
                             for s in sorted(set(rows["slide_id"].to_pylist())))
             write_deltalake(dt, rows, mode="overwrite", predicate=f"slide_id IN ({ids})",
