@@ -21,11 +21,13 @@ in chunks of 64 tiles (``tiling.chunk_tiles``), shaped as ``route_to_writers`` h
   the driver through ``SinkWriter.add`` (a window of 8 calls in flight per actor), against
   the raw figures of **procs** in the same run.
 - **commit**: ``Lake.commit_tiles`` + ``Lake.commit_slides`` for batches of 64 slides, local
-  disk: on new tables, then after the tables have grown to ``--grow-to`` slides (64,000 =
-  1,000 commits of 64), and a re-run commit that replaces rows (``replace=True``). Growth is
-  fast-forwarded in commits of ``--grow-batch`` slides (same number of tiles files in the
-  tiles table; fewer, larger files in the slides table than 1,000 real commits would leave);
-  ``--grow-batch 64`` makes it literal (~4-5 min). The tiles files committed are not
+  disk, one ``Lake`` throughout (as the coordinator holds it: table handles kept open): on new
+  tables, then after the tables have grown to ``--grow-to`` slides (64,000 = 1,000 commits of
+  64), then the same with a new ``Lake`` per commit (every table re-read for each commit, as
+  before ``Lake`` kept its handles), and re-run commits that replace rows (``replace=True``).
+  Growth is fast-forwarded in commits of ``--grow-batch`` slides (same number of tiles files
+  in the tiles table; fewer, larger files in the slides table than 1,000 real commits would
+  leave); ``--grow-batch 64`` makes it literal (~4-5 min). The tiles files committed are not
   written: a commit only records them.
 - **s3**: the same commit on a moto S3 server on 127.0.0.1, with the HTTP requests each commit
   makes (counted at the server), on new tables and after growing to ``--s3-grow-to``.
@@ -329,34 +331,13 @@ def tiles_files(lake: Lake, ids: list[str], cohorts: list[str], key: str) -> lis
             for s, c in zip(ids, cohorts, strict=True)]
 
 
-class HandleLake(Lake):
-    """Not the pipeline's code: Lake with one DeltaTable handle per table kept across commits
-    (``update_incremental`` reads only the log entries since), to show what reopening each
-    table's snapshot on every commit (``Lake.delta`` from ``_ensure``) costs."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.handles: dict[tuple[str, str | None], Any] = {}
-
-    def delta(self, table: str, model: str | None = None) -> Any | None:
-        dt = self.handles.get((table, model))
-        if dt is not None:
-            dt.update_incremental()
-            return dt
-        dt = super().delta(table, model)
-        if dt is not None:
-            self.handles[(table, model)] = dt
-        return dt
-
-
 class Committer:
     """Commits batches of slides as Coordinator.commit does (tiles, then slides)."""
 
     COHORTS = ("TCGA-BRCA", "TCGA-LUAD", "TCGA-COAD", "CPTAC")
 
-    def __init__(self, lake: Lake, dim: int, handles: HandleLake | None = None):
+    def __init__(self, lake: Lake, dim: int):
         self.lake, self.dim, self.next = lake, dim, 0
-        self.handles = handles
 
     def batch(self, n: int) -> tuple[list[str], list[str]]:
         ids = [f"slide-{self.next + i:07d}" for i in range(n)]
@@ -368,8 +349,8 @@ class Committer:
 
     def commit(self, ids: list[str], cohorts: list[str], key: str = KEY,
                replace: bool = False, replaced: list[str] | None = None,
-               kept_handles: bool = False) -> dict[str, float]:
-        lake = self.handles if kept_handles and self.handles is not None else self.lake
+               fresh_lake: bool = False) -> dict[str, float]:
+        lake = Lake(self.lake.url, self.lake.storage) if fresh_lake else self.lake
         files = tiles_files(lake, ids, cohorts, key)
         rows = slides_rows(ids, cohorts, [key] * len(ids), [f.path for f in files], self.dim)
         t0 = time.perf_counter()
@@ -393,30 +374,17 @@ def _summary(rows: list[dict[str, float]], extra: dict[str, Any] | None = None
 
 
 def commit_series(c: Committer, n: int, batch: int = 64, s3: CountingS3 | None = None,
-                  kept_handles: bool = False) -> list[dict[str, float]]:
+                  fresh_lake: bool = False) -> list[dict[str, float]]:
     rows = []
     for _ in range(n):
         ids, cohorts = c.batch(batch)
         if s3 is not None:
             s3.reset()
-        r = c.commit(ids, cohorts, kept_handles=kept_handles)
+        r = c.commit(ids, cohorts, fresh_lake=fresh_lake)
         if s3 is not None:
             r["requests"] = s3.total()
         rows.append(r)
     return rows
-
-
-def alternate(c: Committer, n: int, s3: CountingS3 | None = None
-              ) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
-    """Commits through Lake and through HandleLake, interleaved on the same tables."""
-    plain: list[dict[str, float]] = []
-    kept: list[dict[str, float]] = []
-    assert c.handles is not None
-    for t in (TILES, SLIDES):
-        c.handles.delta(t, MODEL)  # open the handles before the clock starts
-    for k in range(2 * n):
-        (kept if k % 2 else plain).extend(commit_series(c, 1, s3=s3, kept_handles=bool(k % 2)))
-    return plain, kept
 
 
 def grow(c: Committer, to: int, step: int) -> dict[str, Any]:
@@ -454,10 +422,11 @@ def bench_commit(dim: int, scratch: Path, first: int, grow_to: int, grow_batch: 
                  after: int) -> dict[str, Any]:
     url = str(scratch / "commit-lake")
     lake = Lake(url)
-    c = Committer(lake, dim, HandleLake(url))
+    c = Committer(lake, dim)
     new = commit_series(c, first)
     g = grow(c, grow_to, grow_batch)
-    grown, kept = alternate(c, after)
+    grown = commit_series(c, after)
+    fresh = commit_series(c, after, fresh_lake=True)
     repl = replace_series(c, max(3, after // 4))
     dt = lake.delta(TILES, MODEL)
     t0 = time.perf_counter()
@@ -471,7 +440,7 @@ def bench_commit(dim: int, scratch: Path, first: int, grow_to: int, grow_batch: 
     committed = lake.committed()
     committed_s = time.perf_counter() - t0
     out = {"new_tables": _summary(new), "grown": _summary(grown, {**g, "table_files": sizes}),
-           "grown_kept_handles": _summary(kept), "replace_on_grown": _summary(repl),
+           "grown_fresh_lake": _summary(fresh), "replace_on_grown": _summary(repl),
            "grown_tiles_table_open_s": open_s, "grown_tiles_table_files_s": files_s,
            "lake_committed_s_on_grown": committed_s, "committed_rows": len(committed)}
     out["grown_vs_new_total"] = (out["grown"]["median_total_s"]
@@ -486,18 +455,19 @@ def bench_s3_commit(dim: int, first: int, grow_to: int, grow_batch: int, after: 
     try:
         bucket = s3.bucket("bench-sink")
         lake = Lake(f"s3://{bucket}/lake", StorageConfig(endpoint_url=s3.endpoint))
-        c = Committer(lake, dim, HandleLake(lake.url, lake.storage))
+        c = Committer(lake, dim)
         new = commit_series(c, first, s3=s3)
         s3.reset()
         g = grow(c, grow_to, grow_batch)
         g["grow_requests"] = s3.total()
-        grown, kept = alternate(c, after, s3=s3)
+        grown = commit_series(c, after, s3=s3)
+        fresh = commit_series(c, after, s3=s3, fresh_lake=True)
         s3.reset()
         c.commit(*c.batch(64))
         one = s3.report()
         repl = replace_series(c, max(2, after // 4), s3=s3)
         out = {"new_tables": _summary(new), "grown": _summary(grown, g),
-               "grown_kept_handles": _summary(kept), "replace_on_grown": _summary(repl),
+               "grown_fresh_lake": _summary(fresh), "replace_on_grown": _summary(repl),
                "one_commit_requests": one}
         out["grown_vs_new_total"] = (out["grown"]["median_total_s"]
                                      / out["new_tables"]["median_total_s"])
@@ -600,15 +570,15 @@ def main() -> None:
 def _print_commit(c: dict[str, Any]) -> None:
     for name, label in (("new_tables", "new tables"),
                         ("grown", f"after {c['grown']['grown_to_slides']:,} slides"),
-                        ("grown_kept_handles", "  same, handles kept (*)"),
+                        ("grown_fresh_lake", "  same, a new Lake each (*)"),
                         ("replace_on_grown", "re-run (replace) on those")):
         s = c[name]
         req = f"  {s['median_requests']:.0f} requests" if "median_requests" in s else ""
         print(f"{label:<28} median {s['median_total_s']:.3f} s (tiles {s['median_tiles_s']:.3f}"
               f" + slides {s['median_slides_s']:.3f}), p90 {s['p90_total_s']:.3f} s, "
               f"{s['commits']} commits{req}")
-    print(f"grown / new: {c['grown_vs_new_total']:.2f}x; (*) bench-only HandleLake: one "
-          "DeltaTable per table kept across commits (update_incremental), interleaved")
+    print(f"grown / new: {c['grown_vs_new_total']:.2f}x; (*) every table's snapshot re-read "
+          "for each commit, as before Lake kept its handles open (9a00a9f)")
 
 
 if __name__ == "__main__":
