@@ -29,8 +29,13 @@ in chunks of 64 tiles (``tiling.chunk_tiles``), shaped as ``route_to_writers`` h
   in the tiles table; fewer, larger files in the slides table than 1,000 real commits would
   leave); ``--grow-batch 64`` makes it literal (~4-5 min). The tiles files committed are not
   written: a commit only records them.
-- **s3**: the same commit on a moto S3 server on 127.0.0.1, with the HTTP requests each commit
-  makes (counted at the server), on new tables and after growing to ``--s3-grow-to``.
+- **s3**: the same commits on a moto S3 server on 127.0.0.1 (its own process), with the HTTP
+  requests of each tiles and slides transaction counted there, commit by commit on new tables,
+  after growing to ``--s3-grow-to`` slides, and with a new ``Lake`` per commit.
+- in both, **(**)**: the new-tables series again with a bench-only ``UpdatedLake`` (this file,
+  not the pipeline's code): ``update_incremental()`` of the kept tiles handle after each tiles
+  transaction. ``DeltaTable.create_write_transaction`` does not advance the handle it is
+  called on, so without it each commit rebases over every commit since the handle opened.
 
 Writes bench/results/sink_<host>.json.
 """
@@ -331,13 +336,25 @@ def tiles_files(lake: Lake, ids: list[str], cohorts: list[str], key: str) -> lis
             for s, c in zip(ids, cohorts, strict=True)]
 
 
+class UpdatedLake(Lake):
+    """Not the pipeline's code: Lake plus ``update_incremental()`` of the tiles table's kept
+    handle after each tiles transaction (``create_write_transaction`` does not advance the
+    handle, so without it every commit rebases over all commits since the handle opened)."""
+
+    def commit_tiles(self, model: str, dim: int, files: Any, replaced: Any = ()) -> None:
+        super().commit_tiles(model, dim, files, replaced)
+        dt = getattr(self, "_open", {}).get((TILES, model))
+        if dt is not None:
+            dt.update_incremental()
+
+
 class Committer:
     """Commits batches of slides as Coordinator.commit does (tiles, then slides)."""
 
     COHORTS = ("TCGA-BRCA", "TCGA-LUAD", "TCGA-COAD", "CPTAC")
 
-    def __init__(self, lake: Lake, dim: int):
-        self.lake, self.dim, self.next = lake, dim, 0
+    def __init__(self, lake: Lake, dim: int, s3: CountingS3 | None = None):
+        self.lake, self.dim, self.next, self.s3 = lake, dim, 0, s3
 
     def batch(self, n: int) -> tuple[list[str], list[str]]:
         ids = [f"slide-{self.next + i:07d}" for i in range(n)]
@@ -353,12 +370,22 @@ class Committer:
         lake = Lake(self.lake.url, self.lake.storage) if fresh_lake else self.lake
         files = tiles_files(lake, ids, cohorts, key)
         rows = slides_rows(ids, cohorts, [key] * len(ids), [f.path for f in files], self.dim)
+        out: dict[str, float] = {}
+        if self.s3 is not None:
+            self.s3.reset()
         t0 = time.perf_counter()
         lake.commit_tiles(MODEL, self.dim, files, replaced or [])
         t1 = time.perf_counter()
+        if self.s3 is not None:
+            out["tiles_requests"] = self.s3.total()
+            self.s3.reset()
+            t1 = time.perf_counter()
         lake.commit_slides(MODEL, rows, replace=replace)
         t2 = time.perf_counter()
-        return {"tiles_s": t1 - t0, "slides_s": t2 - t1, "total_s": t2 - t0}
+        if self.s3 is not None:
+            out["slides_requests"] = self.s3.total()
+            out["requests"] = out["tiles_requests"] + out["slides_requests"]
+        return {"tiles_s": t1 - t0, "slides_s": t2 - t1, "total_s": t2 - t1 + (t1 - t0), **out}
 
 
 def _summary(rows: list[dict[str, float]], extra: dict[str, Any] | None = None
@@ -369,22 +396,15 @@ def _summary(rows: list[dict[str, float]], extra: dict[str, Any] | None = None
         out[f"median_{k}"] = statistics.median(v)
         out[f"p90_{k}"] = v[min(len(v) - 1, int(0.9 * len(v)))]
     if "requests" in rows[0]:
-        out["median_requests"] = statistics.median(r["requests"] for r in rows)
+        for k in ("requests", "tiles_requests", "slides_requests"):
+            out[f"median_{k}"] = statistics.median(r[k] for r in rows)
+        out["tiles_requests_each"] = [r["tiles_requests"] for r in rows]
     return {**out, **(extra or {})}
 
 
-def commit_series(c: Committer, n: int, batch: int = 64, s3: CountingS3 | None = None,
-                  fresh_lake: bool = False) -> list[dict[str, float]]:
-    rows = []
-    for _ in range(n):
-        ids, cohorts = c.batch(batch)
-        if s3 is not None:
-            s3.reset()
-        r = c.commit(ids, cohorts, fresh_lake=fresh_lake)
-        if s3 is not None:
-            r["requests"] = s3.total()
-        rows.append(r)
-    return rows
+def commit_series(c: Committer, n: int, batch: int = 64, fresh_lake: bool = False
+                  ) -> list[dict[str, float]]:
+    return [c.commit(*c.batch(batch), fresh_lake=fresh_lake) for _ in range(n)]
 
 
 def grow(c: Committer, to: int, step: int) -> dict[str, Any]:
@@ -399,8 +419,7 @@ def grow(c: Committer, to: int, step: int) -> dict[str, Any]:
     return {"grown_to_slides": c.next, "grow_commits": n, "grow_s": time.perf_counter() - t0}
 
 
-def replace_series(c: Committer, n: int, s3: CountingS3 | None = None
-                   ) -> list[dict[str, float]]:
+def replace_series(c: Committer, n: int) -> list[dict[str, float]]:
     """Re-runs: 64 committed slides get new work keys (new tiles files, old ones removed)."""
     rows = []
     for k in range(n):
@@ -409,12 +428,8 @@ def replace_series(c: Committer, n: int, s3: CountingS3 | None = None
         cohorts = [Committer.COHORTS[(i // 2500) % len(Committer.COHORTS)]
                    for i in range(start, start + 64)]
         old = [c.lake.tiles_relpath(co, s, KEY) for s, co in zip(ids, cohorts, strict=True)]
-        if s3 is not None:
-            s3.reset()
-        r = c.commit(ids, cohorts, key=f"{k:08d}" + KEY[8:], replace=True, replaced=old)
-        if s3 is not None:
-            r["requests"] = s3.total()
-        rows.append(r)
+        rows.append(c.commit(ids, cohorts, key=f"{k:08d}" + KEY[8:], replace=True,
+                             replaced=old))
     return rows
 
 
@@ -424,6 +439,8 @@ def bench_commit(dim: int, scratch: Path, first: int, grow_to: int, grow_batch: 
     lake = Lake(url)
     c = Committer(lake, dim)
     new = commit_series(c, first)
+    new_updated = commit_series(Committer(UpdatedLake(str(scratch / "commit-lake-2")), dim),
+                                first)
     g = grow(c, grow_to, grow_batch)
     grown = commit_series(c, after)
     fresh = commit_series(c, after, fresh_lake=True)
@@ -439,13 +456,15 @@ def bench_commit(dim: int, scratch: Path, first: int, grow_to: int, grow_batch: 
     t0 = time.perf_counter()
     committed = lake.committed()
     committed_s = time.perf_counter() - t0
-    out = {"new_tables": _summary(new), "grown": _summary(grown, {**g, "table_files": sizes}),
+    out = {"new_tables": _summary(new), "new_tables_updated_handle": _summary(new_updated),
+           "grown": _summary(grown, {**g, "table_files": sizes}),
            "grown_fresh_lake": _summary(fresh), "replace_on_grown": _summary(repl),
            "grown_tiles_table_open_s": open_s, "grown_tiles_table_files_s": files_s,
            "lake_committed_s_on_grown": committed_s, "committed_rows": len(committed)}
     out["grown_vs_new_total"] = (out["grown"]["median_total_s"]
                                  / out["new_tables"]["median_total_s"])
     shutil.rmtree(scratch / "commit-lake", ignore_errors=True)
+    shutil.rmtree(scratch / "commit-lake-2", ignore_errors=True)
     return out
 
 
@@ -454,19 +473,27 @@ def bench_s3_commit(dim: int, first: int, grow_to: int, grow_batch: int, after: 
     s3 = CountingS3()
     try:
         bucket = s3.bucket("bench-sink")
-        lake = Lake(f"s3://{bucket}/lake", StorageConfig(endpoint_url=s3.endpoint))
-        c = Committer(lake, dim)
-        new = commit_series(c, first, s3=s3)
+        storage = StorageConfig(endpoint_url=s3.endpoint)
+        lake = Lake(f"s3://{bucket}/lake", storage)
+        c = Committer(lake, dim, s3)
+        new = commit_series(c, first)
+        new_updated = commit_series(Committer(UpdatedLake(f"s3://{bucket}/lake2", storage),
+                                              dim, s3), first)
+        c.s3 = None
         s3.reset()
         g = grow(c, grow_to, grow_batch)
         g["grow_requests"] = s3.total()
-        grown = commit_series(c, after, s3=s3)
-        fresh = commit_series(c, after, s3=s3, fresh_lake=True)
+        c.s3 = s3
+        grown = commit_series(c, after)
+        c.s3 = None
         s3.reset()
         c.commit(*c.batch(64))
         one = s3.report()
-        repl = replace_series(c, max(2, after // 4), s3=s3)
-        out = {"new_tables": _summary(new), "grown": _summary(grown, g),
+        c.s3 = s3
+        fresh = commit_series(c, after, fresh_lake=True)
+        repl = replace_series(c, max(2, after // 4))
+        out = {"new_tables": _summary(new), "new_tables_updated_handle": _summary(new_updated),
+               "grown": _summary(grown, g),
                "grown_fresh_lake": _summary(fresh), "replace_on_grown": _summary(repl),
                "one_commit_requests": one}
         out["grown_vs_new_total"] = (out["grown"]["median_total_s"]
@@ -554,7 +581,7 @@ def main() -> None:
             print(f"Lake.committed() on the grown lake ({c['committed_rows']:,} rows): "
                   f"{c['lake_committed_s_on_grown']:.2f} s", flush=True)
         if "s3" in parts:
-            c = out["commit_s3"] = bench_s3_commit(args.dim, max(5, args.first_commits // 2),
+            c = out["commit_s3"] = bench_s3_commit(args.dim, args.first_commits,
                                                    args.s3_grow_to, args.grow_batch,
                                                    max(4, args.after_commits // 2))
             print("\n(d) commit of 64 slides, moto S3 on 127.0.0.1 (requests counted there)")
@@ -569,16 +596,23 @@ def main() -> None:
 
 def _print_commit(c: dict[str, Any]) -> None:
     for name, label in (("new_tables", "new tables"),
+                        ("new_tables_updated_handle", "  same, handle updated (**)"),
                         ("grown", f"after {c['grown']['grown_to_slides']:,} slides"),
                         ("grown_fresh_lake", "  same, a new Lake each (*)"),
                         ("replace_on_grown", "re-run (replace) on those")):
         s = c[name]
-        req = f"  {s['median_requests']:.0f} requests" if "median_requests" in s else ""
+        req = (f"  {s['median_requests']:.0f} requests (tiles {s['median_tiles_requests']:.0f}"
+               f" + slides {s['median_slides_requests']:.0f})" if "median_requests" in s else "")
         print(f"{label:<28} median {s['median_total_s']:.3f} s (tiles {s['median_tiles_s']:.3f}"
               f" + slides {s['median_slides_s']:.3f}), p90 {s['p90_total_s']:.3f} s, "
               f"{s['commits']} commits{req}")
     print(f"grown / new: {c['grown_vs_new_total']:.2f}x; (*) every table's snapshot re-read "
-          "for each commit, as before Lake kept its handles open (9a00a9f)")
+          "for each commit, as before Lake kept its handles open (9a00a9f); (**) bench-only "
+          "UpdatedLake: tiles handle update_incremental() after each tiles transaction")
+    for name in ("new_tables", "new_tables_updated_handle"):
+        if "tiles_requests_each" in c[name]:
+            print(f"tiles-commit requests, commit by commit, {name}: "
+                  f"{c[name]['tiles_requests_each']}")
 
 
 if __name__ == "__main__":

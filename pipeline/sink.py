@@ -373,7 +373,8 @@ class Lake:
         write_deltalake(dt, table, mode="append")
 
     def compact(self, target_mb: int = 128) -> dict[str, Any]:
-        """Few files per slides/errors table; tiles files no slides row names leave the table.
+        """Few files per slides/errors table; tiles files no slides row names leave the table;
+        a checkpoint per table.
 
         Tiles files stay one per slide (a MIL loader reads a slide's bag as one object)."""
         report: dict[str, Any] = {}
@@ -399,6 +400,13 @@ class Lake:
                     [RemoveAction(p, True, stamp, partition_values=_partition_of(p))
                      for p in orphans], "append", dt.schema(), partition_by=[PARTITION])
                 report[f"tiles/{model}"] = {"orphans_removed": len(orphans)}
+        # A checkpoint per table: the next snapshot read (the next plan) is one Parquet file,
+        # not a replay of every commit's JSON since the last one.
+        tables = [(t, m) for t in (TILES, SLIDES) for m in self.models(t)] + [(ERRORS, None)]
+        for table, model in tables:
+            dt = self.delta(table, model)
+            if dt is not None:
+                dt.create_checkpoint()
         return report
 
     def vacuum(self, retention_hours: float) -> dict[str, int]:
