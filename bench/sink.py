@@ -27,7 +27,7 @@ in chunks of 64 tiles (``tiling.chunk_tiles``), shaped as ``route_to_writers`` h
   before ``Lake`` kept its handles), and re-run commits that replace rows (``replace=True``).
   Growth is fast-forwarded in commits of ``--grow-batch`` slides (same number of tiles files
   in the tiles table; fewer, larger files in the slides table than 1,000 real commits would
-  leave); ``--grow-batch 64`` makes it literal (~4-5 min). The tiles files committed are not
+  leave); ``--grow-batch 64`` makes it literal (~7 min). The tiles files committed are not
   written: a commit only records them.
 - **s3**: the same commits on a moto S3 server on 127.0.0.1 (its own process), with the HTTP
   requests of each tiles and slides transaction counted there, commit by commit on new tables,
