@@ -107,11 +107,8 @@ def read_manifest(url: str, storage: StorageConfig, default_cohort: str = "defau
     if missing:
         reason = (f"manifest has no {', '.join(repr(c) for c in missing)} column "
                   f"(found: {', '.join(columns) or 'none'}); required: slide_id, uri")
-        problems = [ManifestProblem(i + 1, _text(r.get("slide_id")), _text(r.get("uri")),
-                                    _text(r.get("cohort")), reason) for i, r in enumerate(rows)]
-        if not rows:
-            raise ManifestError(f"{url}: {reason}")
-        return Manifest(url, [], problems, extra_cols)
+        # A whole-manifest problem: no row can be right, so the job stops before any work.
+        raise ManifestError(f"{url}: {reason}")
 
     entries: list[SlideEntry] = []
     problems: list[ManifestProblem] = []

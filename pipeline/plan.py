@@ -117,9 +117,10 @@ def resolve_all_weights(cfg: JobConfig) -> dict[str, WeightsRef]:
     return refs
 
 
-def plan_job(cfg: JobConfig, lake: Lake, weights: dict[str, WeightsRef] | None = None) -> Plan:
+def plan_job(cfg: JobConfig, lake: Lake, weights: dict[str, WeightsRef] | None = None,
+             manifest: Manifest | None = None) -> Plan:
     weights = weights or resolve_all_weights(cfg)
-    manifest = read_manifest(cfg.manifest, cfg.storage, cfg.default_cohort)
+    manifest = manifest or read_manifest(cfg.manifest, cfg.storage, cfg.default_cohort)
     errors = [error_row(slide_id=p.slide_id, uri=p.uri, cohort=p.cohort, stage="manifest",
                         reason=p.reason, row=p.row) for p in manifest.problems]
     committed = lake.committed()

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import JobConfig, TilingConfig
+from pipeline.config import ConfigError, JobConfig, TilingConfig
 from pipeline.lease import Lease
+from pipeline.manifest import Manifest, read_manifest
 from pipeline.models import registry
 from pipeline.plan import (
     TILE_ORDER,
@@ -290,6 +291,7 @@ class Coordinator:
         e = task.entry
         self.errors.append(error_row(slide_id=e.slide_id, uri=e.uri, cohort=e.cohort,
                                      stage=stage, reason=reason, row=e.row, model=model))
+        log.warning("slide %s failed (%s): %s", e.slide_id, stage, reason)
         self.done[pid].add(e.slide_id)
 
     def _values(self, tiling: TilingConfig, task: SlideTask, res: SlideResult, m: str
@@ -523,23 +525,61 @@ def run_passes(cfg: JobConfig, plan: Plan, coord: Coordinator, use_gpu: dict[str
         raise failure
 
 
+def outcome_error(cfg: JobConfig, plan: Plan, coord: Coordinator) -> str | None:
+    """Why a run that raised nothing still did not do its work (for its status and exit code)."""
+    rows = len(plan.manifest.entries) + len(plan.manifest.problems)
+    failed = {e["slide_id"] for e in coord.errors}
+    committed = {s["slide_id"] for s in coord.timings}  # slides committed by this run
+    had_work = len(plan.tasks) + len(plan.errors)
+    if had_work == 0:
+        return None  # everything was already committed: nothing to do is success
+    if not committed:
+        return (f"committed nothing: {len(failed)} of {rows} manifest rows failed "
+                "(see the errors table)")
+    fraction = len(failed - committed) / max(1, len(failed | committed))
+    if fraction > cfg.max_failed_fraction:
+        return (f"{fraction:.0%} of the slides failed, above max_failed_fraction "
+                f"{cfg.max_failed_fraction:.0%} (see the errors table)")
+    return None
+
+
+RAY_WORKING_DIR_COPY = "/runtime_resources/working_dir_files/"
+
+
+def check_output_survives(output: str, cwd: str | None = None) -> None:
+    """Under ``ray job submit --working-dir``, the driver runs in Ray's temporary copy of that
+    dir: a local output inside it is deleted with it. Refuse it before any work."""
+    cwd = os.path.realpath(cwd or os.getcwd())
+    if "://" in output and not output.startswith("file://"):
+        return
+    path = os.path.realpath(output.split("://", 1)[-1])
+    if RAY_WORKING_DIR_COPY in cwd + "/" and (path + "/").startswith(cwd.rstrip("/") + "/"):
+        raise ConfigError(
+            f"output: {output} lies inside Ray's temporary copy of the job's working dir "
+            f"({cwd}), which Ray deletes: use an absolute path on shared storage or an "
+            "object-store URL (s3://...)")
+
+
 def run_job(cfg: JobConfig, run_id: str | None = None) -> dict[str, Any]:
     """Run one job to completion and return its run record (also written to OUT/runs/)."""
+    check_output_survives(cfg.output)
     run_id = run_id or new_run_id()
     started = time.time()
     lake = Lake(cfg.output, cfg.storage, cfg.sink.embedding_dtype)
     weights = resolve_all_weights(cfg)
+    # A manifest that cannot be read stops the job before it touches the lake.
+    manifest = read_manifest(cfg.manifest, cfg.storage, cfg.default_cohort)
     lease = Lease(lake.fs, lake.root, run_id, cfg.sink.lease_ttl_s, cfg.sink.lease_wait_s)
     lease.acquire()
     try:
-        return _run_leased(cfg, run_id, started, lake, weights)
+        return _run_leased(cfg, run_id, started, lake, weights, manifest)
     finally:
         lease.release()
 
 
 def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
-                weights: dict[str, Any]) -> dict[str, Any]:
-    plan = plan_job(cfg, lake, weights)
+                weights: dict[str, Any], manifest: Manifest) -> dict[str, Any]:
+    plan = plan_job(cfg, lake, weights, manifest)
     record: dict[str, Any] = {
         "run_id": run_id, "status": "running", "started_at": _ts(started),
         "config": cfg.model_dump(), "versions": versions(), "plan": plan.summary(),
@@ -567,9 +607,10 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
         coord.finish(job_error)
         if job_error is None and cfg.sink.compact and any(coord.committed.values()):
             compaction = lake.compact()
+        verdict = job_error or outcome_error(cfg, plan, coord)
         record.update({
-            "status": "failed" if job_error else "succeeded",
-            "error": job_error,
+            "status": "failed" if verdict else "succeeded",
+            "error": verdict,
             "finished_at": _ts(time.time()),
             "wall_s": round(time.time() - started, 3),
             "counts": {

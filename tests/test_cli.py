@@ -83,3 +83,45 @@ def test_compact_command_compacts_a_lake(tmp_path: Path) -> None:
     assert len(table_files(lake.delta(SLIDES, "m"))) == 1
     assert main(["compact", str(tmp_path), "--vacuum-hours", "0"]) == 0
     assert len(list((tmp_path / "slides" / "m" / "cohort=c").glob("*.parquet"))) == 1
+
+
+def test_a_run_that_commits_nothing_fails(tmp_path: Path, capsys) -> None:
+    """Every uri wrong: error rows for all, status failed, exit 1 (a nightly goes red)."""
+    write_manifest(tmp_path / "m.csv", [{"slide_id": f"s{i}", "uri": f"/nowhere/s{i}.svs"}
+                                        for i in range(4)])
+    job = write(tmp_path, "manifest: m.csv\noutput: out\nmodels:\n  - id: kaiko-vits16\n"
+                          "    weights: random\n")
+    assert main(["run", str(job)]) == 1
+    out = capsys.readouterr().out
+    assert '"status": "failed"' in out
+    import json
+
+    record = json.loads(next((tmp_path / "out" / "runs").glob("*.json")).read_text())
+    assert record["status"] == "failed" and "committed nothing" in record["error"]
+    assert record["counts"]["errors"] == 4
+
+
+def test_a_manifest_without_its_columns_stops_the_job(tmp_path: Path, capsys) -> None:
+    (tmp_path / "m.csv").write_text("slideid,url\na,/x.svs\n")
+    job = write(tmp_path, "manifest: m.csv\noutput: out\nmodels:\n  - id: kaiko-vits16\n"
+                          "    weights: random\n")
+    assert main(["plan", str(job)]) == 2
+    assert main(["run", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert "no 'slide_id', 'uri' column" in err and "found: slideid, url" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_inside_rays_working_dir_copy_is_refused(tmp_path: Path) -> None:
+    import pytest
+
+    from pipeline.config import ConfigError
+    from pipeline.run import check_output_survives
+
+    copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    copy.mkdir(parents=True)
+    with pytest.raises(ConfigError, match="temporary copy"):
+        check_output_survives(str(copy / "demo-output"), cwd=str(copy))
+    check_output_survives(str(tmp_path / "lake"), cwd=str(copy))       # outside: fine
+    check_output_survives("s3://bucket/lake", cwd=str(copy))           # object store: fine
+    check_output_survives(str(copy / "lake"), cwd=str(tmp_path))       # not a Ray job: fine

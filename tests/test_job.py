@@ -298,3 +298,16 @@ def test_models_of_different_tile_specs_run_at_once(tmp_path: Path) -> None:
     assert max(a for a, _ in spans.values()) < min(b for _, b in spans.values()), spans
     px = {m: read_tiles(out, model=m)["tile_px"].unique().to_pylist() for m in models}
     assert px == {"bench-null": [224], "bench-null-256": [256], "bench-null-512": [512]}
+
+
+def test_too_many_failed_slides_fail_the_run(slide_dir: Path, tmp_path: Path) -> None:
+    rows = [{"slide_id": "cmu", "uri": str(slide_dir / "cmu.svs")}] + [
+        {"slide_id": f"gone{i}", "uri": str(slide_dir / f"gone{i}.svs")} for i in range(3)]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = str(tmp_path / "lake")
+    record = run_job(job_config(str(manifest), out, max_failed_fraction=0.5))
+    assert record["counts"]["committed"] == {"kaiko-vits16": 1}
+    assert record["status"] == "failed" and "75% of the slides failed" in record["error"]
+    # the default fails only a run that committed nothing
+    record = run_job(job_config(str(manifest), str(tmp_path / "lake2")))
+    assert record["status"] == "succeeded"

@@ -59,10 +59,9 @@ def test_parquet_manifest(tmp_path: Path) -> None:
         ("a", 0.5, {"site": 1}), ("b", None, {"site": 2})]
 
 
-def test_missing_column_makes_every_row_an_error(tmp_path: Path) -> None:
-    m = read_manifest(write(tmp_path, "slide_id,path\na,x.svs\nb,y.svs\n"), S)
-    assert m.entries == [] and len(m.problems) == 2
-    assert "no 'uri' column" in m.problems[0].reason
+def test_missing_column_stops_the_job(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="no 'uri' column .found: slide_id, path"):
+        read_manifest(write(tmp_path, "slide_id,path\na,x.svs\nb,y.svs\n"), S)
 
 
 def test_unreadable_manifest_stops_the_job(tmp_path: Path) -> None:
