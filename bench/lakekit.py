@@ -57,11 +57,15 @@ def code_state(files: Sequence[str] = ("pipeline/sink.py", "pipeline/writer.py",
 
 
 def versions() -> dict[str, str]:
+    """Installed versions, read from package metadata (importing ray here would hide whether
+    the code measured imports it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {}
     for name in ("pyarrow", "deltalake", "duckdb", "polars", "moto", "s3fs", "ray", "numpy"):
         try:
-            out[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - informational
+            out[name] = version(name)
+        except PackageNotFoundError:
             out[name] = "unavailable"
     return out
 

@@ -134,13 +134,16 @@ def test_readme_read_paths_run_verbatim(slide_dir: Path, tmp_path: Path) -> None
     truth = read_tiles(out, model="kaiko-vits16")
     n = truth.num_rows
     snippets = readme_snippets()
-    assert len(snippets) == 4
+    assert len(snippets) == 5
     spaces: list[dict] = []
     for code in snippets:
         scope: dict = {}
         exec(compile(code.replace('"OUT', '"' + out), "README.md", "exec"), scope)
         spaces.append(scope)
-    duck, arrow, polars, spark = spaces
+    duck, arrow, polars, spark, loader = spaces
+    bag = loader["bag"]
+    assert bag["slide_id"] == "cmu" and tuple(bag["embeddings"].shape) == (n, 384)
+    assert tuple(bag["coords"].shape) == (n, 2)
     assert len(duck["rows"]) == n and all(r[0] == "cmu" and r[1] == "skin" for r in duck["rows"])
     assert all(-1.0 <= r[5] <= 1.0 for r in duck["rows"])
     assert arrow["X"].shape == (n, 384) and arrow["X"].dtype == np.float32
