@@ -62,8 +62,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.sink import Lake
 
     cfg = _load(args)
+    from pipeline.plan import tiling_groups
+
     plan = plan_job(cfg, Lake(cfg.output, cfg.storage))
-    print(json.dumps(plan.summary(), indent=2))
+    summary = plan.summary()
+    # What each model will be fed, and which models share a tiling pass (decode once).
+    summary["tiling_passes"] = [
+        {"models": models, "tile_px": t.tile_size, "mpp": t.mpp, "min_tissue": t.min_tissue,
+         "reader": t.reader, "spec_hash": t.spec_hash()} for t, models in tiling_groups(cfg)]
+    print(json.dumps(summary, indent=2))
     for e in plan.errors:
         print(f"error: row {e['manifest_row']} {e['slide_id']}: {e['reason']}")
     return 0
@@ -94,6 +101,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.markdown:
         print(registry.markdown_table(), end="")
         return 0
+    if args.json:
+        out = []
+        for spec in registry.MODELS.values():
+            px, mpp = registry.tiling_spec(spec)
+            out.append({"id": spec.id, "kind": "tile", "dim": spec.dim, "params": spec.params,
+                        "precision": spec.precision, "tile_px": px, "mpp": mpp,
+                        "input_px": spec.input_size, "hub_repo": spec.hub_repo,
+                        "gated": spec.gated, "licence": spec.licence,
+                        "benchmark": spec.benchmark})
+        for s in SLIDE_MODELS.values():
+            out.append({"id": s.id, "kind": "slide", "dim": s.dim, "params": s.params,
+                        "input_model": s.input_model, "hub_repo": s.hub_repo,
+                        "licence": s.licence})
+        print(json.dumps(out, indent=2))
+        return 0
     rows = [("id", "dim", "params", "precision", "tile spec", "weights", "licence")]
     for spec in registry.MODELS.values():
         px, mpp = registry.tiling_spec(spec)
@@ -116,17 +138,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline import __version__
+
     parser = argparse.ArgumentParser(prog="wsi-embed", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--version", action="version", version=f"wsi-embed {__version__}")
+    # --log-level works before or after the subcommand (each subparser knows it too).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run a job: tile, encode, commit")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, parents=[common])
+
+    p = command("run", "run a job: tile, encode, commit")
     _job_args(p)
     p.add_argument("--run-id", help="fixed run id (e.g. one per night, for schedulers)")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("plan", help="validate the job and show what a run would do; no Ray")
+    p = command("plan", "validate the job and show what a run would do; no Ray")
     _job_args(p)
     p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("compact", help="compact a lake's tables (jobs do it at their end)")
+    p = command("compact", "compact a lake's tables (jobs do it at their end)")
     p.add_argument("output", help="the lake's root URL (the job's output:)")
     p.add_argument("--endpoint-url", help="S3 endpoint (MinIO, on-prem)")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for a running job")
@@ -134,10 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also delete files that left the tables more than this many hours "
                    "ago (readers of older snapshots lose them)")
     p.set_defaults(func=cmd_compact)
-    p = sub.add_parser("models", help="list the model registry")
+    p = command("models", "list the model registry")
     p.add_argument("--markdown", action="store_true", help="the README's table")
+    p.add_argument("--json", action="store_true", help="every entry as JSON, for scripts")
     p.set_defaults(func=cmd_models)
-    p = sub.add_parser("demo", help="run the bundled offline demo (random weights)")
+    p = command("demo", "run the bundled offline demo (random weights)")
     p.add_argument("--output", default="demo-output")
     p.set_defaults(func=cmd_demo)
     return parser

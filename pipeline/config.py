@@ -272,7 +272,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node: Any = data
     for i, key in enumerate(keys[:-1]):
         if isinstance(node, list):
-            node = node[int(key)]
+            node = node[_index(node, key, dotted)]
             continue
         if key not in node or node[key] is None:
             node[key] = {}
@@ -281,9 +281,22 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
     last = keys[-1]
     if isinstance(node, list):
-        node[int(last)] = value
+        node[_index(node, last, dotted)] = value
     else:
         node[last] = value
+
+
+def _index(items: list[Any], key: str, dotted: str) -> int:
+    """A list position named in ``--set``, checked so a typo is a message, not a traceback."""
+    try:
+        i = int(key)
+    except ValueError:
+        raise ConfigError(f"--set {dotted}: {key!r} must be a list position (0, 1, ...)") from None
+    if not 0 <= i < len(items):
+        raise ConfigError(f"--set {dotted}: position {i} does not exist (the list has "
+                          f"{len(items)} entr{'y' if len(items) == 1 else 'ies'}: 0"
+                          f"{f'..{len(items) - 1}' if len(items) > 1 else ''})")
+    return i
 
 
 def parse_override(item: str) -> tuple[str, Any]:

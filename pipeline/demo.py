@@ -68,8 +68,8 @@ def run_demo(out: Path) -> int:
     record = run_job(cfg)
     wall = time.time() - t0
     tiles = sum(record["counts"]["tiles_encoded"].values())
-    logging.getLogger("pipeline").warning("demo used RANDOM weights: embeddings are meaningless")
-    print(BANNER.format(job=job))
+    logging.getLogger("pipeline").warning("demo used RANDOM weights: embeddings are meaningless "
+                                          "(real weights: one line in %s)", job)
     print(f"run {record['run_id']}: {record['status']} in {wall:.1f}s, "
           f"{tiles} tiles encoded ({tiles / max(wall, 1e-9):.1f} tiles/s incl. Ray start-up)")
     print(f"committed: {record['counts']['committed']}, errors: {record['counts']['errors']}")

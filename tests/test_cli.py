@@ -125,3 +125,26 @@ def test_output_inside_rays_working_dir_copy_is_refused(tmp_path: Path) -> None:
     check_output_survives(str(tmp_path / "lake"), cwd=str(copy))       # outside: fine
     check_output_survives("s3://bucket/lake", cwd=str(copy))           # object store: fine
     check_output_survives(str(copy / "lake"), cwd=str(tmp_path))       # not a Ray job: fine
+
+
+def test_rough_edges_get_clear_answers(tmp_path: Path, capsys) -> None:
+    import json
+
+    write_manifest(tmp_path / "m.csv", [{"slide_id": "a", "uri": str(DATA / "tiny-16px.svs")}])
+    job = write(tmp_path, "manifest: m.csv\noutput: out\nmodels:\n  - id: kaiko-vits16\n"
+                          "    weights: random\n  - id: uni\n    weights: random\n")
+    assert main(["plan", str(job), "--set", "models.2.batch_size=8"]) == 2
+    assert "position 2 does not exist (the list has 2 entries: 0..1)" in capsys.readouterr().err
+    # --log-level after the subcommand; the plan says what each model is fed
+    assert main(["plan", str(job), "--log-level", "warning", "--set", "tiling.mpp=1.0"]) == 0
+    passes = json.loads(capsys.readouterr().out)["tiling_passes"]
+    assert [(p["models"], p["tile_px"], p["mpp"]) for p in passes] == \
+        [(["kaiko-vits16"], 224, 1.0), (["uni"], 256, 1.0)]
+    assert main(["models", "--json"]) == 0
+    ids = {m["id"]: m for m in json.loads(capsys.readouterr().out)}
+    assert ids["uni"]["dim"] == 1024 and ids["gigapath-slide"]["kind"] == "slide"
+    try:
+        main(["--version"])
+    except SystemExit as done:
+        assert done.code == 0
+    assert "wsi-embed 0.1.0" in capsys.readouterr().out
