@@ -345,6 +345,9 @@ class Lake:
         dt.create_write_transaction(actions, "append",
                                     schema.append(pa.field(PARTITION, pa.string())),
                                     partition_by=[PARTITION])
+        # The handle does not follow its own commit: catch it up now (one new log entry),
+        # or every later commit replays all commits since it was opened.
+        dt.update_incremental()
 
     def commit_slides(self, model: str, rows: pa.Table, replace: bool) -> None:
         """Append slides rows; ``replace`` drops earlier rows of the same slides in the same
