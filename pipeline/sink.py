@@ -516,12 +516,8 @@ def read_slides(url: str, model: str | None = None, columns: Iterable[str] | Non
     return pa.concat_tables(parts) if parts else slides_schema(1).empty_table()
 
 
-def tile_files(url: str, model: str, storage: StorageConfig | None = None,
-               slide_ids: Iterable[str] | None = None) -> dict[str, str]:
-    """slide_id -> URL of its tiles file (one object per slide), from the slides table alone:
-    what a MIL data loader needs to fetch one slide's bag without listing the lake."""
-    lake = Lake(url, storage)
-    slides = _slides_of(lake, model, ["slide_id", "tiles_path"])
+def _tile_urls(lake: Lake, model: str, slides: pa.Table | None,
+               slide_ids: Iterable[str] | None) -> dict[str, str]:
     if slides is None:
         return {}
     wanted = set(slide_ids) if slide_ids is not None else None
@@ -531,11 +527,16 @@ def tile_files(url: str, model: str, storage: StorageConfig | None = None,
             if p and (wanted is None or s in wanted)}
 
 
-def tiles_dataset(url: str, model: str, storage: StorageConfig | None = None,
-                  slide_ids: Iterable[str] | None = None) -> pads.Dataset:
-    """A pyarrow dataset over the tiles files of committed slides (cohort from the paths)."""
+def tile_files(url: str, model: str, storage: StorageConfig | None = None,
+               slide_ids: Iterable[str] | None = None) -> dict[str, str]:
+    """slide_id -> URL of its tiles file (one object per slide), from the slides table alone:
+    what a MIL data loader needs to fetch one slide's bag without listing the lake."""
     lake = Lake(url, storage)
-    files = tile_files(url, model, storage, slide_ids)
+    return _tile_urls(lake, model, _slides_of(lake, model, ["slide_id", "tiles_path"]),
+                      slide_ids)
+
+
+def _tiles_dataset(lake: Lake, model: str, files: dict[str, str]) -> pads.Dataset:
     base = lake.table_path(TILES, model)
     prefix = join(lake.url, TILES, model) + "/"
     paths = [join(base, p[len(prefix):]) for p in files.values()]
@@ -543,6 +544,13 @@ def tiles_dataset(url: str, model: str, storage: StorageConfig | None = None,
                         partitioning=pads.partitioning(pa.schema([(PARTITION, pa.string())]),
                                                        flavor="hive"),
                         partition_base_dir=base)
+
+
+def tiles_dataset(url: str, model: str, storage: StorageConfig | None = None,
+                  slide_ids: Iterable[str] | None = None) -> pads.Dataset:
+    """A pyarrow dataset over the tiles files of committed slides (cohort from the paths)."""
+    lake = Lake(url, storage)
+    return _tiles_dataset(lake, model, tile_files(url, model, storage, slide_ids))
 
 
 def read_tiles(url: str, model: str | None = None, columns: Iterable[str] | None = None,
@@ -581,13 +589,14 @@ def duckdb_connect(url: str, models: Sequence[str] | None = None,
 
     con = con or duckdb.connect()
     lake = Lake(url, storage)
+    with_tiles = set(lake.models(TILES))
     for m in models or lake.models(SLIDES):
-        slides = _slides_of(lake, m, None)
+        slides = _slides_of(lake, m, None)  # read once: the view and the tiles files' list
         if slides is None:
             continue
         con.register(f"slides_{m}", slides)
-        if m in lake.models(TILES):
-            con.register(f"tiles_{m}", tiles_dataset(url, m, storage))
+        if m in with_tiles:
+            con.register(f"tiles_{m}", _tiles_dataset(lake, m, _tile_urls(lake, m, slides, None)))
     return con
 
 
