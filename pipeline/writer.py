@@ -182,10 +182,13 @@ def route_to_writers(batch: dict[str, np.ndarray], *, writers: list[Any]) -> dic
     for sid in np.unique(ids):
         sid = str(sid)
         rows = np.nonzero(ids == sid)[0]
-        err = str(batch["error"][rows[0]])
+        # A slide that failed mid-way has tile rows and then its error row: the error wins.
+        failed = [r for r in rows if batch["error"][r]]
+        first = failed[0] if failed else rows[0]
+        err = str(batch["error"][first])
         out_ids.append(sid)
         errors.append(err)
-        stages.append(str(batch["error_stage"][rows[0]]))
+        stages.append(str(batch["error_stage"][first]))
         metas.append(str(batch["meta"][rows[0]]))
         if err:
             futures.append(None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,18 @@ from pipeline.sink import read_errors, read_slides, read_tiles
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
+
+
+def source_snapshot() -> Path:
+    """The package's sources as a clean checkout has them, for `ray job submit --working-dir`.
+
+    Submitting the repository itself packs whatever is in it at that moment (caches, .pyc
+    files that other processes are writing); a snapshot, as a deploy ships, packs only code."""
+    dest = Path(tempfile.mkdtemp(prefix="wsi-src-"))
+    shutil.copytree(REPO / "pipeline", dest / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(REPO / "pyproject.toml", dest / "pyproject.toml")
+    return dest
 
 
 def write_manifest(path: Path, rows: Iterable[dict[str, Any]]) -> Path:

@@ -15,12 +15,21 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from jobkit import REPO, assert_same_lake, job_config, lake_snapshot, write_job, write_manifest
+from jobkit import (
+    REPO,
+    assert_same_lake,
+    job_config,
+    lake_snapshot,
+    source_snapshot,
+    write_job,
+    write_manifest,
+)
 from lake_fixtures import free_port
 from slidegen import write_pyramid_svs
 
 from pipeline.sink import read_slides, read_tiles
 
+SOURCES = source_snapshot()  # what `ray job submit --working-dir` uploads
 BIN = Path(sys.executable).parent
 # The cluster's Python is this environment's (as in a container image with the package).
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
@@ -165,7 +174,7 @@ def test_ray_job_submit_to_a_local_head(ray_head: str, cohort: tuple[Path, int],
     for _ in range(5):  # the head's agent may still be registering right after start-up
         sub = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir",
-             str(REPO), "--submission-id", "nightly-test", "--", "python", "-m", "pipeline",
+             str(SOURCES), "--submission-id", "nightly-test", "--", "python", "-m", "pipeline",
              "run", str(job)], env=ENV, capture_output=True, text=True, timeout=600)
         if "No available agent" not in sub.stdout + sub.stderr:
             break

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from jobkit import REPO, assert_same_lake, job_config, lake_snapshot, write_job, write_manifest
+from jobkit import (
+    assert_same_lake,
+    job_config,
+    lake_snapshot,
+    source_snapshot,
+    write_job,
+    write_manifest,
+)
 from lake_fixtures import free_port
 from slidegen import write_pyramid_svs
 
@@ -31,6 +38,7 @@ from pipeline.sink import read_slides, read_tiles
 
 pytestmark = pytest.mark.slow
 
+SOURCES = source_snapshot()  # what `ray job submit --working-dir` uploads
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
        "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
@@ -210,7 +218,7 @@ def submit(c: Cluster, job: Path, sid: str, *wait: str) -> subprocess.CompletedP
     while True:
         sub = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", c.dashboard, "--working-dir",
-             str(REPO), "--submission-id", sid, *wait, "--", "python", "-m", "pipeline", "run",
+             str(SOURCES), "--submission-id", sid, *wait, "--", "python", "-m", "pipeline", "run",
              str(job), "--run-id", sid],
             env=ENV, capture_output=True, text=True, timeout=300)
         # The dashboard answers before the head's job agent has registered; Ray says retry.
