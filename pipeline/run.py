@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import queue
+import re
 import sys
 import threading
 import time
@@ -42,8 +43,9 @@ from pipeline.plan import (
     slide_encoders,
     tiling_groups,
 )
-from pipeline.sink import Lake, TilesFile, embedding_array, now, slides_schema
+from pipeline.sink import RUNS, Lake, TilesFile, embedding_array, now, slides_schema
 from pipeline.slide_encode import SlideEncoderStage, get_slide_model
+from pipeline.storage import join
 from pipeline.tiling import tile_slides
 from pipeline.writer import SinkWriter, SlideResult, WriterTask, route_to_writers, unpack, writer_of
 
@@ -543,6 +545,16 @@ def outcome_error(cfg: JobConfig, plan: Plan, coord: Coordinator) -> str | None:
     return None
 
 
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_id(run_id: str) -> None:
+    """A run id names a file (OUT/runs/<id>.json) and fills a column: no paths, no spaces."""
+    if not _RUN_ID.match(run_id) or ".." in run_id:
+        raise ConfigError(f"--run-id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-' "
+                          "(no '/' or '..'), e.g. nightly-2026-12-01")
+
+
 RAY_WORKING_DIR_COPY = "/runtime_resources/working_dir_files/"
 
 
@@ -564,6 +576,7 @@ def run_job(cfg: JobConfig, run_id: str | None = None) -> dict[str, Any]:
     """Run one job to completion and return its run record (also written to OUT/runs/)."""
     check_output_survives(cfg.output)
     run_id = run_id or new_run_id()
+    check_run_id(run_id)
     started = time.time()
     lake = Lake(cfg.output, cfg.storage, cfg.sink.embedding_dtype)
     weights = resolve_all_weights(cfg)
@@ -572,6 +585,10 @@ def run_job(cfg: JobConfig, run_id: str | None = None) -> dict[str, Any]:
     lease = Lease(lake.fs, lake.root, run_id, cfg.sink.lease_ttl_s, cfg.sink.lease_wait_s)
     lease.acquire()
     try:
+        if lake.fs.exists(join(lake.root, RUNS, f"{run_id}.json")):
+            raise ConfigError(f"--run-id {run_id!r} was used before on this lake (its record "
+                              "would be overwritten): give this attempt a new id, e.g. "
+                              f"{run_id}-r2")
         return _run_leased(cfg, run_id, started, lake, weights, manifest)
     finally:
         lease.release()

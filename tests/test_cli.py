@@ -148,3 +148,17 @@ def test_rough_edges_get_clear_answers(tmp_path: Path, capsys) -> None:
     except SystemExit as done:
         assert done.code == 0
     assert "wsi-embed 0.1.0" in capsys.readouterr().out
+
+
+def test_run_ids_name_files_safely_and_once(tmp_path: Path, capsys) -> None:
+    write_manifest(tmp_path / "m.csv", [{"slide_id": "a", "uri": "/nowhere/a.svs"}])
+    job = write(tmp_path, "manifest: m.csv\noutput: out\nmodels:\n  - id: kaiko-vits16\n"
+                          "    weights: random\n")
+    for bad in ("../../pwned-runid", "a/b", "has space"):
+        assert main(["run", str(job), "--run-id", bad]) == 2
+        assert "letters, digits" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "pwned-runid.json").exists()
+    assert main(["run", str(job), "--run-id", "night-1"]) == 1  # ran: nothing committed
+    assert main(["run", str(job), "--run-id", "night-1"]) == 2
+    assert "used before on this lake" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == ["night-1.json"]
