@@ -1,8 +1,8 @@
 """Builds and runs the Ray Data pipeline; the job entry point.
 
     plan (pipeline.plan) -> lease on the lake -> one Ray Data pipeline per tiling spec, all
-    running at once: slides -> tiling tasks (CPU) -> one encoder actor pool per model ->
-    route_to_writers -> writer actors (pipeline.writer: one tiles file per slide and model)
+    running at once: slides -> tiling tasks (CPU) -> one encoder actor pool per model, the
+    last of which routes to writer actors (pipeline.writer: one tiles file per slide and model)
     -> the coordinator here, which sees only metadata and commits Delta transactions
     -> compaction -> run record
 
@@ -151,24 +151,41 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
                                    "storage": cfg.storage.model_dump()},
                         **tiler_args)
     active = [m for m in cfg.models if any(m.id in t.models for t in tasks)]
+    routing = routing_encoder()
     for i, m in enumerate(active):
+        last = i == len(active) - 1
         enc_args: dict[str, Any] = {"num_cpus": cfg.ray.encoder_cpus,
                                     "num_gpus": 1 if use_gpu[m.id] else 0}
         if cfg.ray.encoder_resource:
             enc_args["resources"] = {cfg.ray.encoder_resource: 0.001}
         model_cfg = m.model_dump()
         model_cfg["cpu_threads"] = max(1, math.ceil(cfg.ray.encoder_cpus))
+        kwargs: dict[str, Any] = {"model_cfg": model_cfg,
+                                  "weights": asdict(plan.weights[m.id]),
+                                  "storage_cfg": cfg.storage.model_dump(), "drop_tiles": last}
+        if last:
+            kwargs["writers"] = writers
         ds = ds.map_batches(
-            TileEncoder, batch_size=m.batch_size, batch_format="numpy",
-            compute=ActorPoolStrategy(size=m.actors),
-            fn_constructor_kwargs={"model_cfg": model_cfg,
-                                   "weights": asdict(plan.weights[m.id]),
-                                   "storage_cfg": cfg.storage.model_dump(),
-                                   "drop_tiles": i == len(active) - 1},
-            **enc_args)
-    # Embeddings leave Ray Data here, for the writers; what goes on is one metadata row a slide.
-    return ds.map_batches(route_to_writers, batch_size=None, batch_format="numpy",
-                          fn_kwargs={"writers": writers}, num_cpus=0.05)
+            routing if last else TileEncoder, batch_size=m.batch_size, batch_format="numpy",
+            compute=ActorPoolStrategy(size=m.actors), fn_constructor_kwargs=kwargs, **enc_args)
+    return ds
+
+
+def routing_encoder() -> type:
+    """The pass's last encoder hands its embeddings to the writers itself: no stage between
+    (a task stage there delayed each slide's rows by seconds), no extra object-store hop; what
+    goes on to the coordinator is one metadata row a slide."""
+    from pipeline.encode import TileEncoder
+
+    class RoutingTileEncoder(TileEncoder):
+        def __init__(self, *, writers: list[Any], **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.writers = writers
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return route_to_writers(super().__call__(batch), writers=self.writers)
+
+    return RoutingTileEncoder
 
 
 def start_slide_encoders(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]
