@@ -1,8 +1,9 @@
 """Writers on the cluster: tile embeddings go from the encoders to these, never to the driver.
 
-    encoder actors -> route_to_writers (a light Ray Data stage) -> SinkWriter actor owning the
-    slide (by hash of its id) -> one tiles file per (slide, model) -> SlideResult (metadata,
-    file paths, statistics, the slide's pooled embedding) -> the coordinator, which commits
+    last encoder actor of a pass -> route_to_writers (called in that actor) -> SinkWriter
+    actor owning the slide (by hash of its id) -> one tiles file per (slide, model) ->
+    SlideResult (metadata, file paths, statistics, the slide's pooled embedding) -> the
+    coordinator, which commits
 
 Writers buffer a slide until all its tiles have arrived (in any order, possibly twice after a
 retried task), then write it. Capacity grows with the number of writers (``sink.writers``).
