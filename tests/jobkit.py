@@ -32,6 +32,20 @@ def source_snapshot() -> Path:
     return dest
 
 
+def generated_cohort(d: Path, n: int, *, seed: int, width: int = 1400, height: int = 1100,
+                     cohort: str = "c") -> list[dict[str, Any]]:
+    """``n`` generated 0.5 um/px slides in ``d``, as manifest rows ``s0``, ``s1``, ..."""
+    from slidegen import write_pyramid_svs
+
+    d.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        write_pyramid_svs(d / f"s{i}.svs", width=width, height=height, mpp=0.5, levels=(1, 4),
+                          seed=seed + i)
+        rows.append({"slide_id": f"s{i}", "uri": str(d / f"s{i}.svs"), "cohort": cohort})
+    return rows
+
+
 def write_manifest(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
     rows = list(rows)
     cols: list[str] = []

@@ -18,6 +18,7 @@ from jobkit import (
     assert_same_lake,
     embeddings,
      errors_by_slide,
+    generated_cohort,
     job_config,
     lake_snapshot,
     write_manifest,
@@ -275,13 +276,7 @@ def test_whole_job_in_s3(slide_dir: Path, s3_endpoint: str, s3_bucket: str,
 
 def test_models_of_different_tile_specs_run_at_once(tmp_path: Path) -> None:
     """Three tiling specs (224, 256 and 512 px): three passes, streaming at the same time."""
-    d = tmp_path / "slides"
-    d.mkdir()
-    rows = []
-    for i in range(4):
-        write_pyramid_svs(d / f"s{i}.svs", width=2400, height=1800, mpp=0.5, levels=(1, 4),
-                          seed=40 + i)
-        rows.append({"slide_id": f"s{i}", "uri": str(d / f"s{i}.svs"), "cohort": "c"})
+    rows = generated_cohort(tmp_path / "slides", 4, seed=40, width=2400, height=1800)
     manifest = write_manifest(tmp_path / "m.csv", rows)
     out = str(tmp_path / "lake")
     models = ["bench-null", "bench-null-256", "bench-null-512"]

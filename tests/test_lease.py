@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobkit import job_config, lake_snapshot, write_manifest
-from slidegen import write_pyramid_svs
+from jobkit import generated_cohort, job_config, lake_snapshot, write_manifest
 
 from pipeline.config import StorageConfig
 from pipeline.lease import LEASE_FILE, LakeBusy, Lease
@@ -55,14 +54,8 @@ def test_a_dead_holders_lease_is_taken_over(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("local_ray")
 def test_two_jobs_started_together_end_with_the_rows_of_one(tmp_path: Path) -> None:
-    d = tmp_path / "slides"
-    d.mkdir()
-    rows = []
-    for i in range(3):
-        write_pyramid_svs(d / f"s{i}.svs", width=1400, height=1100, mpp=0.5, levels=(1, 4),
-                          seed=20 + i)
-        rows.append({"slide_id": f"s{i}", "uri": str(d / f"s{i}.svs"), "cohort": "c"})
-    manifest = write_manifest(tmp_path / "m.csv", rows)
+    manifest = write_manifest(tmp_path / "m.csv", generated_cohort(tmp_path / "slides", 3,
+                                                                   seed=20))
     out = str(tmp_path / "lake")
     cfg = job_config(str(manifest), out, sink={"lease_wait_s": 600})
     start = threading.Barrier(2)
