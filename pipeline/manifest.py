@@ -70,13 +70,14 @@ def _read_table(url: str, storage: StorageConfig) -> pa.Table:
             return pq.read_table(io.BytesIO(data))
         if lower.endswith((".csv", ".csv.gz", ".tsv")):
             opts = pacsv.ParseOptions(delimiter="\t" if lower.endswith(".tsv") else ",")
-            # Every column as text: ids like "0012" must not become integers.
+            # Every column as text: ids like "0012" must not become integers, and "NA", "null"
+            # or "N/A" are real ids and cohorts; only an empty cell is missing (see _text).
             head = pacsv.read_csv(io.BytesIO(data), parse_options=opts,
                                   read_options=pacsv.ReadOptions(skip_rows_after_names=10**9))
             types = {name: pa.string() for name in head.column_names}
             return pacsv.read_csv(
                 io.BytesIO(data), parse_options=opts,
-                convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True),
+                convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
             )
     except (pa.ArrowInvalid, OSError) as err:
         raise ManifestError(f"manifest {url} could not be parsed: {err}") from None

@@ -69,3 +69,13 @@ def test_unreadable_manifest_stops_the_job(tmp_path: Path) -> None:
         read_manifest(str(tmp_path / "missing.csv"), S)
     with pytest.raises(ManifestError, match="unknown format"):
         read_manifest(write(tmp_path, "x", "m.xlsx"), S)
+
+
+def test_csv_placeholders_are_values_not_missing(tmp_path: Path) -> None:
+    # The CSV reader's default null tokens ("NA", "null", "N/A") are real ids and cohorts here;
+    # only an empty cell is missing.
+    url = write(tmp_path, "slide_id,uri,cohort\nNA,a.svs,NA\nnull,b.svs,N/A\n,c.svs,x\nd,d.svs,\n")
+    m = read_manifest(url, StorageConfig())
+    assert [(e.slide_id, e.cohort) for e in m.entries] == [("NA", "NA"), ("d", "default")]
+    assert [(p.row, p.slide_id, p.reason.split(" is ")[0]) for p in m.problems] == [
+        (2, "null", "cohort 'N/A'"), (3, None, "empty slide_id")]
