@@ -191,9 +191,16 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.manifest import ManifestError
         from pipeline.models.weights import WeightsError
 
+        from pipeline.lease import LakeBusy
+        from pipeline.storage import StorageUnavailable
+        from pipeline.unsaved import UnsavedRecords
+
         if isinstance(err, (ManifestError, WeightsError)):
             print(f"error: {err}", file=sys.stderr)
             return 2
+        if isinstance(err, (UnsavedRecords, StorageUnavailable, LakeBusy)):
+            print(f"error: {err}", file=sys.stderr)  # says what failed and what to do
+            return 1
         raise
 
 

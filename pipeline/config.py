@@ -176,7 +176,12 @@ class StorageConfig(_Strict):
     profile: str | None = None
     scratch_dir: str | None = Field(None, description="local dir for staged slides (default: tmp)")
     scratch_limit_gb: float = Field(50.0, gt=0, description="max bytes of staged slides per node")
-    retries: int = Field(4, ge=0, le=20, description="retries on transient storage errors")
+    retries: int = Field(40, ge=0, le=1000,
+                         description="most retries of one storage call on transient errors")
+    retry_budget_s: float = Field(
+        300.0, ge=0, description="time one storage call (a read, a write, a commit) may spend "
+        "retrying throttling, 5xx, resets and outages before its slide fails")
+    retry_max_backoff_s: float = Field(15.0, gt=0, description="longest wait between retries")
 
     @field_validator("endpoint_url")
     @classmethod
@@ -236,6 +241,10 @@ class SinkConfig(_Strict):
                                 "job's lease on the same lake before it gives up")
     lease_ttl_s: float = Field(120.0, gt=0, description="a lease not renewed this long "
                                "belongs to a dead job and may be taken over")
+    unsaved_dir: str | None = Field(
+        None, description="local folder for error rows and run records that storage refused "
+        "at the end of a run (default ~/.local/state/wsi-pipeline/unsaved); the next run on "
+        "the lake from this machine writes them")
 
 
 class JobConfig(_Strict):

@@ -21,7 +21,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.storage import atomic_write_bytes, join
+from pipeline.storage import RetryPolicy, atomic_write_bytes, join, with_retries
 
 log = logging.getLogger("pipeline")
 LEASE_FILE = "_lease.json"
@@ -64,11 +64,15 @@ def _holder_died_here(holder: dict[str, Any]) -> bool:
 
 
 class Lease:
-    def __init__(self, fs: Any, root: str, run_id: str, ttl_s: float, wait_s: float):
+    def __init__(self, fs: Any, root: str, run_id: str, ttl_s: float, wait_s: float,
+                 retry: RetryPolicy | None = None):
         self.fs, self.path, self.run_id = fs, join(root, LEASE_FILE), run_id
         self.ttl_s, self.wait_s = ttl_s, wait_s
+        self.retry = retry or RetryPolicy()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # the dead run whose lease this one took over, and how it was known to be dead
+        self.took_over: dict[str, Any] | None = None
 
     def _body(self) -> bytes:
         return json.dumps({"run_id": self.run_id, "host": socket.gethostname(),
@@ -77,7 +81,8 @@ class Lease:
 
     def holder(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.fs.cat_file(self.path))
+            return json.loads(with_retries(lambda: self.fs.cat_file(self.path), self.retry,
+                                           what="read the lake lease"))
         except FileNotFoundError:
             return None
         except ValueError:  # torn or foreign content: treat as expired
@@ -88,20 +93,28 @@ class Lease:
         waited = False
         while True:
             self.fs.invalidate_cache()
-            if _create_exclusive(self.fs, self.path, self._body()):
+            body = self._body()
+            if with_retries(lambda b=body: _create_exclusive(self.fs, self.path, b), self.retry,
+                            what="create the lake lease"):
                 break
             other = self.holder()
             if other is None:
                 continue  # released between our attempt and our read
+            if other.get("run_id") == self.run_id and other.get("pid") == os.getpid():
+                break  # our own create landed; its reply was lost and the retry found it
             age = time.time() - float(other.get("renewed_at", 0.0))
             if _holder_died_here(other):
-                log.warning("lake lease of run %s: its process %s on this host is gone: "
-                            "taking it over", other.get("run_id"), other.get("pid"))
+                how = (f"its process {other.get('pid')} on host {other.get('host')} was gone "
+                       f"when run {self.run_id} started there")
+                log.warning("lake lease of run %s: %s: taking it over", other.get("run_id"), how)
+                self.took_over = {"run_id": other.get("run_id"), "how": how}
                 self._remove()
                 continue
             if age > float(other.get("ttl_s", self.ttl_s)):
-                log.warning("lake lease of run %s was last renewed %.0f s ago: taking it over",
-                            other.get("run_id"), age)
+                how = (f"its lease was last renewed {age:.0f} s before run {self.run_id} "
+                       f"started (ttl {float(other.get('ttl_s', self.ttl_s)):.0f} s)")
+                log.warning("lake lease of run %s: %s: taking it over", other.get("run_id"), how)
+                self.took_over = {"run_id": other.get("run_id"), "how": how}
                 self._remove()
                 continue
             if time.monotonic() >= deadline:
@@ -125,18 +138,25 @@ class Lease:
                 log.warning("could not renew the lake lease: %s", err)
 
     def _remove(self) -> None:
-        try:
-            self.fs.rm_file(self.path)
-        except FileNotFoundError:
-            pass
+        def rm() -> None:
+            try:
+                self.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+
+        with_retries(rm, self.retry, what="remove the lake lease")
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        other = self.holder()
-        if other is not None and other.get("run_id") == self.run_id:
-            self._remove()
+        try:
+            other = self.holder()
+            if other is not None and other.get("run_id") == self.run_id:
+                self._remove()
+        except Exception as err:  # noqa: BLE001 - the lease expires by itself after its ttl
+            log.error("could not release the lake lease (%s: %s): the next job takes it over "
+                      "after sink.lease_ttl_s=%g s", type(err).__name__, err, self.ttl_s)
 
     def __enter__(self) -> Lease:
         self.acquire()

@@ -60,8 +60,7 @@ class Manifest:
 def _read_table(url: str, storage: StorageConfig) -> pa.Table:
     fs, path = url_to_fs(url, storage)
     try:
-        data = with_retries(lambda: fs.cat_file(path), retries=storage.retries,
-                            what=f"read manifest {url}")
+        data = with_retries(lambda: fs.cat_file(path), storage, what=f"read manifest {url}")
     except FileNotFoundError:
         raise ManifestError(f"manifest not found: {url}") from None
     lower = path.lower()

@@ -43,10 +43,10 @@ from pipeline.plan import (
     slide_encoders,
     tiling_groups,
 )
-from pipeline.sink import RUNS, Lake, TilesFile, embedding_array, now, slides_schema
+from pipeline.sink import Lake, TilesFile, embedding_array, now, slides_schema
 from pipeline.slide_encode import SlideEncoderStage, get_slide_model
-from pipeline.storage import join
 from pipeline.tiling import tile_slides
+from pipeline.unsaved import UnsavedRecords, keep, recover, unsaved_root
 from pipeline.writer import SinkWriter, SlideResult, WriterTask, route_to_writers, unpack, writer_of
 
 log = logging.getLogger("pipeline")
@@ -256,8 +256,14 @@ class Coordinator:
         self.pending_slides = 0
         self.last_commit = time.monotonic()
         self.errors: list[dict[str, Any]] = list(plan.errors)
-        self.errors_written = 0
+        self.errors_batched = 0  # errors[:errors_batched] are in a batch (written or not)
+        self.unwritten: list[tuple[int, list[dict[str, Any]]]] = []  # (txn number, rows)
         self.last_error_flush = time.monotonic()
+        # Every transaction of this run carries (app_id, seq): a retried write that did land
+        # before its reply was lost is recognised, not repeated (Lake._append_once).
+        self.app_id = f"wsi-pipeline:{run_id}"
+        self.seq = 0
+        self.commit_failed: set[str] = set()
         self.committed: dict[str, int] = {m: 0 for m in plan.weights}
         self.tiles_encoded: dict[str, int] = {m: 0 for m in plan.weights}
         self.timings: list[dict[str, Any]] = []
@@ -293,7 +299,9 @@ class Coordinator:
                 self._fail(pid, task, str(stage), str(err))
                 continue
             res = unpack(result)
-            if res is not None:
+            if res is not None and res.error:
+                self._fail(pid, task, "write", res.error, ",".join(task.models))
+            elif res is not None:
                 self._accept(pid, tiling, task, res)
         self.tick()
 
@@ -393,35 +401,56 @@ class Coordinator:
                  "work_key": task.work_keys[s.id], "tiles_path": None} for layer in layers]
         self._queue(s.id, task, rows, [layers[r["layer"]] for r in rows], None)
 
+    def _next_txn(self) -> tuple[str, int]:
+        self.seq += 1
+        return self.app_id, self.seq
+
     def commit(self) -> None:
-        """One Delta transaction per table and model: tiles files first, then slides rows."""
+        """One Delta transaction per table and model: tiles files first, then slides rows.
+
+        Storage faults are retried inside the Lake within ``storage.retry_budget_s``; past it
+        this flush's slides of that model fail with error rows and the job goes on."""
         dtype = self.cfg.sink.embedding_dtype
         started = time.monotonic()
         for model, p in sorted(self.pending.items()):
             if not p.rows:
                 continue
             dim = int(p.embeddings[0].shape[-1])
-            self.lake.commit_tiles(model, dim, p.files, p.replaced_tiles)
-            stamp = now()
-            for r in p.rows:
-                r["committed_at"] = stamp
-            schema = slides_schema(dim, dtype)
-            cols = [embedding_array(np.stack(p.embeddings), dtype) if f.name == "embedding"
-                    else pa.array([r.get(f.name) for r in p.rows], f.type) for f in schema]
-            self.lake.commit_slides(model, pa.Table.from_arrays(cols, schema=schema),
-                                    replace=p.replace)
+            try:
+                self.lake.commit_tiles(model, dim, p.files, p.replaced_tiles)
+                stamp = now()
+                for r in p.rows:
+                    r["committed_at"] = stamp
+                schema = slides_schema(dim, dtype)
+                cols = [embedding_array(np.stack(p.embeddings), dtype) if f.name == "embedding"
+                        else pa.array([r.get(f.name) for r in p.rows], f.type) for f in schema]
+                self.lake.commit_slides(model, pa.Table.from_arrays(cols, schema=schema),
+                                        replace=p.replace, txn=self._next_txn())
+            except Exception as err:  # noqa: BLE001 - these slides fail, not the job
+                self._commit_failed(model, p, f"{type(err).__name__}: {err}")
+                continue
             self.committed[model] += len(set(p.slides))
             log.info("committed %d slides of %s: %s", len(set(p.slides)), model,
                      ", ".join(sorted(set(p.slides))[:8]) + (" ..." if len(p.slides) > 8 else ""))
         for t in self.uncommitted_timings:
-            t["committed_at"] = time.time()
-        self.timings += self.uncommitted_timings
+            if t["slide_id"] not in self.commit_failed:
+                t["committed_at"] = time.time()
+                self.timings.append(t)
         self.uncommitted_timings = []
         self.commits.append({"slides": self.pending_slides,
                              "seconds": round(time.monotonic() - started, 4)})
         self.pending.clear()
         self.pending_slides = 0
         self.last_commit = time.monotonic()
+
+    def _commit_failed(self, model: str, p: _Pending, reason: str) -> None:
+        log.error("could not commit %d slides of %s: %s", len(set(p.slides)), model, reason)
+        by_id = {t.entry.slide_id: t for _, tasks in self.passes.values() for t in tasks.values()}
+        for sid in sorted(set(p.slides)):
+            e = by_id[sid].entry
+            self.errors.append(error_row(slide_id=sid, uri=e.uri, cohort=e.cohort,
+                                         stage="commit", reason=reason, row=e.row, model=model))
+            self.commit_failed.add(sid)
 
     def finish(self, job_error: str | None) -> None:
         """What is written gets committed (also after a failure elsewhere); errors flushed."""
@@ -430,10 +459,22 @@ class Coordinator:
         self.flush_errors()
 
     def flush_errors(self) -> None:
-        pending = self.errors[self.errors_written:]
-        if pending:
-            self.lake.write_errors([{**e, "run_id": self.run_id} for e in pending])
-            self.errors_written = len(self.errors)
+        """New error rows become a batch with its own transaction number; batches are written
+        in order, and one storage refuses stays for the next flush (the same number again)."""
+        new = self.errors[self.errors_batched:]
+        if new:
+            self.unwritten.append((self._next_txn()[1],
+                                   [{**e, "run_id": self.run_id} for e in new]))
+            self.errors_batched = len(self.errors)
+        while self.unwritten:
+            version, rows = self.unwritten[0]
+            try:
+                self.lake.write_errors(rows, txn=(self.app_id, version))
+            except Exception as err:  # noqa: BLE001 - kept, written at the next flush
+                log.error("could not write %d error rows (kept; tried again at the next "
+                          "flush): %s: %s", len(rows), type(err).__name__, err)
+                break
+            self.unwritten.pop(0)
         self.last_error_flush = time.monotonic()
 
 
@@ -599,16 +640,40 @@ def run_job(cfg: JobConfig, run_id: str | None = None) -> dict[str, Any]:
     weights = resolve_all_weights(cfg)
     # A manifest that cannot be read stops the job before it touches the lake.
     manifest = read_manifest(cfg.manifest, cfg.storage, cfg.default_cohort)
-    lease = Lease(lake.fs, lake.root, run_id, cfg.sink.lease_ttl_s, cfg.sink.lease_wait_s)
+    lease = Lease(lake.fs, lake.root, run_id, cfg.sink.lease_ttl_s, cfg.sink.lease_wait_s,
+                  lake.retry)
     lease.acquire()
     try:
-        if lake.fs.exists(join(lake.root, RUNS, f"{run_id}.json")):
+        # What storage refused at the end of an earlier run goes in first (this machine's).
+        recover(lake, unsaved_root(cfg.sink.unsaved_dir))
+        if lake.has_run(run_id):
             raise ConfigError(f"--run-id {run_id!r} was used before on this lake (its record "
                               "would be overwritten): give this attempt a new id, e.g. "
                               f"{run_id}-r2")
+        if lease.took_over:
+            mark_abandoned(lake, run_id, lease.took_over)
         return _run_leased(cfg, run_id, started, lake, weights, manifest)
     finally:
         lease.release()
+
+
+def mark_abandoned(lake: Lake, by: str, dead: dict[str, Any]) -> None:
+    """A run whose lease was taken over died without finishing: its record says so."""
+    dead_id = str(dead.get("run_id"))
+    try:
+        check_run_id(dead_id)
+        if not lake.has_run(dead_id):
+            return
+        record = lake.read_run(dead_id)
+    except (ConfigError, ValueError):
+        return  # a lease not written by this tool names no record of ours
+    if record.get("status") != "running":
+        return
+    record.update({"status": "abandoned", "abandoned_by": by, "abandoned_how": dead["how"],
+                   "abandoned_at": _ts(time.time())})
+    lake.write_run(dead_id, record)
+    log.warning("run %s never finished (%s): its record now says 'abandoned'; its committed "
+                "slides stay, the rest is done by this run", dead_id, dead["how"])
 
 
 def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
@@ -640,8 +705,15 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
     finally:
         coord.finish(job_error)
         if job_error is None and cfg.sink.compact and any(coord.committed.values()):
-            compaction = lake.compact()
-        verdict = job_error or outcome_error(cfg, plan, coord)
+            try:
+                compaction = lake.compact()
+            except Exception as err:  # noqa: BLE001 - the commits are in; compact later
+                compaction = {"error": f"{type(err).__name__}: {err}"}
+                log.error("compaction failed (run `python -m pipeline compact %s` later): %s",
+                          cfg.output, compaction["error"])
+        unsaved = sum(len(rows) for _, rows in coord.unwritten)
+        unsaved_error = (f"storage refused {unsaved} error rows to the end" if unsaved else None)
+        verdict = job_error or unsaved_error or outcome_error(cfg, plan, coord)
         record.update({
             "status": "failed" if verdict else "succeeded",
             "error": verdict,
@@ -661,5 +733,31 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
             "compaction": compaction,
             "slides": coord.timings,
         })
-        lake.write_run(run_id, record)
+        kept = _save_record(cfg, lake, run_id, record, coord)
+        if kept is not None:
+            message = (f"run {run_id}: storage stayed unavailable past storage.retry_budget_s="
+                       f"{cfg.storage.retry_budget_s:g} s at the end of the run: "
+                       f"{unsaved} error rows{' and the run record' if kept[1] else ''} could "
+                       f"not be written to {cfg.output}. They are kept in {kept[0]} and "
+                       "written to the lake by the next run on it from this machine.")
+            if job_error is None:
+                raise UnsavedRecords(message)
+            log.error("%s", message)
     return record
+
+
+def _save_record(cfg: JobConfig, lake: Lake, run_id: str, record: dict[str, Any],
+                 coord: Coordinator) -> tuple[Any, bool] | None:
+    """Write the run record; what storage refuses (it, error rows) is kept on local disk.
+    Returns (folder, record kept) when anything was kept."""
+    record_kept = False
+    try:
+        lake.write_run(run_id, record)
+    except Exception as err:  # noqa: BLE001 - kept locally below, and the run fails loudly
+        log.error("could not write the run record: %s: %s", type(err).__name__, err)
+        record_kept = True
+    if not coord.unwritten and not record_kept:
+        return None
+    folder = keep(unsaved_root(cfg.sink.unsaved_dir), lake.url, run_id, coord.app_id,
+                  coord.unwritten, record if record_kept else None)
+    return folder, record_kept

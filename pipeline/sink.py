@@ -40,7 +40,14 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.config import StorageConfig
-from pipeline.storage import atomic_write_bytes, join, protocol_of, url_to_fs
+from pipeline.storage import (
+    RetryPolicy,
+    atomic_write_bytes,
+    join,
+    protocol_of,
+    url_to_fs,
+    with_retries,
+)
 
 TILES, SLIDES, ERRORS, RUNS = "tiles", "slides", "errors", "runs"
 PARTITION = "cohort"  # the one partition column inside each table; the model is the table
@@ -212,6 +219,11 @@ def delta_storage_options(url: str, storage: StorageConfig) -> dict[str, str] | 
         opts["AWS_PROFILE"] = storage.profile
     if storage.anon:
         opts["AWS_SKIP_SIGNATURE"] = "true"
+    # object_store retries reads itself within this budget; writes and commits are retried by
+    # the Lake (with_retries), where a retry is known to be safe.
+    opts["max_retries"] = str(storage.retries)
+    opts["retry_timeout"] = f"{max(1, round(storage.retry_budget_s))}s"
+    opts["backoff_config.max_backoff"] = f"{max(1, round(storage.retry_max_backoff_s))}s"
     return opts
 
 
@@ -234,6 +246,7 @@ class Lake:
         self.fs.invalidate_cache()  # fsspec instances are shared: never plan from a stale listing
         self.embedding_dtype = embedding_dtype
         self.options = delta_storage_options(self.url, self.storage)
+        self.retry = RetryPolicy.of(self.storage)
         self._open: dict[tuple[str, str | None], Any] = {}  # tables this process commits to
 
     # -- where things are --------------------------------------------------------------------
@@ -250,7 +263,8 @@ class Lake:
         """Models with a table under ``table/`` (one LIST, no per-slide requests)."""
         base = join(self.root, table)
         try:
-            entries = self.fs.ls(base, detail=False)
+            entries = with_retries(lambda: self.fs.ls(base, detail=False), self.retry,
+                                   what=f"list {base}")
         except FileNotFoundError:
             return []
         # A folder per model; no "model=" in its name: Delta readers (Polars) take every
@@ -263,10 +277,13 @@ class Lake:
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
 
-        try:
-            return DeltaTable(self.table_url(table, model), storage_options=self.options)
-        except TableNotFoundError:
-            return None
+        def load() -> Any:
+            try:
+                return DeltaTable(self.table_url(table, model), storage_options=self.options)
+            except TableNotFoundError:
+                return None
+
+        return with_retries(load, self.retry, what=f"read {table}/{model or ''} snapshot")
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -294,7 +311,9 @@ class Lake:
         """One slide's tiles as one file; idempotent (same inputs, same path and rows)."""
         rel = self.tiles_relpath(cohort, slide_id, work_key)
         data = parquet_bytes(table)
-        atomic_write_bytes(self.fs, join(self.table_path(TILES, model), rel), data)
+        path = join(self.table_path(TILES, model), rel)
+        with_retries(lambda: atomic_write_bytes(self.fs, path, data), self.retry,
+                     what=f"write tiles of {slide_id} ({model})")
         return TilesFile(model, cohort, slide_id, work_key, rel, len(data), table.num_rows,
                          file_stats(table), int(time.time() * 1000))
 
@@ -330,50 +349,78 @@ class Lake:
 
         if not files:
             return
-        schema = tiles_schema(dim, self.embedding_dtype)
-        dt = self._ensure(TILES, model, schema.append(pa.field(PARTITION, pa.string())),
-                          [PARTITION])
-        actions: list[Any] = [AddAction(f.path, f.size, {PARTITION: f.cohort}, f.written_at_ms,
-                                        True, f.stats) for f in files]
+        schema = tiles_schema(dim, self.embedding_dtype).append(pa.field(PARTITION, pa.string()))
+        adds: list[Any] = [AddAction(f.path, f.size, {PARTITION: f.cohort}, f.written_at_ms,
+                                     True, f.stats) for f in files]
         gone = set(replaced) - {f.path for f in files}
-        if gone:  # only files still in the table can leave it
-            dt.update_incremental()
-            present = table_files(dt)
-            stamp = int(time.time() * 1000)
-            actions += [RemoveAction(p, True, stamp, partition_values=_partition_of(p))
-                        for p in sorted(gone & present)]
-        dt.create_write_transaction(actions, "append",
-                                    schema.append(pa.field(PARTITION, pa.string())),
-                                    partition_by=[PARTITION])
-        # The handle does not follow its own commit: catch it up now (one new log entry),
-        # or every later commit replays all commits since it was opened.
-        dt.update_incremental()
+        tries = 0
 
-    def commit_slides(self, model: str, rows: pa.Table, replace: bool) -> None:
+        def attempt() -> None:
+            # Safe to repeat: adding a path the table has already is a no-op in Delta (the
+            # later add of a path replaces the earlier), and removals only name present files.
+            nonlocal tries
+            tries += 1
+            dt = self._ensure(TILES, model, schema, [PARTITION])
+            actions = list(adds)
+            if gone or tries > 1:
+                dt.update_incremental()
+            if gone:  # only files still in the table can leave it
+                stamp = int(time.time() * 1000)
+                actions += [RemoveAction(p, True, stamp, partition_values=_partition_of(p))
+                            for p in sorted(gone & table_files(dt))]
+            dt.create_write_transaction(actions, "append", schema, partition_by=[PARTITION])
+            # The handle does not follow its own commit: catch it up now (one new log entry),
+            # or every later commit replays all commits since it was opened.
+            dt.update_incremental()
+
+        with_retries(attempt, self.retry, what=f"commit {len(files)} tiles files of {model}")
+
+    def _append_once(self, table: str, model: str | None, rows: pa.Table,
+                     partition_by: list[str] | None, txn: tuple[str, int] | None,
+                     predicate: str | None, what: str) -> None:
+        """Append (or replace-where) ``rows`` in one transaction, retried on storage faults.
+
+        A write whose reply was lost may have landed; repeating it would add the rows twice.
+        ``txn`` (an application id and a number that grows with each of its commits) goes into
+        the transaction, and every attempt first asks the table whether that number is in (a
+        batch may come back after an earlier call gave up, or from ``pipeline.unsaved``)."""
+        from deltalake import CommitProperties, Transaction, write_deltalake
+
+        def attempt() -> None:
+            dt = self._ensure(table, model, rows.schema, partition_by)
+            if txn is not None or predicate:
+                # a replace-where must see every row committed so far; a txn check the latest
+                dt.update_incremental()
+            if txn is not None and (dt.transaction_version(txn[0]) or -1) >= txn[1]:
+                return  # this batch landed already (its reply was lost)
+            props = (CommitProperties(app_transactions=[Transaction(txn[0], txn[1])])
+                     if txn is not None else None)
+            write_deltalake(dt, rows, mode="overwrite" if predicate else "append",
+                            predicate=predicate, partition_by=partition_by,
+                            commit_properties=props)
+
+        with_retries(attempt, self.retry, what=what)
+
+    def commit_slides(self, model: str, rows: pa.Table, replace: bool,
+                      txn: tuple[str, int] | None = None) -> None:
         """Append slides rows; ``replace`` drops earlier rows of the same slides in the same
         transaction (Delta's replace-where), so a reader never sees a slide twice."""
-        from deltalake import write_deltalake
-
         if rows.num_rows == 0:
             return
-        dt = self._ensure(SLIDES, model, rows.schema, [PARTITION])
+        predicate = None
         if replace:
-            dt.update_incremental()  # the predicate must see every row committed so far
             ids = ", ".join("'" + s.replace("'", "''") + "'"
                             for s in sorted(set(rows["slide_id"].to_pylist())))
-            write_deltalake(dt, rows, mode="overwrite", predicate=f"slide_id IN ({ids})",
-                            partition_by=[PARTITION])
-        else:
-            write_deltalake(dt, rows, mode="append", partition_by=[PARTITION])
+            predicate = f"slide_id IN ({ids})"
+        self._append_once(SLIDES, model, rows, [PARTITION], txn, predicate,
+                          f"commit {rows.num_rows} slides rows of {model}")
 
-    def write_errors(self, rows: list[dict[str, Any]]) -> None:
-        from deltalake import write_deltalake
-
+    def write_errors(self, rows: list[dict[str, Any]], txn: tuple[str, int] | None = None
+                     ) -> None:
         if not rows:
             return
         table = pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
-        dt = self._ensure(ERRORS, None, ERRORS_SCHEMA, None)
-        write_deltalake(dt, table, mode="append")
+        self._append_once(ERRORS, None, table, None, txn, None, f"write {len(rows)} error rows")
 
     def compact(self, target_mb: int = 128) -> dict[str, Any]:
         """Few files per slides/errors table; tiles files no slides row names leave the table;
@@ -430,12 +477,22 @@ class Lake:
 
     # -- run records ---------------------------------------------------------------------------
 
+    def run_path(self, run_id: str) -> str:
+        return join(self.root, RUNS, f"{run_id}.json")
+
     def write_run(self, run_id: str, record: dict[str, Any]) -> None:
         data = json.dumps(record, indent=2, default=str).encode()
-        atomic_write_bytes(self.fs, join(self.root, RUNS, f"{run_id}.json"), data)
+        with_retries(lambda: atomic_write_bytes(self.fs, self.run_path(run_id), data),
+                     self.retry, what=f"write run record {run_id}")
 
     def read_run(self, run_id: str) -> dict[str, Any]:
-        return json.loads(self.fs.cat_file(join(self.root, RUNS, f"{run_id}.json")))
+        return json.loads(with_retries(lambda: self.fs.cat_file(self.run_path(run_id)),
+                                       self.retry, what=f"read run record {run_id}"))
+
+    def has_run(self, run_id: str) -> bool:
+        self.fs.invalidate_cache(join(self.root, RUNS))
+        return bool(with_retries(lambda: self.fs.exists(self.run_path(run_id)), self.retry,
+                                 what=f"look for run record {run_id}"))
 
 
 def table_files(dt: Any) -> set[str]:

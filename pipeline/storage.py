@@ -12,7 +12,6 @@ import fcntl
 import logging
 import math
 import os
-import random
 import tempfile
 import time
 import uuid
@@ -150,7 +149,7 @@ def fingerprints(uris: Sequence[str], storage: StorageConfig, *, max_workers: in
 
         try:
             fp: Fingerprint | BaseException = with_retries(
-                stat, retries=storage.retries, what=f"stat {owners[0]}")
+                stat, storage, what=f"stat {owners[0]}")
         except FileNotFoundError:
             return {u: FileNotFoundError(u) for u in owners}
         except IsADirectoryError:
@@ -169,7 +168,7 @@ def fingerprints(uris: Sequence[str], storage: StorageConfig, *, max_workers: in
                 fs.invalidate_cache(parent_path)
 
         try:
-            entries = with_retries(ls, retries=storage.retries, what=f"list {parent_path}")
+            entries = with_retries(ls, storage, what=f"list {parent_path}")
         except FileNotFoundError:
             entries = []
         except Exception as err:  # noqa: BLE001 - every URI of this parent gets it
@@ -210,35 +209,85 @@ def fingerprints(uris: Sequence[str], storage: StorageConfig, *, max_workers: in
     return out
 
 
+class StorageUnavailable(ConnectionError):
+    """A storage call kept failing transiently for its whole retry budget."""
+
+
 TRANSIENT = (ConnectionError, TimeoutError)
+# What throttling, 5xx answers, resets and truncated bodies look like through s3fs/aiobotocore,
+# botocore and delta-rs (object_store): error class names and message fragments.
+_TRANSIENT_NAMES = ("Timeout", "Connection", "Throttl", "Disconnected", "Payload",
+                    "ClientOSError", "IncompleteRead", "ProtocolError", "ResponseStreaming")
+_TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "RequestTimeout", "InternalError",
+                   "ServiceUnavailable", "Service Unavailable", "Bad Gateway", "503", "500 ",
+                   "502", "504", "Connection reset", "connection closed", "error sending request",
+                   "timed out", "Broken pipe", "IncompleteRead", "Errno 104", "Errno 32",
+                   "end of file before message length reached", "unexpected EOF",
+                   "error decoding response body", "Payload")
 
 
 def is_transient(err: BaseException) -> bool:
     """Errors worth retrying: network hiccups and throttling, never 'not found' or 'denied'."""
-    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
-        return False
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError,
+                        StorageUnavailable)):
+        return False  # StorageUnavailable: an inner call already spent its budget
     if isinstance(err, TRANSIENT):
         return True
     name = type(err).__name__
     text = str(err)
-    if any(s in name for s in ("Timeout", "Connection", "Throttl")):
-        return True
-    return any(s in text for s in ("SlowDown", "RequestTimeout", "InternalError",
-                                   "ServiceUnavailable", "503", "500 "))
+    return any(s in name for s in _TRANSIENT_NAMES) or any(s in text for s in _TRANSIENT_TEXT)
 
 
-def with_retries(fn: Callable[[], T], *, retries: int, what: str, base_delay: float = 0.5) -> T:
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except Exception as err:  # noqa: BLE001 - classified below
-            if attempt >= retries or not is_transient(err):
-                raise
-            delay = base_delay * (2**attempt) * (1 + random.random())
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs",
-                        what, type(err).__name__, err, attempt + 1, retries, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long one storage call may keep trying (``storage.retries`` / ``retry_budget_s``)."""
+
+    retries: int = 40
+    budget_s: float = 300.0
+    max_backoff_s: float = 15.0
+    base_s: float = 0.5
+
+    @classmethod
+    def of(cls, storage: StorageConfig) -> RetryPolicy:
+        return cls(storage.retries, storage.retry_budget_s, storage.retry_max_backoff_s)
+
+
+def with_retries(fn: Callable[[], T], policy: StorageConfig | RetryPolicy, *, what: str) -> T:
+    """``fn()``, retried on transient errors with exponential backoff and full jitter, until
+    it succeeds, fails for good (not found, denied: raised as is) or spends the budget
+    (``StorageUnavailable``, naming what was tried and for how long)."""
+    import tenacity
+
+    p = policy if isinstance(policy, RetryPolicy) else RetryPolicy.of(policy)
+    started = time.monotonic()
+
+    def note(state: tenacity.RetryCallState) -> None:
+        err = state.outcome.exception() if state.outcome else None
+        log.warning("%s failed (%s: %s); retry %d in %.1fs", what, type(err).__name__,
+                    str(err)[:300], state.attempt_number,
+                    state.next_action.sleep if state.next_action else 0.0)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(p.retries + 1) | tenacity.stop_before_delay(p.budget_s),
+        wait=tenacity.wait_random_exponential(multiplier=p.base_s, max=p.max_backoff_s),
+        retry=tenacity.retry_if_exception(is_transient),
+        before_sleep=note, reraise=True)
+    attempts = 0
+
+    def counted() -> T:
+        nonlocal attempts
+        attempts += 1
+        return fn()
+
+    try:
+        return retrying(counted)
+    except Exception as err:
+        if not is_transient(err):
+            raise
+        raise StorageUnavailable(
+            f"{what}: storage kept failing for {time.monotonic() - started:.1f} s over "
+            f"{attempts} attempts ({type(err).__name__}: {str(err)[:300]}); storage."
+            f"retry_budget_s={p.budget_s:g} and storage.retries={p.retries} bound this") from err
 
 
 def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -326,8 +375,7 @@ def staged_slide(uri: str, storage: StorageConfig) -> Iterator[str]:
         return
     fs, rpath = url_to_fs(uri, storage)
     try:
-        size = with_retries(lambda: int(fs.info(rpath)["size"]), retries=storage.retries,
-                            what=f"stat {uri}")
+        size = with_retries(lambda: int(fs.info(rpath)["size"]), storage, what=f"stat {uri}")
     except FileNotFoundError:
         raise StagingError(f"slide not found in object storage: {uri}") from None
     except PermissionError as err:
@@ -345,7 +393,7 @@ def staged_slide(uri: str, storage: StorageConfig) -> Iterator[str]:
                     raise ConnectionError(f"short read: {got} of {size} bytes")
 
             try:
-                with_retries(fetch, retries=storage.retries, what=f"download {uri}")
+                with_retries(fetch, storage, what=f"download {uri}")
             except Exception as err:  # noqa: BLE001 - reported as a slide error
                 raise StagingError(
                     f"could not download {uri}: {type(err).__name__}: {err}") from err

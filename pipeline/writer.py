@@ -49,6 +49,7 @@ class SlideResult:
     t_last: float = 0.0
     rss_mb: float = 0.0
     encoder_nodes: dict[str, list[str]] = field(default_factory=dict)
+    error: str = ""  # the slide could not be written (storage kept failing): its error row
 
 
 class SlideBuffer:
@@ -144,9 +145,13 @@ class SinkWriter:
     def _write(self, slide_id: str, task: WriterTask, buf: SlideBuffer) -> SlideResult:
         files, means, layers = {}, {}, {}
         for m in task.models:
-            files[m] = self.lake.write_tiles(
-                m, task.cohort, slide_id, task.work_keys[m],
-                buf.tiles_table(m, task.work_keys[m], self.lake.embedding_dtype))
+            try:
+                files[m] = self.lake.write_tiles(
+                    m, task.cohort, slide_id, task.work_keys[m],
+                    buf.tiles_table(m, task.work_keys[m], self.lake.embedding_dtype))
+            except Exception as err:  # noqa: BLE001 - this slide fails, not the job
+                return SlideResult(slide_id, buf.num_tiles, buf.meta, {}, {},
+                                   error=f"{type(err).__name__}: {err}")
             means[m] = buf.mean_embedding(m)
             actor = self.slide_actors.get(m)
             if actor is not None:

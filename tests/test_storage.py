@@ -12,10 +12,13 @@ import pytest
 
 from pipeline.config import StorageConfig
 from pipeline.storage import (
+    RetryPolicy,
     ScratchBudget,
     StagingError,
+    StorageUnavailable,
     atomic_write_bytes,
     fingerprint,
+    is_transient,
     resolve_relative,
     staged_slide,
     url_to_fs,
@@ -65,7 +68,8 @@ def test_retries_transient_but_not_permanent_errors() -> None:
             raise ConnectionError("reset by peer")
         return "ok"
 
-    assert with_retries(flaky, retries=4, what="t", base_delay=0.01) == "ok"
+    fast = RetryPolicy(retries=4, budget_s=30, base_s=0.01)
+    assert with_retries(flaky, fast, what="t") == "ok"
     assert len(calls) == 3
 
     def missing() -> None:
@@ -74,8 +78,25 @@ def test_retries_transient_but_not_permanent_errors() -> None:
 
     calls.clear()
     with pytest.raises(FileNotFoundError):
-        with_retries(missing, retries=4, what="t", base_delay=0.01)
+        with_retries(missing, fast, what="t")
     assert len(calls) == 1
+
+
+def test_retries_stop_at_the_budget_with_a_clear_error() -> None:
+    calls = []
+
+    def throttled() -> None:
+        calls.append(time.monotonic())
+        raise OSError(16, "Please reduce your request rate.")  # s3fs's SlowDown
+
+    with pytest.raises(StorageUnavailable, match=r"put x: storage kept failing for .* "
+                       r"storage.retry_budget_s=0.3") as info:
+        with_retries(throttled, RetryPolicy(retries=1000, budget_s=0.3, base_s=0.01,
+                                            max_backoff_s=0.05), what="put x")
+    assert len(calls) > 2 and calls[-1] - calls[0] <= 0.3
+    assert "reduce your request rate" in str(info.value)
+    # an inner call that spent its budget is not retried again by an outer one
+    assert not is_transient(info.value)
 
 
 def test_scratch_budget_blocks_until_space_frees(tmp_path: Path) -> None:
