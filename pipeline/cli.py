@@ -188,10 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
+        from pipeline.lease import LakeBusy
         from pipeline.manifest import ManifestError
         from pipeline.models.weights import WeightsError
-
-        from pipeline.lease import LakeBusy
         from pipeline.storage import StorageUnavailable
         from pipeline.unsaved import UnsavedRecords
 

@@ -204,6 +204,10 @@ class StorageConfig(_Strict):
             opts["client_kwargs"] = client
         if self.profile:
             opts["profile"] = self.profile
+        # One request per attempt: pipeline.storage.with_retries owns retries and their
+        # budget. s3fs's and botocore's own loops (5 tries each, nested) took 48 s on one
+        # throttled PUT, whatever retry_budget_s said (s3fs's is set in url_to_fs).
+        opts["config_kwargs"] = {"retries": {"max_attempts": 1, "mode": "standard"}}
         return opts
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +97,15 @@ class Plan:
 def error_row(*, slide_id: str | None, uri: str | None, cohort: str | None, stage: str,
               reason: str, model: str | None = None, row: int | None = None) -> dict[str, Any]:
     return {"slide_id": slide_id, "uri": uri, "cohort": cohort, "model": model, "stage": stage,
-            "reason": reason, "manifest_row": row, "failed_at": now()}
+            "reason": plain_text(reason), "manifest_row": row, "failed_at": now()}
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain_text(message: str) -> str:
+    """Error text as a table cell: no terminal colour codes (Ray and delta-rs add them)."""
+    return _ANSI.sub("", message)
 
 
 def resolve_all_weights(cfg: JobConfig) -> dict[str, WeightsRef]:

@@ -38,6 +38,7 @@ from pipeline.plan import (
     SlideTask,
     code_version,
     error_row,
+    plain_text,
     plan_job,
     resolve_all_weights,
     slide_encoders,
@@ -716,7 +717,7 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
         verdict = job_error or unsaved_error or outcome_error(cfg, plan, coord)
         record.update({
             "status": "failed" if verdict else "succeeded",
-            "error": verdict,
+            "error": plain_text(verdict) if verdict else None,
             "finished_at": _ts(time.time()),
             "wall_s": round(time.time() - started, 3),
             "counts": {

@@ -426,37 +426,57 @@ class Lake:
         """Few files per slides/errors table; tiles files no slides row names leave the table;
         a checkpoint per table.
 
-        Tiles files stay one per slide (a MIL loader reads a slide's bag as one object)."""
+        Tiles files stay one per slide (a MIL loader reads a slide's bag as one object). Each
+        step is retried on storage faults: repeating one after a lost reply is harmless (a
+        second compaction finds nothing to do, removals name only files still present)."""
         report: dict[str, Any] = {}
+
+        def retried(what: str, fn: Any) -> Any:
+            return with_retries(fn, self.retry, what=f"compact: {what}")
+
+        def compact_table(table: str, model: str | None) -> None:
+            def step() -> Any:
+                dt = self.delta(table, model)
+                if dt is None or len(table_files(dt)) <= 1:
+                    return None
+                return _metrics(dt.optimize.compact(target_size=target_mb << 20))
+
+            got = retried(f"{table}/{model or ''}", step)
+            if got is not None:
+                report[table if model is None else f"{table}/{model}"] = got
+
         for model in self.models(SLIDES):
-            dt = self.delta(SLIDES, model)
-            if dt is not None and len(table_files(dt)) > 1:
-                report[f"slides/{model}"] = _metrics(
-                    dt.optimize.compact(target_size=target_mb << 20))
-        errors = self.delta(ERRORS)
-        if errors is not None and len(table_files(errors)) > 1:
-            report["errors"] = _metrics(errors.optimize.compact(target_size=target_mb << 20))
+            compact_table(SLIDES, model)
+        compact_table(ERRORS, None)
         named = {(m, c.tiles_path) for (_, m), c in self.committed().items() if c.tiles_path}
         for model in self.models(TILES):
-            dt = self.delta(TILES, model)
-            if dt is None:
-                continue
-            orphans = sorted(p for p in table_files(dt) if (model, p) not in named)
-            if orphans:
+            def drop_orphans(model: str = model) -> int:
                 from deltalake.transaction import RemoveAction
 
-                stamp = int(time.time() * 1000)
-                dt.create_write_transaction(
-                    [RemoveAction(p, True, stamp, partition_values=_partition_of(p))
-                     for p in orphans], "append", dt.schema(), partition_by=[PARTITION])
-                report[f"tiles/{model}"] = {"orphans_removed": len(orphans)}
+                dt = self.delta(TILES, model)
+                if dt is None:
+                    return 0
+                orphans = sorted(p for p in table_files(dt) if (model, p) not in named)
+                if orphans:
+                    stamp = int(time.time() * 1000)
+                    dt.create_write_transaction(
+                        [RemoveAction(p, True, stamp, partition_values=_partition_of(p))
+                         for p in orphans], "append", dt.schema(), partition_by=[PARTITION])
+                return len(orphans)
+
+            removed = retried(f"orphans of tiles/{model}", drop_orphans)
+            if removed:
+                report[f"tiles/{model}"] = {"orphans_removed": removed}
         # A checkpoint per table: the next snapshot read (the next plan) is one Parquet file,
         # not a replay of every commit's JSON since the last one.
         tables = [(t, m) for t in (TILES, SLIDES) for m in self.models(t)] + [(ERRORS, None)]
         for table, model in tables:
-            dt = self.delta(table, model)
-            if dt is not None:
-                dt.create_checkpoint()
+            def checkpoint(table: str = table, model: str | None = model) -> None:
+                dt = self.delta(table, model)
+                if dt is not None:
+                    dt.create_checkpoint()
+
+            retried(f"checkpoint {table}/{model or ''}", checkpoint)
         return report
 
     def vacuum(self, retention_hours: float) -> dict[str, int]:

@@ -46,6 +46,8 @@ def url_to_fs(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSyst
     """Filesystem + path for a URL, with the job's object-storage options applied."""
     proto = protocol_of(url)
     fs, path = fsspec.core.url_to_fs(url, **storage.fsspec_options(proto))
+    if hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs: one try per call; with_retries owns retries (see fsspec_options)
     return fs, path
 
 
@@ -223,7 +225,7 @@ _TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "RequestTimeout", "In
                    "502", "504", "Connection reset", "connection closed", "error sending request",
                    "timed out", "Broken pipe", "IncompleteRead", "Errno 104", "Errno 32",
                    "end of file before message length reached", "unexpected EOF",
-                   "error decoding response body", "Payload")
+                   "error decoding response body", "response body", "body error", "Payload")
 
 
 def is_transient(err: BaseException) -> bool:

@@ -5,7 +5,7 @@ Rust, so a server thread inside the test process could not answer them. The test
 over HTTP on the same port:
 
     POST /__faults__  {"every": {"slowdown": 4, ...}, "methods": ["PUT"], "outage_s": 20}
-    GET  /__faults__  -> {"requests": n, "injected": {"slowdown": k, ...}}
+    GET  /__faults__  -> {"requests": n, "injected": {"slowdown": k, ...}} since the last POST
 
 Kinds, each applied to every n-th request that matches ``methods`` (all methods if absent):
 ``slowdown`` (503 SlowDown, not forwarded), ``reset`` (connection reset, not forwarded),
@@ -56,6 +56,8 @@ class Faults:
             self.methods = {m.upper() for m in methods} if methods else None
             self.outage_until = time.monotonic() + float(spec.get("outage_s", 0.0))
             self.matched = 0
+            self.requests = 0  # counts are of the faults since this configuration
+            self.injected = dict.fromkeys((*KINDS, "outage"), 0)
 
     def decide(self, method: str) -> str | None:
         with self.lock:

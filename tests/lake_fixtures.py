@@ -72,3 +72,54 @@ def local_ray() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+class FaultProxy:
+    """tests/faultproxy.py in its own process, in front of the S3 server; steered over HTTP."""
+
+    def __init__(self, upstream: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        script = os.path.join(os.path.dirname(__file__), "faultproxy.py")
+        self.proc = subprocess.Popen([sys.executable, script, upstream, str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.report()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("fault proxy did not start") from None
+                time.sleep(0.1)
+
+    def _call(self, body: bytes | None) -> dict:
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.url}/__faults__", data=body,
+                                     method="POST" if body is not None else "GET")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def set(self, **spec: object) -> dict:
+        """every={kind: n}, methods=[...], outage_s=s (see faultproxy.py); {} clears all."""
+        import json
+
+        return self._call(json.dumps(spec).encode())
+
+    def report(self) -> dict:
+        return self._call(None)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def fault_proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(s3_endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
