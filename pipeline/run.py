@@ -18,6 +18,7 @@ import os
 import platform
 import queue
 import re
+import socket
 import sys
 import threading
 import time
@@ -682,6 +683,7 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
     plan = plan_job(cfg, lake, weights, manifest)
     record: dict[str, Any] = {
         "run_id": run_id, "status": "running", "started_at": _ts(started),
+        "driver_host": socket.gethostname(), "driver_pid": os.getpid(),
         "config": cfg.model_dump(), "versions": versions(), "plan": plan.summary(),
         "weights": {m: asdict(r) for m, r in weights.items()},
     }

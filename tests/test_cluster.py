@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -100,10 +101,22 @@ def test_kill_mid_job_then_rerun_equals_uninterrupted_run(cohort: tuple[Path, in
     for f in (killed / "tiles").rglob("*.parquet"):
         pq.read_table(f)
 
+    (dead,) = [json.loads(f.read_text()) for f in (killed / "runs").glob("*.json")]
+    assert dead["status"] == "running"  # nothing could say otherwise when it was killed
+
     run_cli(job)
     # Batches group tiles differently between runs; CPU matmul results may differ in the
     # last bits, so embeddings are compared to fp16 resolution.
     assert_same_lake(lake_snapshot(str(clean)), lake_snapshot(str(killed)), atol=2e-3)
+    # The re-run took over the dead run's lease, and so knows it died: its record says so.
+    records = {r["run_id"]: r for r in (json.loads(f.read_text())
+                                        for f in (killed / "runs").glob("*.json"))}
+    (rerun,) = set(records) - {dead["run_id"]}
+    assert records[rerun]["status"] == "succeeded"
+    gone = records[dead["run_id"]]
+    assert gone["status"] == "abandoned" and gone["abandoned_by"] == rerun
+    assert f"process {dead['driver_pid']} on host {dead['driver_host']} was gone" in gone[
+        "abandoned_how"]
 
 
 @pytest.fixture
