@@ -135,7 +135,9 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
             object_store_memory=int(cfg.ray.object_store_budget_gb * 2**30))
     items = [{"slide_id": t.entry.slide_id, "uri": t.entry.uri,
               "mpp": t.entry.mpp if t.entry.mpp is not None else float("nan"),
-              "models": ",".join(t.models)} for t in tasks]
+              "models": ",".join(t.models),
+              # the bytes tiled must be these (pipeline.storage.staged_slide checks)
+              "fingerprint": str(t.fingerprint)} for t in tasks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # A task of N decode threads reserves N CPUs; a single-threaded one what the config says
     # (a fraction on small machines, where tiling needs a few % of a core per encoder core).

@@ -366,22 +366,50 @@ class ScratchBudget:
             token.unlink(missing_ok=True)
 
 
+class SlideChanged(StagingError):
+    """The slide's bytes are not the ones planned: rewritten after the plan or while read."""
+
+    def __init__(self, uri: str, planned: str, found: str, when: str):
+        super().__init__(f"{uri} changed during the run ({when}): planned {planned}, found "
+                         f"{found}; nothing of it was committed, re-run to embed the new version")
+
+
+def check_unchanged(uri: str, expected: str | None, found: Fingerprint, when: str) -> None:
+    if expected is not None and str(found) != expected:
+        raise SlideChanged(uri, expected, str(found), when)
+
+
+def source_fingerprint(uri: str, storage: StorageConfig) -> Fingerprint:
+    fs, path = url_to_fs(uri, storage)
+    try:
+        return with_retries(lambda: fingerprint(fs, path), storage, what=f"stat {uri}")
+    except FileNotFoundError:
+        raise StagingError(f"slide not found: {uri} (removed during the run?)") from None
+
+
 @contextlib.contextmanager
-def staged_slide(uri: str, storage: StorageConfig) -> Iterator[str]:
-    """Local path of a slide for the duration of the block; remote files are copied and removed."""
+def staged_slide(uri: str, storage: StorageConfig, expected: str | None = None
+                 ) -> Iterator[str]:
+    """Local path of a slide for the duration of the block; remote files are copied and removed.
+
+    ``expected``: the fingerprint planned; the bytes handed over are checked to be those (a
+    local file when opened, a remote one before and after its download)."""
     if is_local(uri):
         path = uri.split("://", 1)[-1]
         if not os.path.isfile(path):
             raise StagingError(f"slide file not found: {path}")
+        check_unchanged(uri, expected, source_fingerprint(uri, storage), "before tiling")
         yield path
         return
     fs, rpath = url_to_fs(uri, storage)
     try:
-        size = with_retries(lambda: int(fs.info(rpath)["size"]), storage, what=f"stat {uri}")
+        info = with_retries(lambda: fs.info(rpath), storage, what=f"stat {uri}")
     except FileNotFoundError:
         raise StagingError(f"slide not found in object storage: {uri}") from None
     except PermissionError as err:
         raise StagingError(f"access denied reading {uri}: check credentials ({err})") from None
+    check_unchanged(uri, expected, fingerprint_from_info(info, rpath), "before download")
+    size = int(info["size"])
     scratch = storage.scratch_dir or default_scratch_dir()
     budget = ScratchBudget(scratch, int(storage.scratch_limit_gb * 1e9))
     with budget.reserve(size):
@@ -399,6 +427,8 @@ def staged_slide(uri: str, storage: StorageConfig) -> Iterator[str]:
             except Exception as err:  # noqa: BLE001 - reported as a slide error
                 raise StagingError(
                     f"could not download {uri}: {type(err).__name__}: {err}") from err
+            fs.invalidate_cache(rpath)
+            check_unchanged(uri, expected, source_fingerprint(uri, storage), "during download")
             yield local
         finally:
             with contextlib.suppress(FileNotFoundError):

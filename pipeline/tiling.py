@@ -49,7 +49,14 @@ from pipeline.slides import (
     resolve_mpp,
     vendor,
 )
-from pipeline.storage import StagingError, staged_slide
+from pipeline.storage import (
+    SlideChanged,
+    StagingError,
+    check_unchanged,
+    is_local,
+    source_fingerprint,
+    staged_slide,
+)
 from pipeline.tiffread import (
     SEAM_CACHE_BYTES,
     TiffJpegReader,
@@ -583,8 +590,11 @@ def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
     cfg = TilingConfig(**tiling)
     store = StorageConfig(**storage)
     t = cfg.tile_size
-    for slide_id, uri, mpp, models in zip(batch["slide_id"], batch["uri"], batch["mpp"],
-                                          batch["models"], strict=True):
+    planned = batch.get("fingerprint", [None] * len(batch["slide_id"]))
+    for slide_id, uri, mpp, models, expected in zip(batch["slide_id"], batch["uri"],
+                                                    batch["mpp"], batch["models"], planned,
+                                                    strict=True):
+        expected = str(expected) if expected else None
         mpp_override = None if mpp is None or np.isnan(mpp) else float(mpp)
         started = time.time()
 
@@ -596,16 +606,26 @@ def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
                          stage=stage, meta=json.dumps({"tiling_started_at": started}))
 
         try:
-            with staged_slide(str(uri), store) as local:
+            with staged_slide(str(uri), store, expected) as local:
                 plan, chunks = tile_slide(local, mpp_override=mpp_override, cfg=cfg)
                 meta = json.dumps({**asdict(plan), "tiling_started_at": started,
                                    "node": _node_id(), "pid": os.getpid(),
                                    "reader": chunks.reader})
-                for chunk in chunks:
-                    yield _rows(str(slide_id), str(models), chunk.tiles, x=chunk.x, y=chunk.y,
-                                tissue=chunk.tissue, index=chunk.index,
-                                num_tiles=plan.num_tiles, meta=meta)
-                    meta = ""
+                held = None  # the last chunk waits for the check below: without it the
+                for chunk in chunks:  # slide is incomplete and its writer never writes it
+                    if held is not None:
+                        yield held
+                        meta = ""
+                    held = _rows(str(slide_id), str(models), chunk.tiles, x=chunk.x, y=chunk.y,
+                                 tissue=chunk.tissue, index=chunk.index,
+                                 num_tiles=plan.num_tiles, meta=meta)
+                if is_local(str(uri)):  # a staged copy cannot change; a local file can
+                    check_unchanged(str(uri), expected, source_fingerprint(str(uri), store),
+                                    "while it was tiled")
+                if held is not None:
+                    yield held
+        except SlideChanged as err:
+            yield failure("changed", str(err))
         except SlideError as err:
             yield failure(err.stage, err.reason)
         except StagingError as err:

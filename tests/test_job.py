@@ -12,12 +12,13 @@ import boto3
 import numpy as np
 import pyarrow as pa
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from jobkit import (
     DATA,
     REPO,
     assert_same_lake,
     embeddings,
-     errors_by_slide,
+    errors_by_slide,
     generated_cohort,
     job_config,
     lake_snapshot,
@@ -28,6 +29,7 @@ from slidegen import write_blank_slide, write_not_a_slide, write_pyramid_svs, wr
 from pipeline.config import StorageConfig
 from pipeline.run import run_job
 from pipeline.sink import read_slides, read_tiles
+from pipeline.storage import fingerprint
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -309,3 +311,34 @@ def test_too_many_failed_slides_fail_the_run(slide_dir: Path, tmp_path: Path) ->
     # the default fails only a run that committed nothing
     record = run_job(job_config(str(manifest), str(tmp_path / "lake2")))
     assert record["status"] == "succeeded"
+
+
+def test_a_slide_replaced_after_planning_is_not_committed_as_planned(
+        slide_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.run
+
+    d = tmp_path / "slides"
+    rows = generated_cohort(d, 2, seed=5)
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    real_plan = pipeline.run.plan_job
+
+    def plan_then_replace(*args: object, **kwargs: object) -> object:
+        plan = real_plan(*args, **kwargs)
+        # A user replaces s1 with another scan just after the job planned it.
+        write_pyramid_svs(d / "s1.svs", width=1400, height=1100, mpp=0.5, levels=(1, 4),
+                          seed=99)
+        return plan
+
+    monkeypatch.setattr(pipeline.run, "plan_job", plan_then_replace)
+    out = str(tmp_path / "lake")
+    record = run_job(job_config(str(manifest), out, ["bench-null"]))
+    assert record["counts"]["committed"] == {"bench-null": 1}
+    err = errors_by_slide(out, record["run_id"])["s1"]
+    assert err["stage"] == "changed" and "changed during the run" in err["reason"]
+    monkeypatch.undo()
+    # The next run plans the new bytes and commits them with their own fingerprint.
+    again = run_job(job_config(str(manifest), out, ["bench-null"]))
+    assert again["counts"]["committed"] == {"bench-null": 1}
+    slides = read_slides(out)
+    fp = dict(zip(slides["slide_id"].to_pylist(), slides["fingerprint"].to_pylist(), strict=True))
+    assert fp["s1"] == str(fingerprint(LocalFileSystem(), str(d / "s1.svs")))

@@ -14,6 +14,7 @@ from pipeline.config import StorageConfig
 from pipeline.storage import (
     RetryPolicy,
     ScratchBudget,
+    SlideChanged,
     StagingError,
     StorageUnavailable,
     atomic_write_bytes,
@@ -136,3 +137,20 @@ def test_relative_uris() -> None:
     assert resolve_relative("a/b.svs", "/data/m.csv") == "/data/a/b.svs"
     assert resolve_relative("b.svs", "s3://bkt/p/m.csv") == "s3://bkt/p/b.svs"
     assert resolve_relative("s3://x/y.svs", "/data/m.csv") == "s3://x/y.svs"
+
+
+def test_an_object_overwritten_after_planning_is_not_staged(
+        s3_endpoint: str, s3_bucket: str, tmp_path: Path) -> None:
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.put_object(Bucket=s3_bucket, Key="a/s.svs", Body=b"first version")
+    storage = StorageConfig(endpoint_url=s3_endpoint, scratch_dir=str(tmp_path / "scratch"))
+    uri = f"s3://{s3_bucket}/a/s.svs"
+    planned = str(fingerprint(*url_to_fs(uri, storage)))
+    with staged_slide(uri, storage, planned) as local:
+        assert Path(local).read_bytes() == b"first version"
+    s3.put_object(Bucket=s3_bucket, Key="a/s.svs", Body=b"other version")  # same size
+    with pytest.raises(SlideChanged, match=r"changed during the run \(before download\): "
+                       r"planned size=13;etag=.*, found size=13;etag="), \
+            staged_slide(uri, storage, planned):
+        pass
+    assert not [f for f in os.listdir(tmp_path / "scratch") if not f.startswith(".")]

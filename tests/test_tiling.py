@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import openslide
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from slidegen import BOXES_GENERIC, CMU_SMALL
 
-from pipeline.config import TilingConfig
+from pipeline.config import StorageConfig, TilingConfig
 from pipeline.slides import (
     SlideError,
     choose_level,
@@ -19,7 +22,8 @@ from pipeline.slides import (
     open_slide,
     resolve_mpp,
 )
-from pipeline.tiling import SlidePlan, TileChunk, tile_slide
+from pipeline.storage import fingerprint
+from pipeline.tiling import SlidePlan, TileChunk, tile_slide, tile_slides
 from pipeline.tissue import (
     close_open,
     otsu_threshold,
@@ -402,3 +406,47 @@ def test_no_mpp_slides_tile_with_manifest_override(generated_slides: dict[str, P
     assert plan.mpp_source == "manifest" and plan.level == 0
     assert 0 < plan.num_tiles <= (300 // 64) * (250 // 64)
     assert sum(len(c.tiles) for c in chunks) == plan.num_tiles
+
+
+def _batch(path: Path, fp: str) -> dict[str, np.ndarray]:
+    return {"slide_id": np.array(["s"], object), "uri": np.array([str(path)], object),
+            "mpp": np.array([np.nan]), "models": np.array(["m"], object),
+            "fingerprint": np.array([fp], object)}
+
+
+def _rewrite(path: Path) -> None:
+    """The same bytes written again: the fingerprint (size, mtime) is a new one."""
+    data = path.read_bytes()
+    st = path.stat()
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+
+
+def test_a_slide_changed_after_planning_fails_as_changed(tmp_path: Path) -> None:
+    path = shutil.copy(CMU_SMALL, tmp_path / "s.svs")
+    planned = str(fingerprint(LocalFileSystem(), str(path)))
+    _rewrite(Path(path))
+    cfg = TilingConfig(mpp=0.5, tile_size=224, chunk_tiles=8)
+    (row,) = list(tile_slides(_batch(path, planned), tiling=cfg.model_dump(),
+                              storage=StorageConfig().model_dump()))
+    assert row["error_stage"][0] == "changed"
+    assert "changed during the run (before tiling)" in row["error"][0]
+    assert planned in row["error"][0]
+
+
+def test_a_slide_changed_while_tiled_never_completes(tmp_path: Path) -> None:
+    path = Path(shutil.copy(CMU_SMALL, tmp_path / "s.svs"))
+    cfg = TilingConfig(mpp=0.5, tile_size=224, chunk_tiles=8)
+    planned = str(fingerprint(LocalFileSystem(), str(path)))
+    store = StorageConfig().model_dump()
+    whole = list(tile_slides(_batch(path, planned), tiling=cfg.model_dump(), storage=store))
+    assert len(whole) > 2 and not any(r["error"][0] for r in whole)
+
+    rows = tile_slides(_batch(path, planned), tiling=cfg.model_dump(), storage=store)
+    first = next(rows)
+    _rewrite(path)  # replaced while its first chunk is on its way
+    rest = list(rows)
+    assert not first["error"][0]
+    # one chunk short, then the error row: the slide can never complete at its writer
+    assert len(rest) == len(whole) - 1
+    assert rest[-1]["error_stage"][0] == "changed" and "while it was tiled" in rest[-1]["error"][0]
