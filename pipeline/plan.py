@@ -15,10 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import __version__
-from pipeline.config import JobConfig, SlideEncoderConfig, TilingConfig
+from pipeline.config import JobConfig, SlideEncoderConfig, StorageConfig, TilingConfig
 from pipeline.manifest import Manifest, SlideEntry, read_manifest
 from pipeline.models import registry
-from pipeline.models.weights import WeightsRef, resolve_weights
+from pipeline.models.weights import (
+    WeightsRef,
+    check_checkpoint,
+    checkpoint_meta_state,
+    resolve_weights,
+)
 from pipeline.sink import CommittedSlide, Lake, now
 from pipeline.slide_encode import get_slide_model
 from pipeline.storage import Fingerprint, fingerprints
@@ -113,9 +118,13 @@ def resolve_all_weights(cfg: JobConfig) -> dict[str, WeightsRef]:
     refs = {}
     for m in cfg.models:
         refs[m.id] = resolve_weights(m, cfg.storage)
+        if not refs[m.id].random:
+            checked(m.id, check_checkpoint(registry.get(m.id), refs[m.id], cfg.storage))
         if m.slide_encoder is not None:
             s = m.slide_encoder
             refs[s.id] = resolve_weights(s, cfg.storage, spec=get_slide_model(s.id))
+            if not refs[s.id].random:
+                checked(s.id, check_slide_checkpoint(refs[s.id], cfg.storage))
     for model_id, ref in refs.items():
         if ref.random:
             log.warning("=" * 78)
@@ -124,6 +133,23 @@ def resolve_all_weights(cfg: JobConfig) -> dict[str, WeightsRef]:
                         model_id, ref.identity)
             log.warning("=" * 78)
     return refs
+
+
+def checked(model_id: str, done: bool) -> None:
+    if not done:
+        log.info("%s: weights not in the driver's cache; their keys are checked when the "
+                 "encoder actors load them", model_id)
+
+
+def check_slide_checkpoint(ref: WeightsRef, storage: StorageConfig) -> bool:
+    """The slide encoder's checkpoint, checked like a tile model's (names, shapes)."""
+    from pipeline.models.gigapath_slide import load_gigapath_slide_encoder
+
+    got = checkpoint_meta_state("slide encoder", ref, storage)
+    if got is None:
+        return False
+    load_gigapath_slide_encoder(got[0], device="meta")
+    return True
 
 
 def plan_job(cfg: JobConfig, lake: Lake, weights: dict[str, WeightsRef] | None = None,

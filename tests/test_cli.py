@@ -34,6 +34,22 @@ def test_missing_weights_stop_before_any_slide(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_truncated_checkpoint_stops_the_job_in_the_driver(tmp_path: Path, capsys) -> None:
+    import ray
+
+    write_manifest(tmp_path / "m.csv", [{"slide_id": "a", "uri": str(DATA / "tiny-16px.svs")}])
+    (tmp_path / "uni.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\"")
+    job = write(tmp_path, "manifest: m.csv\noutput: out\nmodels:\n  - id: uni\n"
+                          f"    weights: {tmp_path / 'uni.safetensors'}\n")
+    started = ray.is_initialized()
+    assert main(["run", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint" in err and "uni.safetensors" in err
+    assert "\x1b[" not in err and "ActorDiedError" not in err
+    assert ray.is_initialized() == started  # stopped before Ray: no cluster was started
+    assert not (tmp_path / "out").exists()
+
+
 def test_plan_with_overrides(tmp_path: Path, capsys) -> None:
     write_manifest(tmp_path / "m.csv", [
         {"slide_id": "a", "uri": str(DATA / "CMU-1-Small-Region.svs")},

@@ -303,3 +303,29 @@ def test_no_quadratic_tensor(impl: str, n: int, monkeypatch) -> None:
     bound = max(length * 768 * 2, gs.FFN_CHUNK * 3072, gs.MAX_LOGITS)
     print(f"{impl}: largest tensor {seen.largest:,} elements (L^2 / 4 = {length**2 // 4:,})")
     assert seen.largest <= bound < length * length // 4
+
+
+def test_driver_checks_the_slide_checkpoint_without_loading_it(tmp_path) -> None:
+    from pipeline.config import SlideEncoderConfig, StorageConfig
+    from pipeline.models.weights import resolve_weights
+    from pipeline.plan import check_slide_checkpoint
+    from pipeline.slide_encode import get_slide_model
+
+    state = random_state(depth=12, seed=1)
+    path = tmp_path / "slide_encoder.pth"
+    torch.save({"model": state}, path)
+    spec = get_slide_model("gigapath-slide")
+
+    def ref(p):
+        return resolve_weights(SlideEncoderConfig(id="gigapath-slide", weights=str(p)),
+                               StorageConfig(), spec=spec)
+
+    assert check_slide_checkpoint(ref(path), StorageConfig()) is True
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(path.read_bytes()[:100_000])
+    with pytest.raises(WeightsError, match="cannot read checkpoint"):
+        check_slide_checkpoint(ref(cut), StorageConfig())
+    partial = tmp_path / "partial.pth"
+    torch.save({"model": {k: v for k, v in state.items() if k != "norm.weight"}}, partial)
+    with pytest.raises(WeightsError, match="1 missing: norm.weight"):
+        check_slide_checkpoint(ref(partial), StorageConfig())

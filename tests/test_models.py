@@ -358,3 +358,65 @@ def test_hub_errors_are_actionable(monkeypatch, tmp_path: Path, error, expected:
     monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", fail)
     with pytest.raises(WeightsError, match=expected):
         resolve_weights(ModelConfig(id="uni", weights="hub"), StorageConfig())
+
+
+# --- weights: checked in the driver before Ray starts -----------------------------------------
+
+
+def _ref(path: Path) -> WeightsRef:
+    return resolve_weights(ModelConfig(id="kaiko-vits16", weights=str(path)), StorageConfig())
+
+
+@pytest.mark.parametrize("name", ["kaiko.safetensors", "kaiko.pth", "pytorch_model.bin"])
+def test_driver_check_accepts_every_layout(kaiko_ckpt, name: str) -> None:
+    _, root = kaiko_ckpt
+    assert weights.check_checkpoint(KAIKO, _ref(root / name), StorageConfig()) is True
+
+
+@pytest.mark.parametrize("name", ["kaiko.safetensors", "kaiko.pth"])
+def test_driver_check_refuses_truncated_and_corrupt_files(kaiko_ckpt, tmp_path: Path,
+                                                         name: str) -> None:
+    _, root = kaiko_ckpt
+    data = (root / name).read_bytes()
+    cut = tmp_path / name
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="truncated|cannot read checkpoint"):
+        weights.check_checkpoint(KAIKO, _ref(cut), StorageConfig())
+    junk = tmp_path / f"junk-{name}"
+    junk.write_bytes(b"\x00\x01 not a checkpoint" * 100)
+    with pytest.raises(WeightsError, match="cannot read checkpoint"):
+        weights.check_checkpoint(KAIKO, _ref(junk), StorageConfig())
+
+
+def test_driver_check_names_key_differences(kaiko_ckpt, tmp_path: Path) -> None:
+    reference, _ = kaiko_ckpt
+    state = {k: v for k, v in reference.state_dict().items() if k != "norm.weight"}
+    path = tmp_path / "wrong.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(WeightsError, match="1 missing keys: norm.weight"):
+        weights.check_checkpoint(KAIKO, _ref(path), StorageConfig())
+    # a UNI checkpoint given for kaiko: every shape differs, said before any actor starts
+    with pytest.raises(WeightsError, match="does not match"):
+        weights.check_checkpoint(UNI, _ref(kaiko_ckpt[1] / "kaiko.safetensors"),
+                                 StorageConfig())
+
+
+def test_driver_check_reads_only_the_header_of_remote_safetensors(
+        kaiko_ckpt, s3_endpoint: str, s3_bucket: str, tmp_path: Path, monkeypatch) -> None:
+    import boto3
+
+    monkeypatch.setenv("WSI_WEIGHTS_CACHE", str(tmp_path / "cache"))
+    _, root = kaiko_ckpt
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.upload_file(str(root / "kaiko.safetensors"), s3_bucket, "w/kaiko.safetensors")
+    data = (root / "kaiko.safetensors").read_bytes()
+    s3.put_object(Bucket=s3_bucket, Key="w/cut.safetensors", Body=data[: len(data) - 100])
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    good = resolve_weights(ModelConfig(id="kaiko-vits16",
+                                       weights=f"s3://{s3_bucket}/w/kaiko.safetensors"), storage)
+    assert weights.check_checkpoint(KAIKO, good, storage) is True
+    assert not (tmp_path / "cache").exists()  # nothing downloaded: the header was enough
+    cut = resolve_weights(ModelConfig(id="kaiko-vits16",
+                                      weights=f"s3://{s3_bucket}/w/cut.safetensors"), storage)
+    with pytest.raises(WeightsError, match=r"is truncated: \d+ bytes"):
+        weights.check_checkpoint(KAIKO, cut, storage)

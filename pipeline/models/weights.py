@@ -10,9 +10,11 @@ loads the parameters strictly on each encoder actor.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,14 +313,22 @@ def _fetch_hub(ref: WeightsRef) -> Path:
                            f"or stage the file (weights: /path or s3://...)") from err
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors; on ``meta``, their names and shapes only (nothing read)."""
     if path.suffix == ".safetensors":
+        if device == "meta":
+            with open(path, "rb") as fh:
+                shapes = _safetensors_shapes(fh, path.stat().st_size, repr(str(path)))
+            return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as err:  # noqa: BLE001 - SafetensorError and friends
+            raise WeightsError(f"cannot read checkpoint {str(path)!r}: {err}") from err
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location=device, weights_only=True)
         except Exception as err:
             raise WeightsError(f"cannot read checkpoint {str(path)!r}: {err}") from err
         if isinstance(state, dict):
@@ -332,6 +342,78 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+_SAFETENSORS_MAX_HEADER = 100 << 20
+
+
+def _safetensors_shapes(fh: Any, size: int, where: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes from a .safetensors header (8-byte length + JSON); the file's size
+    must hold every tensor the header places, so a truncated download is caught here."""
+    head = fh.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+    if n < 2 or n > _SAFETENSORS_MAX_HEADER or 8 + n > size:
+        raise WeightsError(f"cannot read checkpoint {where}: not a safetensors file, or "
+                           f"truncated ({size} bytes)")
+    try:
+        header = json.loads(fh.read(n))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in tensors.items()}
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise WeightsError(f"cannot read checkpoint {where}: bad safetensors header "
+                           f"({type(err).__name__}: {err})") from err
+    if 8 + n + end > size:
+        raise WeightsError(f"checkpoint {where} is truncated: {size} bytes, its header places "
+                           f"tensors up to byte {8 + n + end} (download it again)")
+    return shapes
+
+
+def _driver_copy(model_id: str, ref: WeightsRef, storage: StorageConfig) -> Path | None:
+    """The checkpoint as a local file for the driver's check, or None where only the header
+    can be read remotely (safetensors at a URL) or nothing can (hub, not yet cached)."""
+    if ref.source.startswith("hub:"):
+        from huggingface_hub import try_to_load_from_cache
+
+        # hub:<repo>@<commit>/<filename> (see _hub_ref)
+        repo, _, rest = ref.source.removeprefix("hub:").partition("@")
+        commit, _, filename = rest.partition("/")
+        got = try_to_load_from_cache(repo, filename, revision=commit, cache_dir=_hf_cache_dir())
+        return Path(got) if isinstance(got, str) else None
+    if _is_local(ref.source):
+        return local_weights_file(model_id, ref, storage)
+    if ref.source.endswith(".safetensors"):
+        return None
+    return _fetch_url(ref, storage)  # the node's weights cache: actors here reuse it
+
+
+def checkpoint_meta_state(model_id: str, ref: WeightsRef, storage: StorageConfig
+                          ) -> tuple[dict[str, torch.Tensor], str] | None:
+    """The checkpoint's names and shapes as meta tensors, read without its data: torch files
+    through their zip index, safetensors through their header (remote ones by range reads).
+    None where the driver cannot see the file (hub, not cached): its actors check it."""
+    path = _driver_copy(model_id, ref, storage)
+    if path is not None:
+        return _read_state_dict(path, device="meta"), repr(str(path))
+    if ref.source.startswith("hub:"):
+        return None
+    fs, rpath = url_to_fs(ref.source, storage)
+    with fs.open(rpath, "rb", block_size=1 << 20) as fh:
+        shapes = _safetensors_shapes(fh, int(fs.size(rpath)), repr(ref.source))
+    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}, repr(ref.source)
+
+
+def check_checkpoint(spec: TileModelSpec, ref: WeightsRef, storage: StorageConfig) -> bool:
+    """Before Ray starts: the checkpoint opens and its keys and shapes are the architecture's
+    (after the family's key adapter), or WeightsError. True if checked, False if it could not
+    be seen from the driver."""
+    got = checkpoint_meta_state(spec.id, ref, storage)
+    if got is None:
+        return False
+    state, where = got
+    model = registry.build(spec, device="meta")
+    load_state_dict_strict(spec, model, registry.adapt_checkpoint(spec, state), where)
+    return True
 
 
 def _list(keys: list[str], n: int = 10) -> str:
