@@ -49,7 +49,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.run import run_job
 
     cfg = _load(args)
-    record = run_job(cfg, run_id=args.run_id)
+    try:
+        record = run_job(cfg, run_id=args.run_id)
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        from pipeline.manifest import ManifestError
+        from pipeline.models.weights import WeightsError
+        from pipeline.run import failure_text
+
+        if isinstance(err, (ManifestError, WeightsError)):
+            raise
+        logging.getLogger("pipeline").debug("the job failed", exc_info=True)
+        print(f"error: the job failed: {failure_text(err)} (its record and error rows are in "
+              f"{cfg.output.rstrip('/')}/runs and /errors; --log-level debug shows the "
+              "traceback)", file=sys.stderr)
+        return 1
     counts = record["counts"]
     print(json.dumps({"run_id": record["run_id"], "status": record["status"],
                       "wall_s": record["wall_s"], **counts}, indent=2))

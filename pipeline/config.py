@@ -226,6 +226,10 @@ class RayConfig(_Strict):
         "(Ray Data backpressure) when encoders fall behind. None: Ray Data's default share")
     object_store_memory_gb: float | None = Field(None, gt=0, description="local Ray only")
     num_cpus: int | None = Field(None, ge=1, description="local Ray only: CPUs to use")
+    actor_start_failures: int = Field(
+        2, ge=0, le=100, description="encoder actors of one pool that may fail to start in a "
+        "row (a node's transient fault) before the job stops; a model broken for good fails "
+        "at every start, so the bound ends the job instead of retrying forever")
 
 
 class SinkConfig(_Strict):

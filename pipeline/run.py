@@ -124,6 +124,9 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
+    # Ray Core never restarts an actor whose constructor raised; Ray Data starts another in
+    # its place this many times in a row, then fails the dataset (and so the job) with it.
+    ctx.max_consecutive_actor_init_deaths = cfg.ray.actor_start_failures
     # Blocks of ~16 MB of tiles (a few chunks). At Ray Data's default (128 MB) a block holds
     # a whole slide or more, an encoder task takes several slides at once, and with the pixels
     # dropped its output reaches the writers only when all of them are done: commits come in
@@ -482,6 +485,24 @@ class Coordinator:
         self.last_error_flush = time.monotonic()
 
 
+_CAUSE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+
+
+def failure_text(err: BaseException) -> str:
+    """What stopped the job, as one plain line: Ray wraps an actor's or task's exception in
+    its traceback text (with colour codes); the last exception line of it is the cause."""
+    text = plain_text(f"{type(err).__name__}: {err}")
+    lines = text.splitlines()
+    if len(lines) <= 1:
+        return text
+    causes = [m for m in (_CAUSE.match(line.strip()) for line in lines[1:]) if m]
+    if not causes:
+        return lines[0]
+    where = ("an actor failed to start" if "creation task" in lines[0]
+             else f"{type(err).__name__}")
+    return f"{where}: {causes[-1].group(1)}: {causes[-1].group(2)}"
+
+
 def _ts(t: float | None) -> Any:
     from datetime import datetime, timezone
 
@@ -568,7 +589,7 @@ def run_passes(cfg: JobConfig, plan: Plan, coord: Coordinator, use_gpu: dict[str
             continue
         if item is _DONE or isinstance(item, BaseException):
             running.discard(pid)
-            error = None if item is _DONE else f"{type(item).__name__}: {item}"
+            error = None if item is _DONE else failure_text(item)
             coord.end_pass(pid, error)
             for w in writers.pop(pid):
                 ray.kill(w)
@@ -582,7 +603,7 @@ def run_passes(cfg: JobConfig, plan: Plan, coord: Coordinator, use_gpu: dict[str
         coord.add(pid, item)
     for pid, _, _, tasks in waiting:  # never started: the job failed before them
         coord.start_pass(pid, passes[0][1], tasks)
-        coord.end_pass(pid, f"{type(failure).__name__}: {failure}")
+        coord.end_pass(pid, failure_text(failure))
     for a in slide_actors.values():
         ray.kill(a)
     if failure is not None:
@@ -705,7 +726,7 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
             warn_if_cluster_too_small(cfg, use_gpu)
             run_passes(cfg, plan, coord, use_gpu)
     except BaseException as err:
-        job_error = f"{type(err).__name__}: {err}"
+        job_error = failure_text(err)
         raise
     finally:
         coord.finish(job_error)

@@ -342,3 +342,41 @@ def test_a_slide_replaced_after_planning_is_not_committed_as_planned(
     slides = read_slides(out)
     fp = dict(zip(slides["slide_id"].to_pylist(), slides["fingerprint"].to_pylist(), strict=True))
     assert fp["s1"] == str(fingerprint(LocalFileSystem(), str(d / "s1.svs")))
+
+
+def test_an_encoder_that_cannot_start_fails_the_job_with_its_cause(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights pass the driver's check, then vanish before the actors load them (a node
+    without the file): the job ends, and says why in plain text, in the record and rows."""
+    import timm
+    from safetensors.torch import save_file
+
+    import pipeline.run
+    from pipeline.models import registry
+
+    rows = generated_cohort(tmp_path / "slides", 2, seed=3)
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    spec = registry.get("kaiko-vits16")
+    model = timm.create_model(spec.timm_name, pretrained=False, **dict(spec.timm_kwargs))
+    weights = tmp_path / "kaiko.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    real_plan = pipeline.run.plan_job
+
+    def plan_then_remove(*args: object, **kwargs: object) -> object:
+        plan = real_plan(*args, **kwargs)
+        weights.unlink()
+        return plan
+
+    monkeypatch.setattr(pipeline.run, "plan_job", plan_then_remove)
+    cfg = job_config(str(manifest), str(tmp_path / "lake"))
+    cfg.models[0].weights = str(weights)
+    with pytest.raises(Exception, match="creation task"):
+        run_job(cfg)
+    (record_file,) = (tmp_path / "lake" / "runs").glob("*.json")
+    record = json.loads(record_file.read_text())
+    cause = ("an actor failed to start: WeightsError: kaiko-vits16: weights file "
+             f"'{weights}' not found on this node")
+    assert record["status"] == "failed" and record["error"].startswith(cause)
+    errs = errors_by_slide(str(tmp_path / "lake"), record["run_id"])
+    assert set(errs) == {"s0", "s1"}
+    assert all(cause in e["reason"] and "\x1b" not in e["reason"] for e in errs.values())
