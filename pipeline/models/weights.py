@@ -26,7 +26,7 @@ import torch
 from pipeline.config import ModelConfig, StorageConfig
 from pipeline.models import registry
 from pipeline.models.registry import TileModelSpec
-from pipeline.storage import url_to_fs
+from pipeline.storage import url_to_fs, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _resolve_url(spec: TileModelSpec, cfg: ModelConfig, storage: StorageConfig) 
     url = cfg.weights
     try:
         fs, path = url_to_fs(url, storage)
-        info = fs.info(path)
+        info = with_retries(lambda: fs.info(path), storage, what=f"stat {url}")
         if info.get("type") == "directory":
             base = url.rstrip("/")
             for name in _candidates(spec):
@@ -286,7 +286,7 @@ def _fetch_url(ref: WeightsRef, storage: StorageConfig) -> Path:
     os.close(fd)
     try:
         log.info("downloading weights %s -> %s", ref.source, target)
-        fs.get_file(path, tmp)
+        with_retries(lambda: fs.get_file(path, tmp), storage, what=f"download {ref.source}")
         if ref.sha256:
             _check_sha(ref.sha256, file_sha256(tmp), repr(ref.source))
         os.replace(tmp, target)  # atomic: concurrent actors on a node never see a partial file
