@@ -226,6 +226,14 @@ class RayConfig(_Strict):
         "(Ray Data backpressure) when encoders fall behind. None: Ray Data's default share")
     object_store_memory_gb: float | None = Field(None, gt=0, description="local Ray only")
     num_cpus: int | None = Field(None, ge=1, description="local Ray only: CPUs to use")
+    num_gpus: int | None = Field(None, ge=0, description="local Ray only: GPUs to declare "
+                                 "(default: those Ray detects)")
+    slide_encoder_gpus: float = Field(
+        0.25, gt=0, le=1, description="GPU fraction a slide-encoder actor asks (it runs "
+        "briefly once per slide); tile encoders leave room for it (pipeline.placement)")
+    max_actors_per_gpu: int = Field(
+        4, ge=1, le=64, description="most encoder actors that may share one GPU when more "
+        "must run at once than there are GPUs; beyond it the job stops before any work")
     actor_start_failures: int = Field(
         2, ge=0, le=100, description="encoder actors of one pool that may fail to start in a "
         "row (a node's transient fault) before the job stops; a model broken for good fails "

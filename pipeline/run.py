@@ -33,6 +33,7 @@ from pipeline.config import ConfigError, JobConfig, TilingConfig
 from pipeline.lease import Lease
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.models import registry
+from pipeline.placement import Placement, place
 from pipeline.plan import (
     TILE_ORDER,
     Plan,
@@ -72,6 +73,8 @@ def init_ray(cfg: JobConfig) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False}
     if cfg.ray.num_cpus:
         kwargs["num_cpus"] = cfg.ray.num_cpus
+    if cfg.ray.num_gpus is not None:
+        kwargs["num_gpus"] = cfg.ray.num_gpus
     if cfg.ray.object_store_memory_gb:
         kwargs["object_store_memory"] = int(cfg.ray.object_store_memory_gb * 2**30)
     log.info("no cluster address given: starting an embedded local Ray")
@@ -115,7 +118,7 @@ def warn_if_cluster_too_small(cfg: JobConfig, use_gpu: dict[str, bool]) -> None:
 
 
 def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
-                  plan: Plan, use_gpu: dict[str, bool], writers: list[Any]) -> Any:
+                  plan: Plan, placement: Placement, writers: list[Any]) -> Any:
     """One tiling pass (one tiling spec) feeding the encoders of the models that share it."""
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
@@ -162,7 +165,7 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
     for i, m in enumerate(active):
         last = i == len(active) - 1
         enc_args: dict[str, Any] = {"num_cpus": cfg.ray.encoder_cpus,
-                                    "num_gpus": 1 if use_gpu[m.id] else 0}
+                                    "num_gpus": placement.gpus[m.id]}
         if cfg.ray.encoder_resource:
             enc_args["resources"] = {cfg.ray.encoder_resource: 0.001}
         model_cfg = m.model_dump()
@@ -195,7 +198,7 @@ def routing_encoder() -> type:
     return RoutingTileEncoder
 
 
-def start_slide_encoders(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]
+def start_slide_encoders(cfg: JobConfig, plan: Plan, placement: Placement
                          ) -> dict[str, Any]:
     """One slide-encoder actor per tile model that has one (it runs once per slide)."""
     import ray
@@ -204,7 +207,7 @@ def start_slide_encoders(cfg: JobConfig, plan: Plan, use_gpu: dict[str, bool]
     for m, s in slide_encoders(cfg).items():
         if not any(m in t.models for t in plan.tasks):
             continue
-        opts: dict[str, Any] = {"num_gpus": 1 if use_gpu[m] else 0,
+        opts: dict[str, Any] = {"num_gpus": placement.slide_gpus[s.id],
                                 # No CPU reservation: it would starve tiling on small machines;
                                 # it runs briefly once per slide.
                                 "num_cpus": 0}
@@ -279,6 +282,7 @@ class Coordinator:
         # first encoded batch at the driver: start-up and pipeline fill end here
         self.first_batch: dict[str, Any] | None = None
         self.pass_mode = "none"
+        self.placement: Placement | None = None
 
     def start_pass(self, pid: int, tiling: TilingConfig, tasks: list[SlideTask]) -> None:
         self.passes[pid] = (tiling, {t.entry.slide_id: t for t in tasks})
@@ -398,7 +402,7 @@ class Coordinator:
                 model=s.id))
             return
         ref = self.plan.weights[s.id]
-        gpu = self.use_gpu[m]
+        gpu = self.use_gpu[s.id]
         spec = get_slide_model(s.id)
         pooling = "global-pool" if s.global_pool else "cls"
         rows = [{**values, "aggregation": f"{s.id} ({pooling})", "layer": layer,
@@ -531,18 +535,20 @@ def passes_fit_at_once(cfg: JobConfig, groups: list[list[str]], use_gpu: dict[st
     """Can every pass hold one tiling task and all its encoder actors at the same time?
 
     If not, concurrent passes would each hold actors while none can tile (a deadlock), so
-    they run one after another, as small clusters must."""
+    they run one after another, as small clusters must. GPUs fit if ``place`` can share them."""
     import ray
 
     res = ray.cluster_resources()
     cpus = len(groups) * cfg.ray.tiling_cpus
-    gpus = 0.0
     for group in groups:
         for m in cfg.models:
             if m.id in group:
                 cpus += cfg.ray.encoder_cpus * m.actors
-                gpus += m.actors if use_gpu[m.id] else 0
-    return cpus <= res.get("CPU", 0) and gpus <= res.get("GPU", 0)
+    try:
+        place(cfg, groups, use_gpu, res.get("GPU", 0.0), concurrent=True)
+    except ConfigError:
+        return False
+    return cpus <= res.get("CPU", 0)
 
 
 def run_passes(cfg: JobConfig, plan: Plan, coord: Coordinator, use_gpu: dict[str, bool]
@@ -551,14 +557,20 @@ def run_passes(cfg: JobConfig, plan: Plan, coord: Coordinator, use_gpu: dict[str
     does not); the coordinator consumes their metadata in this thread."""
     import ray
 
-    slide_actors = start_slide_encoders(cfg, plan, use_gpu)
     passes = []
     for pid, (tiling, group) in enumerate(tiling_groups(cfg)):
         tasks = [replace(t, models=[m for m in t.models if m in group])
                  for t in plan.tasks if set(t.models) & set(group)]
         if tasks:
             passes.append((pid, tiling, group, tasks))
-    at_once = len(passes) <= 1 or passes_fit_at_once(cfg, [p[2] for p in passes], use_gpu)
+    groups = [[m for m in p[2] if any(m in t.models for t in p[3])] for p in passes]
+    at_once = len(passes) <= 1 or passes_fit_at_once(cfg, groups, use_gpu)
+    # Fits, or stops here (ConfigError naming the settings) before any actor is created.
+    placement = place(cfg, groups, use_gpu, ray.cluster_resources().get("GPU", 0.0), at_once)
+    coord.placement = placement
+    for note in placement.notes:
+        log.info("placement: %s", note)
+    slide_actors = start_slide_encoders(cfg, plan, placement)
     if not at_once:
         log.warning("the cluster cannot hold the encoders of all %d tiling passes at once: "
                     "running them one after another (more CPUs/GPUs, or fewer "
@@ -571,7 +583,7 @@ def run_passes(cfg: JobConfig, plan: Plan, coord: Coordinator, use_gpu: dict[str
     def start(pid: int, tiling: TilingConfig, tasks: list[SlideTask]) -> None:
         coord.start_pass(pid, tiling, tasks)
         writers[pid] = start_writers(cfg, tasks, slide_actors)
-        ds = build_dataset(cfg, tiling, tasks, plan, use_gpu, writers[pid])
+        ds = build_dataset(cfg, tiling, tasks, plan, placement, writers[pid])
         threading.Thread(target=_drain, args=(pid, ds, out), name=f"pass-{pid}",
                          daemon=True).start()
 
@@ -720,6 +732,8 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
         if plan.tasks:
             init_ray(cfg)
             use_gpu.update({m.id: _use_gpu(m.device) for m in cfg.models})
+            # A slide encoder follows its own device setting, not its tile model's.
+            use_gpu.update({s.id: _use_gpu(s.device) for s in slide_encoders(cfg).values()})
             for m, gpu in use_gpu.items():
                 if not gpu:
                     log.warning("model %s: no GPU in the cluster; encoding on CPU (slow)", m)
@@ -754,6 +768,7 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
             "encoders": {m: ("cuda" if g else "cpu") for m, g in use_gpu.items()},
             "first_batch": coord.first_batch,
             "passes": coord.pass_mode,
+            "placement": coord.placement.summary() if coord.placement else None,
             "commits": {"count": len(coord.commits),
                         "seconds": round(sum(c["seconds"] for c in coord.commits), 3)},
             "compaction": compaction,
