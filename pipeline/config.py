@@ -140,6 +140,9 @@ class ModelConfig(_Strict):
         "overlap the previous forward; None: about a quarter of the batch (>= 32)")
     actors: int = Field(1, ge=1, le=1024, description="encoder actors for this model")
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    tf32: bool = Field(False, description="fp32 models on CUDA (CONCH, Phikon-v2): TF32 "
+                       "matmuls (faster, ~1e-3 relative error); off as their authors ran them; "
+                       "recorded as precision 'fp32+tf32'")
     slide_encoder: SlideEncoderConfig | None = Field(
         None, description="also run a slide encoder on each slide's tile embeddings")
 

@@ -34,6 +34,28 @@ log = logging.getLogger(__name__)
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+_MATMUL_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def cast_matmul_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Linear/conv weights (and biases) to ``dtype`` once, at load; returns how many tensors.
+
+    Autocast casts an fp32 weight to half precision at every use, and inside
+    ``torch.inference_mode`` its weight-cast cache is off: every forward re-cast every weight
+    (GBs per micro-batch for ViT-g). Weights already in ``dtype`` are used as they are, so the
+    results are the same bits. Norms, position embeddings, CLS tokens and layer scales stay
+    fp32, so the residual stream stays fp32 as under plain autocast."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, _MATMUL_MODULES):
+            for name in ("weight", "bias"):
+                p = getattr(module, name, None)
+                if p is not None and p.dtype == torch.float32:
+                    p.data = p.data.to(dtype)
+                    n += 1
+    return n
+
+
 def _ray_node_id() -> str:
     try:
         import ray
@@ -313,6 +335,13 @@ class TileEncoder:
         storage = StorageConfig(**(storage_cfg or {}))
         self.model = load_model(self.spec, self.weights, storage, self.device)
         self.precision = precision_for(self.spec, self.device)
+        if self.device.type == "cuda" and self.precision in _AUTOCAST:
+            cast_matmul_weights(self.model, _AUTOCAST[self.precision])
+        self.tf32 = bool(model_cfg.get("tf32")) and self.device.type == "cuda" \
+            and self.precision == "fp32"
+        if self.tf32:  # this actor's process runs this one model: a process-wide switch
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         # Optional: None lets encode_tiles pick (whole batch on CPU, ~4 micro-batches on CUDA).
         self.micro_batch: int | None = model_cfg.get("micro_batch")
         self.staging = PinnedStaging() if self.device.type == "cuda" else None
@@ -323,7 +352,7 @@ class TileEncoder:
             "device": str(self.device),
             "device_name": (torch.cuda.get_device_name(self.device)
                             if self.device.type == "cuda" else "cpu"),
-            "precision": self.precision,
+            "precision": self.precision + ("+tf32" if self.tf32 else ""),
             "weights_identity": self.weights.identity,
             "weights_random": self.weights.random,
             "torch": torch.__version__,

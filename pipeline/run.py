@@ -177,6 +177,7 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
             kwargs["writers"] = writers
         ds = ds.map_batches(
             routing if last else TileEncoder, batch_size=m.batch_size, batch_format="numpy",
+            zero_copy_batch=True,  # the encoder only reads the tiles: no copy of each batch
             compute=ActorPoolStrategy(size=m.actors), fn_constructor_kwargs=kwargs, **enc_args)
     return ds
 
@@ -339,6 +340,7 @@ class Coordinator:
         ref = self.plan.weights[m]
         spec = registry.get(m)
         gpu = self.use_gpu[m]
+        m_cfg = next(c for c in self.cfg.models if c.id == m)
         return {
             "slide_id": e.slide_id, "uri": e.uri, "fingerprint": str(task.fingerprint),
             "size_bytes": task.fingerprint.size, "width": meta["width"],
@@ -349,7 +351,9 @@ class Coordinator:
             "num_tiles": res.num_tiles, "tissue_area_mm2": meta["tissue_area_mm2"],
             "tile_order": TILE_ORDER, "aggregation": "mean", "layer": None,
             "source_model": m, "model_dim": spec.dim,
-            "precision": spec.precision if gpu else "fp32", "device": "cuda" if gpu else "cpu",
+            "precision": (spec.precision + ("+tf32" if m_cfg.tf32 and spec.precision == "fp32"
+                                            else "")) if gpu else "fp32",
+            "device": "cuda" if gpu else "cpu",
             "weights": ref.source, "weights_identity": ref.identity,
             "weights_sha256": ref.sha256, "random_weights": ref.random,
             "tiling": json.dumps(tiling.model_dump(), sort_keys=True),

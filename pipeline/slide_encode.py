@@ -62,7 +62,7 @@ class SlideEncoderStage:
         import torch
 
         from pipeline.config import StorageConfig
-        from pipeline.encode import select_device
+        from pipeline.encode import cast_matmul_weights, select_device
         from pipeline.models.gigapath_slide import (
             GigaPathSlideEncoder,
             load_gigapath_slide_encoder,
@@ -84,6 +84,8 @@ class SlideEncoderStage:
             path = local_weights_file(self.spec.id, ref, StorageConfig(**storage_cfg))
             self.model = load_gigapath_slide_encoder(path, "cpu")
         self.model = self.model.eval().to(self.device)
+        if self.device.type == "cuda":  # runs under fp16 autocast: cast its weights once
+            cast_matmul_weights(self.model, torch.float16)
         self.depth = len(self.model.encoder.layers)
         self.layers = slide_layers(self.depth, list(cfg.get("layers") or []))
         bad = [layer for layer in self.layers if not 0 <= layer <= self.depth]

@@ -349,3 +349,56 @@ def test_cuda_micro_batched_equals_whole_batch() -> None:
         x = preprocess(torch.from_numpy(tiles[:5]).to(cuda), KAIKO)
         direct = registry.embed(KAIKO, model, x).float().cpu().numpy()
     np.testing.assert_allclose(whole[:5].astype(np.float32), direct, rtol=2e-2, atol=2e-2)
+
+
+class _CastCounter(contextlib.AbstractContextManager):
+    """Counts dtype casts (aten.to.dtype, aten._to_copy) applied to the given tensors."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ptrs = {t.data_ptr() for t in tensors}
+        casts = (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype)
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                if func in casts and args[0].data_ptr() in ptrs:
+                    counter.casts += 1
+                return func(*args, **(kwargs or {}))
+
+        self.casts, self.mode = 0, Mode()
+
+    def __enter__(self) -> _CastCounter:
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.mode.__exit__(*exc)
+
+
+def test_weights_are_cast_once_at_load_not_every_forward() -> None:
+    """bf16 autocast on CPU runs the same weight casts as fp16 autocast on CUDA."""
+    spec = registry.get("kaiko-vits16")
+    ref = resolve_weights(ModelConfig(id="kaiko-vits16", weights="random"), StorageConfig())
+    model = load_model(spec, ref, StorageConfig(), torch.device("cpu"))
+    x = preprocess(torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8), spec)
+
+    def three_forwards() -> tuple[int, torch.Tensor]:
+        params = list(model.parameters())
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), \
+                _CastCounter(params) as counter:
+            outs = [registry.embed(spec, model, x) for _ in range(3)]
+        return counter.casts, outs[-1]
+
+    before, expected = three_forwards()
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert before >= 3 * linears  # every forward re-cast every matmul weight
+    cast = encode.cast_matmul_weights(model, torch.bfloat16)
+    assert cast >= 2 * linears
+    after, got = three_forwards()
+    assert after == 0
+    assert torch.equal(got, expected)  # the same bits: autocast used these very casts
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)
+    assert model.pos_embed.dtype == torch.float32

@@ -329,3 +329,46 @@ def test_driver_checks_the_slide_checkpoint_without_loading_it(tmp_path) -> None
     torch.save({"model": {k: v for k, v in state.items() if k != "norm.weight"}}, partial)
     with pytest.raises(WeightsError, match="1 missing: norm.weight"):
         check_slide_checkpoint(ref(partial), StorageConfig())
+
+
+# --- (d) precision and kernels -----------------------------------------------------------------
+
+
+def test_residual_stream_stays_fp32_under_autocast() -> None:
+    """bf16 autocast on CPU runs the casts CUDA's fp16 autocast does: the layers' inputs (the
+    residual stream) are fp32, as the authors' fp32 position table and CLS keep them."""
+    torch.manual_seed(0)
+    model = GigaPathSlideEncoder(2, segment_lengths=(64, 128), dilated_ratios=(1, 2)).eval()
+    seen: list[torch.dtype] = []
+    for layer in model.encoder.layers:
+        layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    x, c = torch.randn(150, 1536), torch.randint(0, 40, (150, 2)).float() * 256
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.embed_tokens(x.unsqueeze(0), c.unsqueeze(0), 256.0)
+        out = model(x, c, 256.0)
+    assert h.dtype == torch.float32 and seen == [torch.float32] * 2
+    with torch.inference_mode():
+        ref = model(x, c, 256.0)
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize(("args", "impl"), [
+    (("cuda", torch.float16, (9, 0), True, False), "flash_attn"),
+    (("cuda", torch.float16, (9, 0), False, False), "sdpa_cuda"),   # H100/H200, no flash-attn
+    (("cuda", torch.bfloat16, (8, 0), False, False), "sdpa_cuda"),  # A100
+    (("cuda", torch.float16, (7, 5), False, False), "math"),        # T4: no flash kernel
+    (("cuda", torch.float32, (9, 0), True, False), "math"),         # fp32: no half kernel
+    (("cpu", torch.float32, None, False, True), "sdpa_cpu"),
+])
+def test_auto_kernel_choice(args: tuple, impl: str) -> None:
+    assert gs.choose_impl(*args) == impl
+
+
+def test_math_kernel_keeps_logits_in_fp32_for_half_inputs() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 48).mul(4).bfloat16() for _ in range(3))
+    _, lse32 = gs._attend_math(q.float(), k.float(), v.float(), 48 ** -0.5)
+    _, lse16 = gs._attend_math(q, k, v, 48 ** -0.5)
+    assert lse16.dtype == torch.float32
+    # the same (bf16-exact) inputs: logits rounded to bf16 would be off by ~0.05-0.1 here
+    torch.testing.assert_close(lse16, lse32, atol=1e-4, rtol=0)

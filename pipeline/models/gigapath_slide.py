@@ -24,6 +24,7 @@ Reference quirks reproduced on purpose (the weights were trained with them):
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,7 +52,9 @@ MAX_LOGITS = 1 << 24
 # Tokens per FFN chunk: the 3072-wide intermediate would otherwise be 12 KB per tile.
 FFN_CHUNK = 16384
 
-ATTN_IMPLS = ("auto", "math", "sdpa_cpu", "flash_attn")
+ATTN_IMPLS = ("auto", "math", "sdpa_cpu", "sdpa_cuda", "flash_attn")
+# torch's CUDA flash kernel: Ampere (sm80) and newer, half precision, head dim <= 256
+SDPA_CUDA_MIN_CAPABILITY = (8, 0)
 
 
 # --- position embedding ------------------------------------------------------------------------
@@ -105,7 +108,9 @@ def sincos_pos_embed(pos: torch.Tensor, dim: int = EMBED_DIM) -> torch.Tensor:
 # --- dilated attention -------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
 def _flash_attn_func() -> Any:
+    """flash-attn's kernel, imported once per process (None when not installed)."""
     try:
         from flash_attn import flash_attn_func  # type: ignore[import-not-found]
     except Exception:  # noqa: BLE001 - optional accelerator, any import failure means "absent"
@@ -113,17 +118,31 @@ def _flash_attn_func() -> Any:
     return flash_attn_func
 
 
+def choose_impl(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None,
+                has_flash_attn: bool, has_cpu_flash: bool, head_dim: int = 48) -> str:
+    """The kernel "auto" means for these inputs: flash-attn where installed, else torch's own
+    flash kernel (CUDA sm80+, half precision; returns the fp32 log-sum-exp that merging
+    branches needs), the CPU flash kernel on CPU, else the exact chunked "math" fallback."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device_type == "cuda" and half:
+        if has_flash_attn:
+            return "flash_attn"
+        if capability is not None and capability >= SDPA_CUDA_MIN_CAPABILITY and head_dim <= 256:
+            return "sdpa_cuda"
+    if device_type == "cpu" and has_cpu_flash:
+        return "sdpa_cpu"
+    return "math"
+
+
 def _pick_impl(impl: str, q: torch.Tensor) -> str:
     if impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_func():
-        return "flash_attn"
-    if q.device.type == "cpu" and hasattr(torch.ops.aten,
-                                          "_scaled_dot_product_flash_attention_for_cpu"):
-        return "sdpa_cpu"
-    return "math"
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+    return choose_impl(q.device.type, q.dtype, capability, _flash_attn_func() is not None,
+                       hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"),
+                       q.shape[-1])
 
 
 def _attend_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -136,16 +155,19 @@ def _attend_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     per_query = h * k.shape[2]  # logits one query row of one segment needs
     q_chunk = max(1, min(m, MAX_LOGITS // per_query))
     seg_chunk = max(1, min(s, MAX_LOGITS // (per_query * q_chunk)))
-    for s0 in range(0, s, seg_chunk):
-        ks = k[s0:s0 + seg_chunk].transpose(-1, -2)
-        vs = v[s0:s0 + seg_chunk]
-        for q0 in range(0, m, q_chunk):
-            qs = q[s0:s0 + seg_chunk, :, q0:q0 + q_chunk]
-            logits = torch.matmul(qs, ks).to(acc_dtype).mul_(scale)
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            probs = logits.sub_(chunk_lse.unsqueeze(-1)).exp_()
-            out[s0:s0 + seg_chunk, :, q0:q0 + q_chunk] = torch.matmul(probs.to(v.dtype), vs)
-            lse[s0:s0 + seg_chunk, :, q0:q0 + q_chunk] = chunk_lse
+    # Logits and softmax in fp32 whatever the inputs (a half-precision matmul would round the
+    # logits before the softmax); autocast off, or it would cast the matmul back to half.
+    with torch.autocast(q.device.type, enabled=False):
+        for s0 in range(0, s, seg_chunk):
+            ks = k[s0:s0 + seg_chunk].transpose(-1, -2).to(acc_dtype)
+            vs = v[s0:s0 + seg_chunk]
+            for q0 in range(0, m, q_chunk):
+                qs = q[s0:s0 + seg_chunk, :, q0:q0 + q_chunk].to(acc_dtype)
+                logits = torch.matmul(qs, ks).mul_(scale)
+                chunk_lse = torch.logsumexp(logits, dim=-1)
+                probs = logits.sub_(chunk_lse.unsqueeze(-1)).exp_()
+                out[s0:s0 + seg_chunk, :, q0:q0 + q_chunk] = torch.matmul(probs.to(v.dtype), vs)
+                lse[s0:s0 + seg_chunk, :, q0:q0 + q_chunk] = chunk_lse
     return out, lse
 
 
@@ -161,6 +183,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, scale=scale)
         return out, lse
+    if impl == "sdpa_cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, False, False, scale=scale)[:2]
+        return out, lse.float()
     if impl == "flash_attn":
         fn = _flash_attn_func()
         out, lse, _ = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0,
@@ -345,10 +371,12 @@ class GigaPathSlideEncoder(nn.Module):
     def embed_tokens(self, tile_embeddings: torch.Tensor, coords: torch.Tensor,
                      tile_size_l0: float) -> torch.Tensor:
         """Encoder input (B, 1+N, D): [CLS, proj(tiles) + pos]; the CLS slot's position is 0."""
-        x = self.patch_embed.proj(tile_embeddings)
+        # The residual stream stays fp32 under autocast, as the authors' fp32 position table
+        # and CLS token keep it: only the projections and attention run in half precision.
+        x = self.patch_embed.proj(tile_embeddings).float()
         pos = coords_to_pos(coords, tile_size_l0).to(x.device)
-        x = x + sincos_pos_embed(pos, self.embed_dim).to(x.dtype)
-        cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
+        x = x + sincos_pos_embed(pos, self.embed_dim).float()
+        cls = self.cls_token.float().expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
     def _pool(self, h: torch.Tensor, global_pool: bool) -> torch.Tensor:
