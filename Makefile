@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # local disk (no multi-GB download); elsewhere pip fetches them from PyPI.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: setup
 	$(BIN)/python bench/tiling.py
 	$(BIN)/python bench/encoder.py
 	$(BIN)/python bench/end_to_end.py
+
+# The prepared GPU check (bench/README.md "GPU check"): one command, under 8 minutes on one
+# GPU; results to bench/results/gpu_check_<gpu>.json. Exits 2 where no GPU is visible.
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py
 
 lint: setup
 	$(BIN)/ruff check pipeline tests
