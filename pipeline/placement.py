@@ -34,10 +34,11 @@ class Placement:
     slide_gpus: dict[str, float]
     actors_per_gpu: int = 1
     notes: list[str] = field(default_factory=list)
+    encoder_cpus: float | None = None  # set by run_passes (fit_encoder_cpus)
 
     def summary(self) -> dict[str, object]:
         return {"gpus_per_actor": self.gpus, "slide_encoder_gpus": self.slide_gpus,
-                "actors_per_gpu": self.actors_per_gpu}
+                "actors_per_gpu": self.actors_per_gpu, "encoder_cpus": self.encoder_cpus}
 
 
 def place(cfg: JobConfig, groups: list[list[str]], use_gpu: dict[str, bool],
@@ -89,3 +90,25 @@ def place(cfg: JobConfig, groups: list[list[str]], use_gpu: dict[str, bool],
     tile = {mid: (round(share, 4) if use_gpu.get(mid) else 0.0) for mid in active}
     slide = {sid: (f if sid in gpu_slides else 0.0) for sid in slides}
     return Placement(tile, slide, k, notes)
+
+
+def fit_encoder_cpus(cfg: JobConfig, groups: list[list[str]], cluster_cpus: float,
+                     concurrent: bool, fixed_size: bool) -> float:
+    """``ray.encoder_cpus`` for this cluster: as configured where one tiling task and every
+    encoder actor that runs at once fit; on a cluster that cannot grow (``fixed_size``: a
+    local Ray) lowered until they do, or refused with the setting to change. An actor that
+    cannot be placed does not fail: the job waits for it forever."""
+    models = {m.id: m for m in cfg.models}
+    per_pass = [sum(models[mid].actors for mid in g) for g in groups]
+    actors = sum(per_pass) if concurrent else max(per_pass, default=0)
+    tiling = cfg.ray.tiling_cpus * (len(groups) if concurrent else 1)
+    need = tiling + cfg.ray.encoder_cpus * actors
+    if not actors or need <= cluster_cpus or not fixed_size:
+        return cfg.ray.encoder_cpus
+    per_actor = math.floor((cluster_cpus - tiling) / actors * 100) / 100
+    if per_actor < 0.1:
+        raise ConfigError(
+            f"{actors} encoder actors and a tiling task need {need:g} CPUs but this Ray has "
+            f"{cluster_cpus:g}: lower models[].actors, or --set ray.tiling_cpus=0.5 "
+            f"--set ray.encoder_cpus={max(0.1, (cluster_cpus - 0.5) / actors):.2f}")
+    return per_actor

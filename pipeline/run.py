@@ -33,7 +33,7 @@ from pipeline.config import ConfigError, JobConfig, TilingConfig
 from pipeline.lease import Lease
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.models import registry
-from pipeline.placement import Placement, place
+from pipeline.placement import Placement, fit_encoder_cpus, place
 from pipeline.plan import (
     TILE_ORDER,
     Plan,
@@ -570,7 +570,18 @@ def run_passes(cfg: JobConfig, plan: Plan, coord: Coordinator, use_gpu: dict[str
     groups = [[m for m in p[2] if any(m in t.models for t in p[3])] for p in passes]
     at_once = len(passes) <= 1 or passes_fit_at_once(cfg, groups, use_gpu)
     # Fits, or stops here (ConfigError naming the settings) before any actor is created.
-    placement = place(cfg, groups, use_gpu, ray.cluster_resources().get("GPU", 0.0), at_once)
+    resources = ray.cluster_resources()
+    placement = place(cfg, groups, use_gpu, resources.get("GPU", 0.0), at_once)
+    encoder_cpus = fit_encoder_cpus(cfg, groups, resources.get("CPU", 0.0), at_once,
+                                    fixed_size=not (cfg.ray.address or os.environ.get(
+                                        "RAY_ADDRESS")))
+    if encoder_cpus != cfg.ray.encoder_cpus:
+        log.warning("ray.encoder_cpus lowered from %g to %g: %g CPUs hold one tiling task and "
+                    "every encoder actor at once only so (set it to silence this)",
+                    cfg.ray.encoder_cpus, encoder_cpus, resources.get("CPU", 0.0))
+        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(
+            update={"encoder_cpus": encoder_cpus})})
+    placement = replace(placement, encoder_cpus=encoder_cpus)
     coord.placement = placement
     for note in placement.notes:
         log.info("placement: %s", note)

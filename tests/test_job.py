@@ -26,7 +26,7 @@ from jobkit import (
 )
 from slidegen import write_blank_slide, write_not_a_slide, write_pyramid_svs, write_truncated
 
-from pipeline.config import StorageConfig
+from pipeline.config import ConfigError, StorageConfig
 from pipeline.run import run_job
 from pipeline.sink import read_slides, read_tiles
 from pipeline.storage import fingerprint
@@ -380,3 +380,30 @@ def test_an_encoder_that_cannot_start_fails_the_job_with_its_cause(
     errs = errors_by_slide(str(tmp_path / "lake"), record["run_id"])
     assert set(errs) == {"s0", "s1"}
     assert all(cause in e["reason"] and "\x1b" not in e["reason"] for e in errs.values())
+
+
+def test_two_cpu_models_on_two_cores_fit_themselves(tmp_path: Path) -> None:
+    """One tiling task (1 CPU) and two CPU encoder actors (1 CPU each) cannot all hold a slot
+    on 2 cores: Ray would wait for ever. The job lowers ray.encoder_cpus to fit."""
+    rows = generated_cohort(tmp_path / "slides", 2, seed=21)
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    cfg = job_config(str(manifest), str(tmp_path / "lake"), ["bench-null", "kaiko-vits16"])
+    for m in cfg.models:
+        m.device = "cpu"
+    assert cfg.ray.encoder_cpus == 1.0 and cfg.ray.tiling_cpus == 1.0
+    record = run_job(cfg)
+    assert record["status"] == "succeeded"
+    assert record["placement"]["encoder_cpus"] == 0.5
+    assert record["counts"]["committed"] == {"bench-null": 2, "kaiko-vits16": 2}
+
+
+def test_more_actors_than_cores_can_hold_are_refused(tmp_path: Path) -> None:
+    rows = generated_cohort(tmp_path / "slides", 1, seed=22)
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    cfg = job_config(str(manifest), str(tmp_path / "lake"), ["bench-null"])
+    cfg.models[0].actors = 12
+    cfg.models[0].device = "cpu"
+    with pytest.raises(ConfigError, match=r"12 encoder actors .* need 13 CPUs but this Ray "
+                       r"has 2: lower models\[\]\.actors, or --set ray.tiling_cpus=0.5 --set "
+                       r"ray.encoder_cpus=0.12"):
+        run_job(cfg)
