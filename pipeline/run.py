@@ -328,8 +328,9 @@ class Coordinator:
     def _fail(self, pid: int, task: SlideTask, stage: str, reason: str,
               model: str | None = None) -> None:
         e = task.entry
-        self.errors.append(error_row(slide_id=e.slide_id, uri=e.uri, cohort=e.cohort,
-                                     stage=stage, reason=reason, row=e.row, model=model))
+        for m in (model.split(",") if model else task.models):  # one model per row
+            self.errors.append(error_row(slide_id=e.slide_id, uri=e.uri, cohort=e.cohort,
+                                         stage=stage, reason=reason, row=e.row, model=m))
         log.warning("slide %s failed (%s): %s", e.slide_id, stage, reason)
         self.done[pid].add(e.slide_id)
 

@@ -646,20 +646,52 @@ def read_tiles(url: str, model: str | None = None, columns: Iterable[str] | None
     return pa.concat_tables(parts)
 
 
-def read_errors(url: str, run_id: str | None = None, storage: StorageConfig | None = None
-                ) -> pa.Table:
+def read_errors(url: str, run_id: str | None = None, storage: StorageConfig | None = None,
+                current: bool = False) -> pa.Table:
+    """The errors table: every failure of every run (its history), or one run's.
+
+    ``current=True``: the status now, one row per (slide, model) that is failing: its latest
+    failure, unless a later run committed that slide for that model. A row without a model
+    (a bad manifest row) stands for every model of the slide."""
     lake = Lake(url, storage)
     dt = lake.delta(ERRORS)
     if dt is None:
         return ERRORS_SCHEMA.empty_table()
     ds = dt.to_pyarrow_dataset()
-    return ds.to_table(filter=pads.field("run_id") == run_id if run_id else None)
+    history = ds.to_table(filter=pads.field("run_id") == run_id if run_id else None)
+    return _current_errors(lake, history) if current else history
+
+
+def _current_errors(lake: Lake, history: pa.Table) -> pa.Table:
+    committed: dict[tuple[str, str], datetime] = {}  # (slide, model) -> last committed_at
+    latest_commit: dict[str, datetime] = {}  # slide -> last commit of any model
+    for m in lake.models(SLIDES):
+        rows = _slides_of(lake, m, ["slide_id", "committed_at"])
+        if rows is None:
+            continue
+        for sid, at in zip(rows["slide_id"].to_pylist(), rows["committed_at"].to_pylist(),
+                           strict=True):
+            committed[(sid, m)] = max(at, committed.get((sid, m), at))
+            latest_commit[sid] = max(at, latest_commit.get(sid, at))
+    newest: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+    for row in history.to_pylist():
+        key = (row["slide_id"], row["model"])
+        if key not in newest or row["failed_at"] >= newest[key]["failed_at"]:
+            newest[key] = row
+    still = []
+    for (sid, model), row in sorted(newest.items(), key=lambda kv: (str(kv[0][0]),
+                                                                     str(kv[0][1]))):
+        done = committed.get((sid, model)) if model else latest_commit.get(sid)
+        if done is None or done < row["failed_at"]:
+            still.append(row)
+    return pa.Table.from_pylist(still, schema=ERRORS_SCHEMA)
 
 
 def duckdb_connect(url: str, models: Sequence[str] | None = None,
                    storage: StorageConfig | None = None, con: Any = None) -> Any:
     """A DuckDB connection with views ``"tiles_<model>"`` and ``"slides_<model>"`` over the
-    committed rows, embeddings as ``FLOAT[D]`` (so ``array_cosine_similarity`` needs no cast).
+    committed rows, embeddings as ``FLOAT[D]`` (so ``array_cosine_similarity`` needs no cast),
+    and ``errors`` (every failure) and ``errors_now`` (``read_errors(current=True)``).
 
     Tiles are scanned lazily from their files; nothing is read until a query runs."""
     import duckdb
@@ -674,6 +706,9 @@ def duckdb_connect(url: str, models: Sequence[str] | None = None,
         con.register(f"slides_{m}", slides)
         if m in with_tiles:
             con.register(f"tiles_{m}", _tiles_dataset(lake, m, _tile_urls(lake, m, slides, None)))
+    history = read_errors(url, storage=storage)
+    con.register("errors", history)  # every failure of every run
+    con.register("errors_now", _current_errors(lake, history))  # what is failing now
     return con
 
 

@@ -28,7 +28,7 @@ from slidegen import write_blank_slide, write_not_a_slide, write_pyramid_svs, wr
 
 from pipeline.config import ConfigError, StorageConfig
 from pipeline.run import run_job
-from pipeline.sink import read_slides, read_tiles
+from pipeline.sink import duckdb_connect, read_errors, read_slides, read_tiles
 from pipeline.storage import fingerprint
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -407,3 +407,31 @@ def test_more_actors_than_cores_can_hold_are_refused(tmp_path: Path) -> None:
                        r"has 2: lower models\[\]\.actors, or --set ray.tiling_cpus=0.5 --set "
                        r"ray.encoder_cpus=0.12"):
         run_job(cfg)
+
+
+def test_errors_now_is_the_status_per_slide_and_model(tmp_path: Path) -> None:
+    d = tmp_path / "slides"
+    rows = generated_cohort(d, 2, seed=31)
+    rows.append({"slide_id": "late", "uri": str(d / "late.svs"), "cohort": "c"})
+    rows.append({"slide_id": "never", "uri": str(d / "never.svs"), "cohort": "c"})
+    write_blank_slide(d / "blank.svs")  # fails in tiling: a row per model
+    rows.append({"slide_id": "blank", "uri": str(d / "blank.svs"), "cohort": "c"})
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = str(tmp_path / "lake")
+    cfg = job_config(str(manifest), out, ["bench-null", "bench-null-256"])
+    first = run_job(cfg)
+    shutil.copy(d / "s0.svs", d / "late.svs")  # the missing slide arrives
+    second = run_job(cfg)
+    models = ("bench-null", "bench-null-256")
+    history = {(r["slide_id"], r["model"], r["run_id"]) for r in read_errors(out).to_pylist()}
+    # missing files fail before any model: one row (no model); tiling failures: one per model
+    assert history == {("late", None, first["run_id"])} | {
+        ("never", None, run["run_id"]) for run in (first, second)} | {
+        ("blank", m, run["run_id"]) for m in models for run in (first, second)}
+    now = {(r["slide_id"], r["model"], r["run_id"])
+           for r in read_errors(out, current=True).to_pylist()}
+    assert now == {("never", None, second["run_id"])} | {
+        ("blank", m, second["run_id"]) for m in models}
+    con = duckdb_connect(out)
+    assert con.sql("SELECT count(*) FROM errors_now").fetchall() == [(3,)]
+    assert con.sql("SELECT count(DISTINCT run_id) FROM errors").fetchall() == [(2,)]
