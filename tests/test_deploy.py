@@ -321,3 +321,55 @@ def test_deploy_readme_covers_the_path_to_a_nightly_run() -> None:
     assert len(refs) >= 5
     for ref in refs:
         assert (DEPLOY / ref).resolve().exists(), ref
+
+
+def test_dockerfile_app_dir_belongs_to_the_user_and_one_cuda_stack() -> None:
+    steps = dockerfile()
+    # /app is made and chowned as root before USER ray; WORKDIR comes after (a WORKDIR made
+    # under USER ray is root-owned on builders without BuildKit).
+    i_root = steps.index(("USER", "root"))
+    i_chown = next(i for i, (k, a) in enumerate(steps) if k == "RUN" and "chown 1000:100 /app"
+                   in a)
+    i_user = steps.index(("USER", "ray"))
+    i_workdir = steps.index(("WORKDIR", "/app"))
+    assert i_root < i_chown < i_user < i_workdir
+    args = dict(a.split("=", 1) for k, a in steps if k == "ARG" and "=" in a)
+    base_cuda = re.search(r"-cu(\d+)$", args["RAY_IMAGE"]).group(1)
+    assert args["TORCH_INDEX"].rstrip("/").endswith(f"/cu{base_cuda}")
+    torch_install = next(a for k, a in steps if k == "RUN" and "${TORCH_PINS}" in a)
+    assert "--index-url ${TORCH_INDEX}" in torch_install
+
+
+def test_head_profile_lets_the_autoscaler_start_workers(cluster: dict[str, Any]) -> None:
+    types = node_types(cluster)
+    head = types[cluster["head_node_type"]]["node_config"]["IamInstanceProfile"]["Arn"]
+    nodes = {t["node_config"]["IamInstanceProfile"]["Arn"]
+             for n, t in types.items() if n != cluster["head_node_type"]}
+    assert head not in nodes and len(nodes) == 1
+    policy = json.loads((DEPLOY / "aws" / "head-policy.json").read_text())
+    actions = {a for st in policy["Statement"] for a in
+               ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags",
+            "ec2:DescribeInstances", "iam:PassRole"} <= actions
+    node_role = next(iter(nodes)).rsplit("/", 1)[-1]
+    passrole = next(st for st in policy["Statement"] if st["Action"] == "iam:PassRole")
+    assert passrole["Resource"].endswith(f"role/{node_role}")
+
+
+def _qty(v: str) -> float:
+    units = {"Gi": 2**30, "Mi": 2**20, "G": 1e9, "M": 1e6, "m": 1e-3}
+    for u, f in units.items():
+        if v.endswith(u):
+            return float(v[: -len(u)]) * f
+    return float(v)
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
+def test_tiler_pods_fit_a_16_cpu_32_gib_node(manifests: list[dict[str, Any]], kind: str) -> None:
+    """~15.5 CPU and ~28 GiB of a c7i.4xlarge are allocatable to pods (kubelet and system
+    reservations): a pod asking more stays Pending."""
+    doc = by_kind(manifests, kind)
+    spec = doc["spec"] if kind == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    tiler = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "tiler")
+    req = containers(tiler["template"])[0]["resources"]["requests"]
+    assert _qty(str(req["cpu"])) <= 15.5 and _qty(req["memory"]) <= 28 * 2**30
