@@ -72,6 +72,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if record["status"] == "succeeded" else 1
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pipeline.doctor import doctor
+
+    cfg = _load(args) if args.job else None
+    checks, code = doctor(cfg)
+    for c in checks:
+        print(c.line())
+    failed = sum(c.status == "FAIL" for c in checks)
+    print(f"doctor: {len(checks)} checks, {failed} failed")
+    return code
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.run import plan_job
     from pipeline.sink import Lake
@@ -187,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="the README's table")
     p.add_argument("--json", action="store_true", help="every entry as JSON, for scripts")
     p.set_defaults(func=cmd_models)
+    p = command("doctor", "check this machine (and a job: manifest, slides, output, weights)")
+    p.add_argument("job", nargs="?", help="YAML job file (optional)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="as for run")
+    p.set_defaults(func=cmd_doctor)
+
     p = command("demo", "run the bundled offline demo (random weights)")
     p.add_argument("--output", default="demo-output")
     p.set_defaults(func=cmd_demo)

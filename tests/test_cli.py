@@ -178,3 +178,29 @@ def test_run_ids_name_files_safely_and_once(tmp_path: Path, capsys) -> None:
     assert main(["run", str(job), "--run-id", "night-1"]) == 2
     assert "used before on this lake" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == ["night-1.json"]
+
+
+def test_doctor_checks_this_machine_and_a_job(tmp_path: Path, capsys) -> None:
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for name in ("versions", "openslide", "gpu", "ray auth", "hf token"):
+        assert f" {name}: " in out, name
+    assert "OpenSlide 4." in out and "doctor: 5 checks, 0 failed" in out
+
+    write_manifest(tmp_path / "m.csv", [{"slide_id": "a", "uri": str(DATA / "tiny-16px.svs")}])
+    job = write(tmp_path, "manifest: m.csv\noutput: out\nmodels:\n  - id: kaiko-vits16\n"
+                          "    weights: random\n")
+    assert main(["doctor", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "ok   manifest: " in out and "1 slides, 0 bad rows" in out
+    assert "ok   slides: 1 of the first 1 slides reachable" in out
+    assert "ok   output: " in out and "ok   weights kaiko-vits16: random" in out
+    assert not (tmp_path / "out").exists()  # the probe left nothing behind
+
+    write_manifest(tmp_path / "m.csv", [{"slide_id": "a", "uri": str(tmp_path / "gone.svs")}])
+    dead = "http://127.0.0.1:9"  # nothing listens there
+    assert main(["doctor", str(job), "--set", "output=s3://b/out", "--set",
+                 f"storage.endpoint_url={dead}", "--set", "storage.retry_budget_s=0.5"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL slides: 0 of the first 1 slides reachable" in out
+    assert "FAIL output: " in out and "doctor: " in out
