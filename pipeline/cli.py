@@ -128,6 +128,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.markdown:
         print(registry.markdown_table(), end="")
         return 0
+    if args.choosing:
+        print(registry.choosing_table(), end="")
+        return 0
     if args.json:
         out = []
         for spec in registry.MODELS.values():
@@ -198,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("models", "list the model registry")
     p.add_argument("--markdown", action="store_true", help="the README's table")
     p.add_argument("--json", action="store_true", help="every entry as JSON, for scripts")
+    p.add_argument("--choosing", action="store_true",
+                   help="the README's 'Choosing a model' table (cost per tile, gating, licence)")
     p.set_defaults(func=cmd_models)
     p = command("doctor", "check this machine (and a job: manifest, slides, output, weights)")
     p.add_argument("job", nargs="?", help="YAML job file (optional)")

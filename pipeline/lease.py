@@ -34,13 +34,20 @@ class LakeBusy(RuntimeError):
 def _create_exclusive(fs: Any, path: str, data: bytes) -> bool:
     """True if we created ``path``; False if it already existed."""
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # Written whole under a temporary name, then linked into place: link() fails if the
+        # lease exists, and a reader never sees it empty (O_EXCL creates it before the write:
+        # a second job reading it then took the torn lease for a dead one and ran too).
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".lease-{os.getpid()}-{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        finally:
+            os.unlink(tmp)
         return True
     try:
         fs.pipe_file(path, data, mode="create")

@@ -68,7 +68,15 @@ def init_ray(cfg: JobConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        source = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ValueError, ConnectionError, TimeoutError, RuntimeError) as err:
+            raise ConfigError(
+                f"cannot connect to the Ray cluster at {address!r} (from {source}): "
+                f"{type(err).__name__}: {err}. Give the head's GCS address (host:6379), 'auto' "
+                "on a cluster node, or unset it to run on an embedded local Ray; under "
+                "`ray job submit` Ray sets it for you") from None
         return
     kwargs: dict[str, Any] = {"include_dashboard": False}
     if cfg.ray.num_cpus:

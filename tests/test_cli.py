@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,17 @@ def test_readme_model_table_is_the_registry() -> None:
     text = (REPO / "README.md").read_text()
     section = text.split("<!-- models:start -->\n", 1)[1].split("<!-- models:end -->", 1)[0]
     assert section == markdown_table(), "regenerate: python -m pipeline models --markdown"
+
+
+def test_readme_choosing_table_is_the_registry(capsys) -> None:
+    from pipeline.models.registry import choosing_table, flops_per_tile
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("<!-- choosing:start -->\n", 1)[1].split("<!-- choosing:end -->", 1)[0]
+    assert section == choosing_table(), "regenerate: python -m pipeline models --choosing"
+    assert main(["models", "--choosing"]) == 0 and capsys.readouterr().out == section
+    # ViT-S/16 at 224 px: 197 tokens x ~21.7M params x 2 FLOPs, plus attention: ~9.2 GFLOP
+    assert 8.5e9 < flops_per_tile("kaiko-vits16") < 9.5e9
 
 
 def test_compact_command_compacts_a_lake(tmp_path: Path) -> None:
@@ -204,3 +216,17 @@ def test_doctor_checks_this_machine_and_a_job(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "FAIL slides: 0 of the first 1 slides reachable" in out
     assert "FAIL output: " in out and "doctor: " in out
+
+
+def test_a_bad_ray_address_is_one_clear_line(tmp_path: Path) -> None:
+    write_manifest(tmp_path / "m.csv", [{"slide_id": "a", "uri": str(DATA / "tiny-16px.svs")}])
+    job = write(tmp_path, "manifest: m.csv\noutput: out\nmodels:\n  - id: bench-null\n"
+                          "    weights: random\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(job)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**os.environ, "RAY_ADDRESS": "head.example:port"})
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: cannot connect to the Ray cluster at 'head.example:port' "
+                          "(from RAY_ADDRESS)") and "unset it" in err
+    assert "Traceback" not in proc.stderr

@@ -11,6 +11,7 @@ builder or recipe only when its construction or read-out differs from the existi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -515,3 +516,36 @@ def markdown_table() -> str:
                  _tile_text(spec), repo, spec.licence.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+@functools.cache
+def flops_per_tile(model_id: str) -> float:
+    """Forward FLOPs for one tile at the model's input size, counted on the meta device (no
+    memory, no weights): the compute cost that sets GPU-hours for a cohort."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = get(model_id)
+    model = build(spec, device="meta").eval()
+    x = torch.empty(1, 3, spec.input_size, spec.input_size, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        embed(spec, model, x)
+    return float(counter.get_total_flops())
+
+
+def choosing_table(reference: str = "kaiko-vits16") -> str:
+    """The README's "Choosing a model" table: what decides between models, side by side."""
+    head = ["id", "dim", "tile spec", "GFLOP / tile", f"cost vs `{reference}`", "gated",
+            "commercial use"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref = flops_per_tile(reference)
+    for spec in sorted((s for s in MODELS.values() if not s.benchmark),
+                       key=lambda s: flops_per_tile(s.id)):
+        flops = flops_per_tile(spec.id)
+        licence = spec.licence.lower()
+        commercial = ("no" if "non-commercial" in licence
+                      else "check the terms" if "(verify)" in licence else "yes")
+        cells = [f"`{spec.id}`", str(spec.dim), _tile_text(spec), f"{flops / 1e9:.1f}",
+                 f"{flops / ref:.1f}x", "yes" if spec.gated else "no", commercial]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
