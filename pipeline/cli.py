@@ -97,6 +97,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     summary["tiling_passes"] = [
         {"models": models, "tile_px": t.tile_size, "mpp": t.mpp, "min_tissue": t.min_tissue,
          "reader": t.reader, "spec_hash": t.spec_hash()} for t, models in tiling_groups(cfg)]
+    if args.estimate:
+        from pipeline.estimate import estimate
+
+        summary["estimate"] = estimate(cfg, plan, sample=args.estimate)
     print(json.dumps(summary, indent=2))
     for e in plan.errors:
         print(f"error: row {e['manifest_row']} {e['slide_id']}: {e['reason']}")
@@ -188,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="fixed run id (e.g. one per night, for schedulers)")
     p.set_defaults(func=cmd_run)
     p = command("plan", "validate the job and show what a run would do; no Ray")
+    p.add_argument("--estimate", nargs="?", type=int, const=8, default=0, metavar="N",
+                   help="also plan N sample slides (default 8) and estimate tiles, "
+                        "core-hours and GPU-hours from bench/results")
     _job_args(p)
     p.set_defaults(func=cmd_plan)
     p = command("compact", "compact a lake's tables (jobs do it at their end)")

@@ -12,6 +12,7 @@ import boto3
 import numpy as np
 import pyarrow as pa
 import pytest
+import yaml
 from fsspec.implementations.local import LocalFileSystem
 from jobkit import (
     DATA,
@@ -435,3 +436,33 @@ def test_errors_now_is_the_status_per_slide_and_model(tmp_path: Path) -> None:
     con = duckdb_connect(out)
     assert con.sql("SELECT count(*) FROM errors_now").fetchall() == [(3,)]
     assert con.sql("SELECT count(DISTINCT run_id) FROM errors").fetchall() == [(2,)]
+
+
+def test_plan_estimate_matches_the_run(slide_dir: Path, tmp_path: Path, capsys) -> None:
+    from pipeline.cli import main
+
+    rows = [{"slide_id": "cmu", "uri": str(slide_dir / "cmu.svs")},
+            {"slide_id": "pyr", "uri": str(slide_dir / "pyr.svs")}]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = str(tmp_path / "lake")
+    tiling = {"mpp": 0.5, "chunk_tiles": 16}  # each model its own tile size
+    cfg = job_config(str(manifest), out, ["bench-null", "bench-null-256", "uni"], tiling=tiling)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(cfg.model_dump(exclude_defaults=True)))
+    assert main(["plan", str(job), "--estimate", "8"]) == 0
+    est = json.loads(capsys.readouterr().out.split("\nerror:")[0])["estimate"]
+    by_pass = {tuple(p["models"]): p for p in est["passes"]}
+    assert set(by_pass) == {("bench-null",), ("bench-null-256", "uni")}  # 224 and 256 px
+    sampled = {s["slide_id"]: s for s in by_pass[("bench-null-256", "uni")]["sampled"]}
+    assert set(sampled) == {"cmu", "pyr"}
+    assert all(s["reader"] in ("tiff", "openslide") for s in sampled.values())
+    uni = est["models"]["uni"]
+    assert uni["cpu_rate"] == "kaiko-vits16's measured rate scaled by FLOPs per tile"
+    assert uni["cpu_core_hours"] > 0 and uni["gflop"] > 100 * uni["tiles"]
+    assert est["models"]["bench-null"]["cpu_rate"] == "benchmark model: no model compute"
+    # every slide sampled: the estimate is the tiling stage's own count, per tiling pass
+    run_job(job_config(str(manifest), out, ["bench-null", "bench-null-256"], tiling=tiling))
+    for m in ("bench-null", "bench-null-256"):
+        slides = read_slides(out, model=m)
+        assert est["models"][m]["tiles"] == sum(slides["num_tiles"].to_pylist()), m
+    assert uni["tiles"] == est["models"]["bench-null-256"]["tiles"]
