@@ -299,7 +299,8 @@ def test_duckdb_views_read_committed_rows(lake: Written) -> None:
     pytest.importorskip("duckdb")
     con = duckdb_connect(lake.url)
     views = {r[0] for r in con.sql("SHOW TABLES").fetchall()}
-    assert views == {f"{kind}_{m}" for kind in ("tiles", "slides") for m in MODELS}
+    assert views == {f"{kind}_{m}" for kind in ("tiles", "slides") for m in MODELS} | {
+        "errors", "errors_now"}
     for model, dim in MODELS.items():
         tiles, slides = f'"tiles_{model}"', f'"slides_{model}"'
         for view in (tiles, slides):
