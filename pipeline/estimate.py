@@ -31,6 +31,11 @@ from pipeline.tiling import SlideError, tile_slide
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
+def _sig(x: float) -> float:
+    """Three significant digits: small jobs are seconds, cohorts thousands of hours."""
+    return float(f"{x:.3g}")
+
+
 def _sample(items: list[Any], k: int) -> list[Any]:
     if len(items) <= k:
         return list(items)
@@ -117,8 +122,7 @@ def estimate(cfg: JobConfig, plan: Plan, sample: int = 8, results: Path = RESULT
             "models": models, "tile_px": tiling.tile_size, "mpp": tiling.mpp,
             "slides_to_process": len(todo), "sampled": rows,
             "mean_tiles_per_slide": round(mean, 1), "tiles": tiles, "readers": readers,
-            "tiling_core_hours": (round(tiles / tiling_rate / 3600, 3) if tiling_rate
-                                  else None)})
+            "tiling_core_hours": _sig(tiles / tiling_rate / 3600) if tiling_rate else None})
         for m in models:
             n = sum(1 for t in todo if m in t.models)
             m_tiles = round(mean * n)
@@ -127,12 +131,12 @@ def estimate(cfg: JobConfig, plan: Plan, sample: int = 8, results: Path = RESULT
             out["models"][m] = {
                 "tiles": m_tiles,
                 "gflop": round(m_tiles * registry.flops_per_tile(m) / 1e9),
-                "cpu_core_hours": round(m_tiles / cpu / 3600, 3) if cpu else None,
+                "cpu_core_hours": _sig(m_tiles / cpu / 3600) if cpu else None,
                 "cpu_rate": cpu_how,
-                "gpu_hours": round(m_tiles / gpu / 3600, 3) if gpu else None,
+                "gpu_hours": _sig(m_tiles / gpu / 3600) if gpu else None,
                 "gpu_rate": gpu_how if gpu else "no GPU measurement in bench/results: run "
                 "`make gpu-check` on a GPU machine",
             }
     total = [v["gpu_hours"] for m, v in out["models"].items() if not registry.get(m).benchmark]
-    out["gpu_hours"] = (round(math.fsum(total), 3) if total and None not in total else None)
+    out["gpu_hours"] = _sig(math.fsum(total)) if total and None not in total else None
     return out
