@@ -72,6 +72,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if record["status"] == "succeeded" else 1
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.config import StorageConfig
+    from pipeline.status import lake_status, render
+
+    storage = StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url else None
+    status = lake_status(args.output, storage)
+    print(json.dumps(status, indent=2, default=str) if args.json else render(status))
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from pipeline.doctor import doctor
 
@@ -211,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--choosing", action="store_true",
                    help="the README's 'Choosing a model' table (cost per tile, gating, licence)")
     p.set_defaults(func=cmd_models)
+    p = command("status", "what the lake's latest or running job is doing, what fails now")
+    p.add_argument("output", help="the lake (output root), a path or URL")
+    p.add_argument("--endpoint-url", help="S3 endpoint (MinIO, on-prem)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
     p = command("doctor", "check this machine (and a job: manifest, slides, output, weights)")
     p.add_argument("job", nargs="?", help="YAML job file (optional)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="as for run")

@@ -277,6 +277,9 @@ class JobConfig(_Strict):
     default_cohort: str = Field("default", min_length=1)
     mean_pool: bool = True
     errors_flush_seconds: float = Field(30.0, gt=0)
+    progress_seconds: float = Field(
+        30.0, gt=0, description="log a progress line and update the run record's progress "
+        "(committed / planned, tiles/s, ETA) this often")
     max_failed_fraction: float = Field(
         1.0, ge=0.0, le=1.0, description="the run fails (exit 1) when more than this fraction "
         "of the slides it had to process failed; at 1.0 only a run that committed nothing fails")

@@ -48,6 +48,7 @@ from pipeline.plan import (
 )
 from pipeline.sink import Lake, TilesFile, embedding_array, now, slides_schema
 from pipeline.slide_encode import SlideEncoderStage, get_slide_model
+from pipeline.storage import RetryPolicy
 from pipeline.tiling import tile_slides
 from pipeline.unsaved import UnsavedRecords, keep, recover, unsaved_root
 from pipeline.writer import SinkWriter, SlideResult, WriterTask, route_to_writers, unpack, writer_of
@@ -292,6 +293,8 @@ class Coordinator:
         self.first_batch: dict[str, Any] | None = None
         self.pass_mode = "none"
         self.placement: Placement | None = None
+        self.last_progress = time.monotonic()
+        self.on_progress: Any = None  # called with progress() every cfg.progress_seconds
 
     def start_pass(self, pid: int, tiling: TilingConfig, tasks: list[SlideTask]) -> None:
         self.passes[pid] = (tiling, {t.entry.slide_id: t for t in tasks})
@@ -332,6 +335,38 @@ class Coordinator:
             self.commit()
         if time.monotonic() - self.last_error_flush > self.cfg.errors_flush_seconds:
             self.flush_errors()
+        if time.monotonic() - self.last_progress >= self.cfg.progress_seconds:
+            self.report_progress()
+
+    def progress(self) -> dict[str, Any]:
+        """Where the run stands: slides done of those planned, rates, an ETA from the rate
+        since the first commit."""
+        planned = len(self.plan.tasks)
+        committed = {t["slide_id"] for t in self.timings}
+        failed = {e["slide_id"] for e in self.errors} - committed
+        done = len(committed) + len(failed & {t.entry.slide_id for t in self.plan.tasks})
+        tiles = sum(t["num_tiles"] for t in self.timings)
+        now_s = time.time()
+        window = [t for t in self.timings if t["committed_at"] >= now_s - 60]
+        first = min((t["committed_at"] for t in self.timings), default=None)
+        rate = done / (now_s - first) if first and now_s > first else None
+        return {"at": _ts(now_s), "slides_planned": planned, "slides_committed": len(committed),
+                "slides_failed": len(failed), "tiles_committed": tiles,
+                "tiles_per_s_last_minute": round(sum(t["num_tiles"] for t in window) / 60, 1),
+                "eta_s": round((planned - done) / rate) if rate else None}
+
+    def report_progress(self) -> None:
+        self.last_progress = time.monotonic()
+        p = self.progress()
+        eta = f"{p['eta_s'] // 60}m{p['eta_s'] % 60:02d}s" if p["eta_s"] is not None else "?"
+        log.info("progress: %d/%d slides committed, %d failed, %d tiles, %.1f tiles/s "
+                 "(last minute), ETA %s", p["slides_committed"], p["slides_planned"],
+                 p["slides_failed"], p["tiles_committed"], p["tiles_per_s_last_minute"], eta)
+        if self.on_progress is not None:
+            try:
+                self.on_progress(p)
+            except Exception as err:  # noqa: BLE001 - progress is best effort; commits are not
+                log.warning("could not update the run record's progress: %s", err)
 
     def _fail(self, pid: int, task: SlideTask, stage: str, reason: str,
               model: str | None = None) -> None:
@@ -750,6 +785,13 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
     log.info("run %s: %s", run_id, json.dumps(plan.summary()))
     use_gpu: dict[str, bool] = {}
     coord = Coordinator(cfg, plan, lake, run_id, use_gpu)
+
+    def running_record(progress: dict[str, Any]) -> None:
+        record["progress"] = progress
+        # best effort and brief: an outage must not hold up the commits behind it
+        lake.write_run(run_id, record, retry=RetryPolicy(retries=2, budget_s=5))
+
+    coord.on_progress = running_record
     job_error = None
     compaction: dict[str, Any] | None = None
     try:
@@ -796,6 +838,7 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
             "commits": {"count": len(coord.commits),
                         "seconds": round(sum(c["seconds"] for c in coord.commits), 3)},
             "compaction": compaction,
+            "progress": coord.progress(),
             "slides": coord.timings,
         })
         kept = _save_record(cfg, lake, run_id, record, coord)

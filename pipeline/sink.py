@@ -500,10 +500,28 @@ class Lake:
     def run_path(self, run_id: str) -> str:
         return join(self.root, RUNS, f"{run_id}.json")
 
-    def write_run(self, run_id: str, record: dict[str, Any]) -> None:
+    def write_run(self, run_id: str, record: dict[str, Any],
+                  retry: RetryPolicy | None = None) -> None:
         data = json.dumps(record, indent=2, default=str).encode()
         with_retries(lambda: atomic_write_bytes(self.fs, self.run_path(run_id), data),
-                     self.retry, what=f"write run record {run_id}")
+                     retry or self.retry, what=f"write run record {run_id}")
+
+    def run_records(self) -> list[dict[str, Any]]:
+        """Every run record's listing entry (name, mtime), newest last."""
+        base = join(self.root, RUNS)
+        self.fs.invalidate_cache(base)
+        try:
+            entries = with_retries(lambda: self.fs.ls(base, detail=True), self.retry,
+                                   what=f"list {base}")
+        except FileNotFoundError:
+            return []
+
+        def stamp(e: dict[str, Any]) -> float:
+            t = e.get("mtime") or e.get("LastModified") or e.get("last_modified") or 0
+            return float(t.timestamp() if hasattr(t, "timestamp") else t)
+
+        runs = [e for e in entries if str(e["name"]).endswith(".json")]
+        return sorted(runs, key=stamp)
 
     def read_run(self, run_id: str) -> dict[str, Any]:
         return json.loads(with_retries(lambda: self.fs.cat_file(self.run_path(run_id)),

@@ -466,3 +466,36 @@ def test_plan_estimate_matches_the_run(slide_dir: Path, tmp_path: Path, capsys) 
         slides = read_slides(out, model=m)
         assert est["models"][m]["tiles"] == sum(slides["num_tiles"].to_pylist()), m
     assert uni["tiles"] == est["models"]["bench-null-256"]["tiles"]
+
+
+def test_progress_while_it_runs_and_status_after(tmp_path: Path, caplog, capsys) -> None:
+    from pipeline.cli import main
+    from pipeline.lease import Lease
+    from pipeline.sink import Lake
+    from pipeline.status import lake_status
+
+    rows = generated_cohort(tmp_path / "slides", 3, seed=41)
+    rows.append({"slide_id": "gone", "uri": str(tmp_path / "gone.svs"), "cohort": "c"})
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = str(tmp_path / "lake")
+    cfg = job_config(str(manifest), out, ["bench-null"], progress_seconds=0.05,
+                     sink={"commit_slides": 1})
+    with caplog.at_level("INFO", logger="pipeline"):
+        record = run_job(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert lines, "no progress line while the job ran"
+    assert re.match(r"progress: \d/3 slides committed, \d failed, \d+ tiles, [\d.]+ tiles/s "
+                    r"\(last minute\), ETA ", lines[-1])
+    p = record["progress"]
+    # "gone" failed at planning: counted as failed, not among the 3 slides to process
+    assert (p["slides_planned"], p["slides_committed"], p["slides_failed"]) == (3, 3, 1)
+    assert p["tiles_committed"] == record["counts"]["tiles_encoded"]["bench-null"]
+
+    assert main(["status", out]) == 0
+    text = capsys.readouterr().out
+    assert f"latest run {record['run_id']}: succeeded" in text and "no job running" in text
+    assert "3/3 slides committed, 1 failed" in text
+    assert f"gone [all models] stage: slide file not found: {tmp_path / 'gone.svs'}" in text
+    lake = Lake(out)
+    with Lease(lake.fs, lake.root, "nightly-x", 60, 0):
+        assert lake_status(out)["running"] == "nightly-x"
