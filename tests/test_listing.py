@@ -14,7 +14,14 @@ import pytest
 from lake_fixtures import free_port
 
 from pipeline.config import StorageConfig
-from pipeline.storage import Fingerprint, fingerprint, fingerprints, is_transient, url_to_fs
+from pipeline.storage import (
+    Fingerprint,
+    StorageUnavailable,
+    fingerprint,
+    fingerprints,
+    is_transient,
+    url_to_fs,
+)
 
 
 def per_file(uri: str, storage: StorageConfig) -> Fingerprint | BaseException:
@@ -162,7 +169,8 @@ def test_listing_failure_is_every_uri_of_that_parent(tmp_path: Path) -> None:
     errs = [got[u] for u in uris]
     assert all(isinstance(e, Exception) and not isinstance(e, FileNotFoundError)
                for e in errs), errs
-    assert is_transient(errs[0])  # a connection error: with_retries would retry it
+    # a connection error, retried (here 0 times) and then reported as storage unavailable
+    assert isinstance(errs[0], StorageUnavailable) and is_transient(errs[0].__cause__)
     assert len({id(e) for e in errs}) == 1  # one failed listing, reported for each of its URIs
     assert isinstance(got[str(tmp_path / "gone.svs")], FileNotFoundError)
 
