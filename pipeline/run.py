@@ -62,11 +62,13 @@ __all__ = ["plan_job", "run_job"]
 # The job.
 
 
-def init_ray(cfg: JobConfig) -> None:
+def init_ray(cfg: JobConfig) -> bool:
+    """Connect to the configured cluster or start a local Ray; True if this call started or
+    joined it (the job then shuts it down at its end), False if Ray was already up."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         source = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
@@ -78,7 +80,7 @@ def init_ray(cfg: JobConfig) -> None:
                 f"{type(err).__name__}: {err}. Give the head's GCS address (host:6379), 'auto' "
                 "on a cluster node, or unset it to run on an embedded local Ray; under "
                 "`ray job submit` Ray sets it for you") from None
-        return
+        return True
     kwargs: dict[str, Any] = {"include_dashboard": False}
     if cfg.ray.num_cpus:
         kwargs["num_cpus"] = cfg.ray.num_cpus
@@ -88,6 +90,7 @@ def init_ray(cfg: JobConfig) -> None:
         kwargs["object_store_memory"] = int(cfg.ray.object_store_memory_gb * 2**30)
     log.info("no cluster address given: starting an embedded local Ray")
     ray.init(address="local", **kwargs)
+    return True
 
 
 def versions() -> dict[str, str]:
@@ -794,9 +797,10 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
     coord.on_progress = running_record
     job_error = None
     compaction: dict[str, Any] | None = None
+    started_ray = False
     try:
         if plan.tasks:
-            init_ray(cfg)
+            started_ray = init_ray(cfg)
             use_gpu.update({m.id: _use_gpu(m.device) for m in cfg.models})
             # A slide encoder follows its own device setting, not its tile model's.
             use_gpu.update({s.id: _use_gpu(s.device) for s in slide_encoders(cfg).values()})
@@ -842,6 +846,10 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
             "slides": coord.timings,
         })
         kept = _save_record(cfg, lake, run_id, record, coord)
+        if started_ray:  # a Ray this job started (or joined) is not left behind
+            import ray
+
+            ray.shutdown()
         if kept is not None:
             message = (f"run {run_id}: storage stayed unavailable past storage.retry_budget_s="
                        f"{cfg.storage.retry_budget_s:g} s at the end of the run: "

@@ -499,3 +499,21 @@ def test_progress_while_it_runs_and_status_after(tmp_path: Path, caplog, capsys)
     lake = Lake(out)
     with Lease(lake.fs, lake.root, "nightly-x", 60, 0):
         assert lake_status(out)["running"] == "nightly-x"
+
+
+def test_readme_python_api_runs_verbatim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys) -> None:
+    text = (REPO / "README.md").read_text()
+    section = text.split("### From Python", 1)[1].split("\n### ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    rows = generated_cohort(tmp_path / "slides", 2, seed=51)
+    write_manifest(tmp_path / "m.csv", rows)
+    cfg = job_config("m.csv", "lake", ["bench-null"])
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg.model_dump(exclude_defaults=True)))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["record"]["status"] == "succeeded"
+    assert scope["record"]["config"]["tiling"]["min_tissue"] == 0.5
+    assert sorted(scope["slides"]["slide_id"].to_pylist()) == ["s0", "s1"]
+    assert "'slides_to_process': 2" in capsys.readouterr().out
