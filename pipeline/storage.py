@@ -433,7 +433,3 @@ def staged_slide(uri: str, storage: StorageConfig, expected: str | None = None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(local)
-
-
-def describe_fs(url: str) -> dict[str, Any]:
-    return {"url": url, "protocol": protocol_of(url)}

@@ -41,7 +41,6 @@ IN_CHANS = 1536
 DEPTH = 12
 NUM_HEADS = 16
 FFN_DIM = 3072
-NUM_PARAMS = 86_330_880
 SLIDE_NGRIDS = 1000  # position grid is 1000 x 1000 tiles
 # 2 ** linspace(log2(1024), log2((262144 // 256) ** 2), 5), truncated to int as the reference.
 SEGMENT_LENGTHS: tuple[int, ...] = (1024, 5792, 32768, 185363, 1048576)
