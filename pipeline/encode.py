@@ -28,6 +28,7 @@ from pipeline.models import registry
 from pipeline.models.preprocess import preprocess
 from pipeline.models.registry import TileModelSpec
 from pipeline.models.weights import WeightsRef, load_model
+from pipeline.placement import ray_node_id
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,6 @@ def cast_matmul_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
                     p.data = p.data.to(dtype)
                     n += 1
     return n
-
-
-def _ray_node_id() -> str:
-    try:
-        import ray
-
-        # Outside a Ray worker, asking for the runtime context would start a local Ray.
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    except Exception:  # noqa: BLE001 - outside Ray
-        return ""
 
 
 def select_device(requested: str = "auto") -> torch.device:
@@ -346,7 +337,7 @@ class TileEncoder:
         self.micro_batch: int | None = model_cfg.get("micro_batch")
         self.staging = PinnedStaging() if self.device.type == "cuda" else None
         self.column = embedding_column(self.spec.id)
-        self.node_id = _ray_node_id()
+        self.node_id = ray_node_id()
         self.info: dict[str, Any] = {
             "model": self.spec.id,
             "device": str(self.device),

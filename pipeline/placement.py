@@ -25,6 +25,26 @@ from dataclasses import dataclass, field
 
 from pipeline.config import ConfigError, JobConfig
 
+# Custom resources (tiler, encoder, writer nodes) are labels: each task or actor asks this
+# little of one, so a node's label never bounds how many run there; CPUs and GPUs do.
+LABEL_AMOUNT = 0.001
+
+
+def on_nodes_labelled(resource: str | None) -> dict[str, dict[str, float]]:
+    """Ray options that keep work on nodes advertising ``resource`` (none: anywhere)."""
+    return {"resources": {resource: LABEL_AMOUNT}} if resource else {}
+
+
+def ray_node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray), for recording where work ran."""
+    try:
+        import ray
+
+        # Outside a Ray worker, asking for the runtime context would start a local Ray.
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - outside Ray
+        return ""
+
 
 @dataclass(frozen=True)
 class Placement:

@@ -33,7 +33,7 @@ from pipeline.config import ConfigError, JobConfig, TilingConfig
 from pipeline.lease import Lease
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.models import registry
-from pipeline.placement import Placement, fit_encoder_cpus, place
+from pipeline.placement import Placement, fit_encoder_cpus, on_nodes_labelled, place
 from pipeline.plan import (
     TILE_ORDER,
     Plan,
@@ -164,8 +164,7 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
                                   # A memory request also keeps Ray from fusing tiling into the
                                   # encoder actors, which would serialise the two stages.
                                   "memory": 512 * 2**20}
-    if cfg.ray.tiler_resource:
-        tiler_args["resources"] = {cfg.ray.tiler_resource: 0.001}
+    tiler_args.update(on_nodes_labelled(cfg.ray.tiler_resource))
     if cfg.ray.tiling_concurrency:
         tiler_args["compute"] = TaskPoolStrategy(size=cfg.ray.tiling_concurrency)
     ds = ds.map_batches(tile_slides, batch_size=1, batch_format="numpy",
@@ -178,8 +177,7 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
         last = i == len(active) - 1
         enc_args: dict[str, Any] = {"num_cpus": cfg.ray.encoder_cpus,
                                     "num_gpus": placement.gpus[m.id]}
-        if cfg.ray.encoder_resource:
-            enc_args["resources"] = {cfg.ray.encoder_resource: 0.001}
+        enc_args.update(on_nodes_labelled(cfg.ray.encoder_resource))
         model_cfg = m.model_dump()
         model_cfg["cpu_threads"] = max(1, math.ceil(cfg.ray.encoder_cpus))
         kwargs: dict[str, Any] = {"model_cfg": model_cfg,
@@ -224,8 +222,7 @@ def start_slide_encoders(cfg: JobConfig, plan: Plan, placement: Placement
                                 # No CPU reservation: it would starve tiling on small machines;
                                 # it runs briefly once per slide.
                                 "num_cpus": 0}
-        if cfg.ray.encoder_resource:
-            opts["resources"] = {cfg.ray.encoder_resource: 0.001}
+        opts.update(on_nodes_labelled(cfg.ray.encoder_resource))
         actors[m] = ray.remote(SlideEncoderStage).options(**opts).remote(
             s.model_dump(), asdict(plan.weights[s.id]), cfg.storage.model_dump())
     return actors
@@ -246,8 +243,7 @@ def start_writers(cfg: JobConfig, tasks: list[SlideTask], slide_actors: dict[str
     # A writer lost with its node comes back empty: slides it was buffering end as
     # "incomplete" error rows (re-run to finish them); the job itself goes on.
     opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
-    if cfg.sink.writer_resource:
-        opts["resources"] = {cfg.sink.writer_resource: 0.001}
+    opts.update(on_nodes_labelled(cfg.sink.writer_resource))
     actor = ray.remote(SinkWriter).options(**opts)
     return [actor.remote(cfg.output, cfg.storage.model_dump(), cfg.sink.embedding_dtype,
                          shard, {m: a for m, a in slide_actors.items()}) for shard in shards]

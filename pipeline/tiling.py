@@ -37,6 +37,7 @@ import openslide
 from PIL import Image
 
 from pipeline.config import StorageConfig, TilingConfig
+from pipeline.placement import ray_node_id
 from pipeline.slides import (
     OpenSlideReader,
     RegionReader,
@@ -550,16 +551,6 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _node_id() -> str:
-    try:
-        import ray
-
-        # Outside a Ray worker, asking for the runtime context would start a local Ray.
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    except Exception:  # noqa: BLE001 - outside Ray
-        return ""
-
-
 def _rows(slide_id: str, models: str, tiles: np.ndarray, *, x: np.ndarray, y: np.ndarray,
           tissue: np.ndarray, index: np.ndarray, num_tiles: int, meta: str = "",
           error: str = "", stage: str = "") -> dict[str, np.ndarray]:
@@ -609,7 +600,7 @@ def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
             with staged_slide(str(uri), store, expected) as local:
                 plan, chunks = tile_slide(local, mpp_override=mpp_override, cfg=cfg)
                 meta = json.dumps({**asdict(plan), "tiling_started_at": started,
-                                   "node": _node_id(), "pid": os.getpid(),
+                                   "node": ray_node_id(), "pid": os.getpid(),
                                    "reader": chunks.reader})
                 held = None  # the last chunk waits for the check below: without it the
                 for chunk in chunks:  # slide is incomplete and its writer never writes it
