@@ -51,13 +51,42 @@ def open_slide(path: str | os.PathLike[str]) -> openslide.OpenSlide:
     try:
         return openslide.OpenSlide(str(p))
     except openslide.OpenSlideUnsupportedFormatError as err:
-        raise SlideError("open", f"not a readable slide ({type(err).__name__}: {err})") from None
+        plain = _plain_image(p)
+        if plain is not None:
+            return plain
+        raise SlideError("open", f"not a readable slide or image ({type(err).__name__}: "
+                         f"{err}); formats: those OpenSlide reads, plus plain TIFF, PNG and "
+                         "JPEG images (give their mpp in the manifest)") from None
     except openslide.OpenSlideError as err:
         raise SlideError(
             "open", f"slide file is corrupt or truncated ({type(err).__name__}: {err})"
         ) from None
     except OSError as err:  # permissions, I/O errors
         raise SlideError("open", f"cannot read slide file ({type(err).__name__}: {err})") from None
+
+
+PLAIN_IMAGE_MAX_PIXELS = 1_000_000_000  # decoded whole into memory (3 bytes a pixel)
+
+
+def _plain_image(p: Path) -> openslide.AbstractSlide | None:
+    """A non-pyramidal TIFF, PNG or JPEG (ROI crops, TMA cores) through OpenSlide's own
+    ``ImageSlide`` (the same API, one level, no properties: its mpp comes from the manifest);
+    None if PIL cannot read it either."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, PLAIN_IMAGE_MAX_PIXELS)
+    try:
+        with Image.open(p) as im:
+            if im.size[0] * im.size[1] > PLAIN_IMAGE_MAX_PIXELS:
+                raise SlideError(
+                    "open", f"plain image {str(p)!r} is {im.size[0]}x{im.size[1]} px, more than "
+                    f"{PLAIN_IMAGE_MAX_PIXELS:,} px read whole into memory: convert it to a "
+                    "tiled pyramidal TIFF (e.g. vips tiffsave --tile --pyramid)")
+            im.load()  # decodes: a truncated or damaged file fails here, not mid-tiling
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError):
+        return None
+    return openslide.ImageSlide(str(p))
 
 
 def _float_prop(slide: openslide.OpenSlide, key: str) -> float | None:
@@ -227,8 +256,8 @@ def read_resampled(slide: openslide.OpenSlide | RegionReader, level: int,
     ``scratch``: the result may be a view of the reader's per-thread buffer, overwritten by
     the thread's next scratch read (see ``TiffJpegReader.read_reduced``).
     """
-    reader: RegionReader = (OpenSlideReader(slide, path) if isinstance(slide, openslide.OpenSlide)
-                            else slide)
+    reader: RegionReader = (OpenSlideReader(slide, path)
+                            if isinstance(slide, openslide.AbstractSlide) else slide)
     x0, y0, x1, y1 = box
     out_w, out_h = size
     k = integer_factor(box, size)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import boto3
 import numpy as np
+import openslide
 import pyarrow as pa
 import pytest
 import yaml
@@ -517,3 +518,24 @@ def test_readme_python_api_runs_verbatim(tmp_path: Path, monkeypatch: pytest.Mon
     assert scope["record"]["config"]["tiling"]["min_tissue"] == 0.5
     assert sorted(scope["slides"]["slide_id"].to_pylist()) == ["s0", "s1"]
     assert "'slides_to_process': 2" in capsys.readouterr().out
+
+
+def test_plain_images_are_slides_when_the_manifest_gives_their_mpp(tmp_path: Path) -> None:
+    with openslide.OpenSlide(str(DATA / "CMU-1-Small-Region.svs")) as s:
+        rgb = s.read_region((0, 0), 0, s.dimensions).convert("RGB")
+    rgb.save(tmp_path / "roi.png")
+    rgb.save(tmp_path / "core.jpg", quality=92)
+    rgb.save(tmp_path / "strip.tif")  # a plain (stripped, single-level) TIFF
+    rows = [{"slide_id": n, "uri": str(tmp_path / f), "mpp": "0.499"}
+            for n, f in (("roi", "roi.png"), ("core", "core.jpg"), ("strip", "strip.tif"))]
+    rows.append({"slide_id": "nompp", "uri": str(tmp_path / "roi.png"), "mpp": ""})
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = str(tmp_path / "lake")
+    record = run_job(job_config(str(manifest), out, ["bench-null"]))
+    slides = {r["slide_id"]: r for r in read_slides(out).to_pylist()}
+    assert set(slides) == {"roi", "core", "strip"}
+    assert all(r["mpp_source"] == "manifest" and r["mpp"] == pytest.approx(0.499)
+               for r in slides.values())
+    assert slides["roi"]["num_tiles"] == slides["strip"]["num_tiles"] > 0  # lossless, same grid
+    err = errors_by_slide(out, record["run_id"])["nompp"]
+    assert err["stage"] == "mpp" and "add an `mpp` column" in err["reason"]

@@ -100,7 +100,8 @@ def test_unreadable_files_fail_at_open(generated_slides: dict[str, Path], name: 
         open_slide(generated_slides[name])
     assert info.value.stage == "open"
     if name == "not_a_slide":
-        assert str(info.value).startswith("not a readable slide (OpenSlideUnsupportedFormatError")
+        assert str(info.value).startswith(
+            "not a readable slide or image (OpenSlideUnsupportedFormatError")
 
 
 def test_missing_and_empty_files(tmp_path: Path) -> None:
