@@ -28,7 +28,7 @@ ALL = sorted(registry.MODELS)
 EXPECTED_IDS = {
     "virchow", "virchow2", "uni", "uni2-h", "conch", "conch-v1.5", "gigapath", "kaiko-vits16",
     "kaiko-vits8", "kaiko-vitb16", "kaiko-vitb8", "kaiko-vitl14", "h-optimus-0", "h-optimus-1",
-    "phikon-v2",
+    "phikon-v2", "phikon", "resnet50-trunc",
 }
 # benchmark/test stand-ins, not pathology models
 BENCHMARK_IDS = {"bench-null", "bench-null-256", "bench-null-512"}
@@ -483,3 +483,71 @@ def test_specs_record_licence_and_gating() -> None:
         assert spec.licence and spec.hub_repo and spec.hub_filename, spec.id
         assert spec.gated == ("HF_TOKEN" in spec.licence), spec.id
         assert spec.preprocess_on in ("device", "cpu")
+
+
+# phikon (v1): transformers ViTModel names, written here from its module structure.
+
+
+def to_transformers_vit(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {
+        "embeddings.cls_token": timm_state["cls_token"],
+        "embeddings.position_embeddings": timm_state["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": timm_state["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": timm_state["patch_embed.proj.bias"],
+        "layernorm.weight": timm_state["norm.weight"],
+        "layernorm.bias": timm_state["norm.bias"],
+        # a pooler some saves carry: not part of the embedding
+        "pooler.dense.weight": torch.zeros(timm_state["norm.weight"].shape * 2),
+        "pooler.dense.bias": torch.zeros(timm_state["norm.weight"].shape),
+    }
+    depth = 1 + max(int(k.split(".")[1]) for k in timm_state if k.startswith("blocks."))
+    for i in range(depth):
+        b, h = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = timm_state[b + f"attn.qkv.{kind}"].chunk(3)
+            out[h + f"attention.attention.query.{kind}"] = q
+            out[h + f"attention.attention.key.{kind}"] = k
+            out[h + f"attention.attention.value.{kind}"] = v
+            out[h + f"attention.output.dense.{kind}"] = timm_state[b + f"attn.proj.{kind}"]
+            out[h + f"layernorm_before.{kind}"] = timm_state[b + f"norm1.{kind}"]
+            out[h + f"layernorm_after.{kind}"] = timm_state[b + f"norm2.{kind}"]
+            out[h + f"intermediate.dense.{kind}"] = timm_state[b + f"mlp.fc1.{kind}"]
+            out[h + f"output.dense.{kind}"] = timm_state[b + f"mlp.fc2.{kind}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def test_phikon_transformers_vit_checkpoint_loads_with_identical_outputs(tmp_path: Path
+                                                                         ) -> None:
+    spec = small("phikon", 64, embed_dim=64, depth=2, num_heads=4)
+    reference = build_cpu(spec, seed=6)
+    assert reference.blocks[0].norm1.eps == reference.norm.eps == 1e-12  # transformers' eps
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(to_transformers_vit(reference.state_dict()), path)
+    model = load(spec, _read_state_dict(path), device="cpu")
+    x = pixels(2, 224)
+    with torch.inference_mode():
+        # CLS of the last hidden state, written here from the raw tokens
+        assert torch.equal(registry.embed(spec, model, x), reference.forward_features(x)[:, 0])
+    full = registry.get("phikon")
+    hf = to_transformers_vit(meta_state(registry.build(full, device="meta")))
+    load(full, hf)  # the full-size layout loads strictly
+    del hf["encoder.layer.3.intermediate.dense.weight"]
+    with pytest.raises(WeightsError, match="1 missing keys: blocks.3.mlp.fc1.weight"):
+        load(full, hf)
+
+
+def test_resnet50_trunc_is_layer3_average_pooled_from_a_whole_imagenet_checkpoint(
+        tmp_path: Path) -> None:
+    spec = registry.get("resnet50-trunc")
+    torch.manual_seed(7)
+    whole = randomise(timm.create_model("resnet50", pretrained=False)).eval()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in whole.state_dict().items()}, str(path))
+    model = load(spec, _read_state_dict(path), device="cpu")
+    x = pixels(2, 224)
+    with torch.inference_mode():
+        h = whole.maxpool(whole.act1(whole.bn1(whole.conv1(x))))
+        h = whole.layer3(whole.layer2(whole.layer1(h)))  # the cut: no layer4, no fc
+        expected = torch.nn.functional.adaptive_avg_pool2d(h, 1).flatten(1)
+        torch.testing.assert_close(registry.embed(spec, model, x), expected, rtol=0, atol=1e-5)
+    assert expected.shape == (2, 1024)

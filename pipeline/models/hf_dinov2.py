@@ -1,11 +1,15 @@
-"""Load a transformers ``Dinov2Model`` checkpoint (e.g. owkin/phikon-v2) into a timm ViT.
+"""Load a transformers ``Dinov2Model`` (owkin/phikon-v2) or ``ViTModel`` (owkin/phikon)
+checkpoint into a timm ViT.
 
 transformers is not a dependency: the same network is a timm ``VisionTransformer`` with
 LayerScale, and only the parameter names differ. The mapping follows the structure of
 transformers' ``modeling_dinov2`` (embeddings, ``encoder.layer.N`` with separate
 query/key/value, ``layer_scale{1,2}.lambda1``, final ``layernorm``). Separate q/k/v become
 timm's fused ``qkv`` by concatenation along the output dimension, in q, k, v order.
-``embeddings.mask_token`` is only used for masked-image training and is dropped.
+``embeddings.mask_token`` is only used for masked-image training and is dropped. A
+``ViTModel`` has the same embeddings and final ``layernorm``, its blocks name the norms
+``layernorm_before``/``layernorm_after`` and the MLP ``intermediate.dense``/``output.dense``,
+and has no LayerScale; a saved pooler (``pooler.dense``) is not part of the embedding.
 """
 
 from __future__ import annotations
@@ -38,6 +42,19 @@ _IN_LAYER = {
     "mlp.fc2.bias": "mlp.fc2.bias",
     "layer_scale2.lambda1": "ls2.gamma",
 }
+_IN_VIT_LAYER = {
+    "layernorm_before.weight": "norm1.weight",
+    "layernorm_before.bias": "norm1.bias",
+    "attention.output.dense.weight": "attn.proj.weight",
+    "attention.output.dense.bias": "attn.proj.bias",
+    "layernorm_after.weight": "norm2.weight",
+    "layernorm_after.bias": "norm2.bias",
+    "intermediate.dense.weight": "mlp.fc1.weight",
+    "intermediate.dense.bias": "mlp.fc1.bias",
+    "output.dense.weight": "mlp.fc2.weight",
+    "output.dense.bias": "mlp.fc2.bias",
+}
+_VIT_DROPPED = ("pooler.dense.weight", "pooler.dense.bias")
 _QKV = ("query", "key", "value")
 
 
@@ -46,7 +63,15 @@ def is_hf_layout(state: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(("embeddings.", "encoder.layer.")) for k in state)
 
 
-def to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def vit_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a transformers ViTModel state dict (owkin/phikon) to timm names."""
+    if state and all(k.startswith("vit.") for k in state if not k.startswith("classifier.")):
+        state = {k.removeprefix("vit."): v for k, v in state.items()}  # a ViTFor... save
+    return to_timm(state, _IN_VIT_LAYER, DROPPED + _VIT_DROPPED)
+
+
+def to_timm(state: dict[str, torch.Tensor], in_layer: dict[str, str] | None = None,
+            dropped: tuple[str, ...] = DROPPED) -> dict[str, torch.Tensor]:
     """Rename a Dinov2Model state dict to timm names; unknown keys pass through unchanged.
 
     Passing unknown keys (and incomplete q/k/v triples) through keeps them visible: the strict
@@ -54,10 +79,11 @@ def to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     if not is_hf_layout(state):
         return state
+    in_layer = _IN_LAYER if in_layer is None else in_layer
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, value in state.items():
-        if key in DROPPED:
+        if key in dropped:
             continue
         if key in _FIXED:
             out[_FIXED[key]] = value
@@ -67,8 +93,8 @@ def to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[key] = value
             continue
         n, rest = int(m.group(1)), m.group(2)
-        if rest in _IN_LAYER:
-            out[f"blocks.{n}.{_IN_LAYER[rest]}"] = value
+        if rest in in_layer:
+            out[f"blocks.{n}.{in_layer[rest]}"] = value
             continue
         parts = rest.split(".")  # attention.attention.{query,key,value}.{weight,bias}
         if len(parts) == 4 and parts[:2] == ["attention", "attention"] and parts[2] in _QKV:

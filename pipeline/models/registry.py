@@ -337,6 +337,46 @@ def _all_specs() -> tuple[TileModelSpec, ...]:
             hub_filename="model.safetensors",
             licence="Owkin non-commercial licence (verify); not gated",
         ),
+        TileModelSpec(
+            id="phikon",
+            family="hf-vit",
+            timm_name="vit_base_patch16_224",  # transformers ViTModel ViT-B/16 in timm names
+            # transformers' ViT LayerNorms use eps 1e-12 (ViTConfig default; verify the repo's
+            # config.json); timm's default is 1e-6.
+            timm_kwargs={"num_classes": 0,
+                         "norm_layer": functools.partial(torch.nn.LayerNorm, eps=1e-12)},
+            dim=768,
+            # Computed: ViT-B/16 at 224 without the pooler (add_pooling_layer=False, as the
+            # authors' and TRIDENT's loaders use it); "86M" as published (verify).
+            params=85_798_656,
+            input_size=224, resize_size=224, interpolation="bilinear", crop=True,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            embedding="cls",  # last_hidden_state[:, 0]: CLS after the final layernorm
+            precision="fp32",  # as TRIDENT runs it; no published recommendation (verify)
+            native_tile_px=224, native_mpp=0.5, native_magnification="20x",
+            hub_repo="owkin/phikon",
+            hub_filename="pytorch_model.bin",
+            licence="Owkin non-commercial licence (verify); not gated",
+        ),
+        TileModelSpec(
+            id="resnet50-trunc",
+            family="timm-features",
+            timm_name="resnet50",
+            # ImageNet ResNet-50 cut after layer3 (1,024 channels at stride 16), average-pooled:
+            # the control CLAM introduced and benchmarks report (TRIDENT "resnet50").
+            timm_kwargs={"features_only": True, "out_indices": (3,)},
+            dim=1024,
+            params=8_543_296,  # computed: conv1..layer3 of timm's resnet50 (a snapshot)
+            input_size=224, resize_size=224, interpolation="bilinear", crop=True,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            embedding="feature_mean",
+            precision="fp32",
+            native_tile_px=256, native_mpp=0.5, native_magnification="20x",  # CLAM's (verify)
+            hub_repo="timm/resnet50.tv_in1k",  # torchvision's ImageNet-1k weights
+            hub_filename="model.safetensors",
+            licence="BSD-3-Clause (torchvision weights, verify); not gated; an ImageNet "
+            "baseline, not a pathology model",
+        ),
         *(_bench_null(px) for px in (224, 256, 512)),
     )
 
@@ -384,6 +424,8 @@ def _build_bench_null(spec: TileModelSpec) -> torch.nn.Module:
 BUILDERS: dict[str, Callable[[TileModelSpec], torch.nn.Module]] = {
     "timm": _build_timm,
     "hf-dinov2": _build_timm,  # same network; only the checkpoint names differ (ADAPTERS)
+    "hf-vit": _build_timm,  # likewise
+    "timm-features": _build_timm,  # a timm CNN truncated by features_only/out_indices
     "conch": _build_conch,
     "conch-v1.5": _build_conch15,
     "bench-null": _build_bench_null,
@@ -413,10 +455,23 @@ def _adapt_hf_dinov2(state: StateDict) -> StateDict:
     return hf_dinov2.to_timm(state)
 
 
+def _adapt_hf_vit(state: StateDict) -> StateDict:
+    from pipeline.models import hf_dinov2
+
+    return hf_dinov2.vit_to_timm(state)
+
+
+def _adapt_truncated_cnn(state: StateDict) -> StateDict:
+    # A whole ImageNet checkpoint: the stages after the cut and the classifier are not used.
+    return {k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}
+
+
 ADAPTERS: dict[str, Callable[[StateDict], StateDict]] = {
     "conch": _adapt_conch,
     "conch-v1.5": _adapt_conch15,
     "hf-dinov2": _adapt_hf_dinov2,
+    "hf-vit": _adapt_hf_vit,
+    "timm-features": _adapt_truncated_cnn,
 }
 
 
@@ -469,8 +524,14 @@ def _pooled(spec: TileModelSpec, model: torch.nn.Module, x: torch.Tensor) -> tor
     return model(x)
 
 
+def _feature_mean(spec: TileModelSpec, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # Truncated CNN: the last feature map kept, averaged over space (AdaptiveAvgPool2d(1)).
+    return model(x)[-1].mean(dim=(2, 3))
+
+
 RECIPES: dict[str, Callable[[TileModelSpec, torch.nn.Module, torch.Tensor], torch.Tensor]] = {
     "cls": _cls,
+    "feature_mean": _feature_mean,
     "cls_patch_mean": _cls_patch_mean,
     "pooled": _pooled,
 }
@@ -543,7 +604,7 @@ def choosing_table(reference: str = "kaiko-vits16") -> str:
         flops = flops_per_tile(spec.id)
         licence = spec.licence.lower()
         commercial = ("no" if "non-commercial" in licence
-                      else "check the terms" if "(verify)" in licence else "yes")
+                      else "check the terms" if "verify" in licence else "yes")
         cells = [f"`{spec.id}`", str(spec.dim), _tile_text(spec), f"{flops / 1e9:.1f}",
                  f"{flops / ref:.1f}x", "yes" if spec.gated else "no", commercial]
         lines.append("| " + " | ".join(cells) + " |")
