@@ -234,9 +234,9 @@ def test_streaming_commits_before_tiling_ends_and_tiler_memory_is_flat(
     assert {s["reader"] for s in timings} == {"tiff"}
     # The first encoded rows reached the driver no later than the first commit.
     assert record["first_batch"]["rows"] > 0 and record["first_batch"]["at"] <= first_commit
-    # Slides committed while the job ran, not at its end.
-    commits = sorted(s["committed_at"] for s in timings)
-    assert commits[0] < commits[-1] - 1.0
+    # Slides committed while the job ran, in several transactions, not all at its end.
+    assert record["commits"]["count"] >= 2
+    assert len({s["committed_at"] for s in timings}) >= 2
     # Tiler memory does not grow with the number of slides processed by a worker.
     by_pid: dict[int, list[float]] = {}
     for s in sorted(timings, key=lambda s: s["tiling_started_at"]):
