@@ -144,6 +144,8 @@ def main() -> None:
     ap.add_argument("--tiling-cpus", type=float, default=0.5,
                     help="ray.tiling_cpus of the job; the encoder actor gets the rest")
     ap.add_argument("--encoder-seconds", type=float, default=40.0)
+    ap.add_argument("--kind", default="end_to_end",
+                    help="result file name: bench/results/<kind>_<host>.json")
     args = ap.parse_args()
     path = ensure(args.slide)
     threads = math.ceil(args.cores - args.tiling_cpus)
@@ -176,7 +178,7 @@ def main() -> None:
     out["machine"]["loadavg_end"] = os.getloadavg()
     print(f"\nslowest stage alone: {slowest} {stages[slowest]:.1f} tiles/s; "
           f"pipeline / slowest = {ratio:.2f}")
-    dest = write_results("end_to_end", out)
+    dest = write_results(args.kind, out)
     print(f"wrote {dest.relative_to(ROOT)}")
 
 

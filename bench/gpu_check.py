@@ -53,11 +53,13 @@ def steps(device: str) -> list[tuple[str, list[str], float]]:
         ("job_bench_null", [PY, "bench/end_to_end.py", "--model", "bench-null", "--slide",
                             "20x_10k", "--slides", "6" if cuda else "1",
                             "--batch-size", "256" if cuda else "32",
-                            "--encoder-seconds", "5" if cuda else "2"], 0.19),
+                            "--encoder-seconds", "5" if cuda else "2",
+                            "--kind", f"gpu_check_job_bench_null_{device}"], 0.19),
         ("job_uni", [PY, "bench/end_to_end.py", "--model", "uni" if cuda else "kaiko-vits16",
                      "--slide", "20x_10k", "--slides", "6" if cuda else "1",
                      "--batch-size", "256" if cuda else "32",
-                     "--encoder-seconds", "10" if cuda else "2"], 0.19),
+                     "--encoder-seconds", "10" if cuda else "2",
+                     "--kind", f"gpu_check_job_uni_{device}"], 0.19),
     ]
 
 
