@@ -282,7 +282,6 @@ class Coordinator:
         # before its reply was lost is recognised, not repeated (Lake._append_once).
         self.app_id = f"wsi-pipeline:{run_id}"
         self.seq = 0
-        self.commit_failed: set[str] = set()
         self.committed: dict[str, int] = {m: 0 for m in plan.weights}
         self.tiles_encoded: dict[str, int] = {m: 0 for m in plan.weights}
         self.timings: list[dict[str, Any]] = []
@@ -470,6 +469,7 @@ class Coordinator:
         this flush's slides of that model fail with error rows and the job goes on."""
         dtype = self.cfg.sink.embedding_dtype
         started = time.monotonic()
+        landed: set[str] = set()  # slides with at least one model committed by this flush
         for model, p in sorted(self.pending.items()):
             if not p.rows:
                 continue
@@ -488,10 +488,11 @@ class Coordinator:
                 self._commit_failed(model, p, f"{type(err).__name__}: {err}")
                 continue
             self.committed[model] += len(set(p.slides))
+            landed.update(p.slides)
             log.info("committed %d slides of %s: %s", len(set(p.slides)), model,
                      ", ".join(sorted(set(p.slides))[:8]) + (" ..." if len(p.slides) > 8 else ""))
         for t in self.uncommitted_timings:
-            if t["slide_id"] not in self.commit_failed:
+            if t["slide_id"] in landed:  # its rows of the other models are error rows
                 t["committed_at"] = time.time()
                 self.timings.append(t)
         self.uncommitted_timings = []
@@ -508,7 +509,6 @@ class Coordinator:
             e = by_id[sid].entry
             self.errors.append(error_row(slide_id=sid, uri=e.uri, cohort=e.cohort,
                                          stage="commit", reason=reason, row=e.row, model=model))
-            self.commit_failed.add(sid)
 
     def finish(self, job_error: str | None) -> None:
         """What is written gets committed (also after a failure elsewhere); errors flushed."""
