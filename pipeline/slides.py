@@ -51,6 +51,10 @@ def open_slide(path: str | os.PathLike[str]) -> openslide.OpenSlide:
     try:
         return openslide.OpenSlide(str(p))
     except openslide.OpenSlideUnsupportedFormatError as err:
+        cut = _truncated_tiff(p)
+        if cut is not None:
+            raise SlideError("open", f"slide file is truncated: {cut}; copy it again "
+                             "(an interrupted upload or download)") from None
         plain = _plain_image(p)
         if plain is not None:
             return plain
@@ -63,6 +67,29 @@ def open_slide(path: str | os.PathLike[str]) -> openslide.OpenSlide:
         ) from None
     except OSError as err:  # permissions, I/O errors
         raise SlideError("open", f"cannot read slide file ({type(err).__name__}: {err})") from None
+
+
+def _truncated_tiff(p: Path) -> str | None:
+    """Why a TIFF-family file (SVS, generic TIFF, BigTIFF) that OpenSlide rejects is cut
+    short, or None: its directory places image data past the end of the file, or the
+    directory itself cannot be read."""
+    import tifffile
+
+    with open(p, "rb") as fh:
+        if fh.read(2) not in (b"II", b"MM"):
+            return None
+    size = p.stat().st_size
+    try:
+        with tifffile.TiffFile(p) as tf:
+            for i, page in enumerate(tf.pages):
+                ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts,
+                                              strict=False)]
+                if ends and max(ends) > size:
+                    return (f"{size:,} bytes, but TIFF page {i} places image data up to byte "
+                            f"{max(ends):,}")
+    except Exception as err:  # noqa: BLE001 - a directory cut in half fails to parse
+        return f"its TIFF directory cannot be read ({type(err).__name__}: {err})"
+    return None
 
 
 PLAIN_IMAGE_MAX_PIXELS = 1_000_000_000  # decoded whole into memory (3 bytes a pixel)
