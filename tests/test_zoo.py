@@ -281,10 +281,12 @@ def test_conch_v15_checkpoint_pos_embed_resized_bilinear() -> None:
 # phikon-v2: transformers Dinov2Model names, written here from its module structure.
 
 
-def to_transformers_dinov2(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _transformers_common(timm_state: dict[str, torch.Tensor]
+                         ) -> tuple[dict[str, torch.Tensor], int]:
+    """What transformers' ViTModel and Dinov2Model name alike: embeddings, final layernorm,
+    and each block's q/k/v split and attention output; plus the depth."""
     out = {
         "embeddings.cls_token": timm_state["cls_token"],
-        "embeddings.mask_token": torch.zeros(1, timm_state["cls_token"].shape[-1]),
         "embeddings.position_embeddings": timm_state["pos_embed"],
         "embeddings.patch_embeddings.projection.weight": timm_state["patch_embed.proj.weight"],
         "embeddings.patch_embeddings.projection.bias": timm_state["patch_embed.proj.bias"],
@@ -300,6 +302,15 @@ def to_transformers_dinov2(timm_state: dict[str, torch.Tensor]) -> dict[str, tor
             out[h + f"attention.attention.key.{kind}"] = k
             out[h + f"attention.attention.value.{kind}"] = v
             out[h + f"attention.output.dense.{kind}"] = timm_state[b + f"attn.proj.{kind}"]
+    return out, depth
+
+
+def to_transformers_dinov2(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, depth = _transformers_common(timm_state)
+    out["embeddings.mask_token"] = torch.zeros(1, timm_state["cls_token"].shape[-1])
+    for i in range(depth):
+        b, h = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
             for norm in ("norm1", "norm2"):
                 out[h + f"{norm}.{kind}"] = timm_state[b + f"{norm}.{kind}"]
             for fc in ("fc1", "fc2"):
@@ -489,26 +500,14 @@ def test_specs_record_licence_and_gating() -> None:
 
 
 def to_transformers_vit(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {
-        "embeddings.cls_token": timm_state["cls_token"],
-        "embeddings.position_embeddings": timm_state["pos_embed"],
-        "embeddings.patch_embeddings.projection.weight": timm_state["patch_embed.proj.weight"],
-        "embeddings.patch_embeddings.projection.bias": timm_state["patch_embed.proj.bias"],
-        "layernorm.weight": timm_state["norm.weight"],
-        "layernorm.bias": timm_state["norm.bias"],
-        # a pooler some saves carry: not part of the embedding
-        "pooler.dense.weight": torch.zeros(timm_state["norm.weight"].shape * 2),
-        "pooler.dense.bias": torch.zeros(timm_state["norm.weight"].shape),
-    }
-    depth = 1 + max(int(k.split(".")[1]) for k in timm_state if k.startswith("blocks."))
+    out, depth = _transformers_common(timm_state)
+    width = timm_state["norm.weight"].shape[0]
+    # a pooler some saves carry: not part of the embedding
+    out["pooler.dense.weight"] = torch.zeros(width, width)
+    out["pooler.dense.bias"] = torch.zeros(width)
     for i in range(depth):
         b, h = f"blocks.{i}.", f"encoder.layer.{i}."
         for kind in ("weight", "bias"):
-            q, k, v = timm_state[b + f"attn.qkv.{kind}"].chunk(3)
-            out[h + f"attention.attention.query.{kind}"] = q
-            out[h + f"attention.attention.key.{kind}"] = k
-            out[h + f"attention.attention.value.{kind}"] = v
-            out[h + f"attention.output.dense.{kind}"] = timm_state[b + f"attn.proj.{kind}"]
             out[h + f"layernorm_before.{kind}"] = timm_state[b + f"norm1.{kind}"]
             out[h + f"layernorm_after.{kind}"] = timm_state[b + f"norm2.{kind}"]
             out[h + f"intermediate.dense.{kind}"] = timm_state[b + f"mlp.fc1.{kind}"]
