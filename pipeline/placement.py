@@ -20,10 +20,13 @@ its compute, which for encoders that mostly wait on input is the point.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 from pipeline.config import ConfigError, JobConfig
+
+log = logging.getLogger("pipeline")
 
 # Custom resources (tiler, encoder, writer nodes) are labels: each task or actor asks this
 # little of one, so a node's label never bounds how many run there; CPUs and GPUs do.
@@ -112,19 +115,34 @@ def place(cfg: JobConfig, groups: list[list[str]], use_gpu: dict[str, bool],
     return Placement(tile, slide, k, notes)
 
 
+def cpus_needed(cfg: JobConfig, groups: list[list[str]], concurrent: bool,
+                encoder_cpus: float | None = None) -> tuple[float, int]:
+    """CPUs that one tiling task per running pass and every encoder actor running at once
+    reserve (each encoder actor, GPU or not, asks ``ray.encoder_cpus``), and those actors."""
+    models = {m.id: m for m in cfg.models}
+    per_pass = [sum(models[mid].actors for mid in g) for g in groups]
+    actors = sum(per_pass) if concurrent else max(per_pass, default=0)
+    tiling = cfg.ray.tiling_cpus * (len(groups) if concurrent else 1)
+    each = cfg.ray.encoder_cpus if encoder_cpus is None else encoder_cpus
+    return tiling + each * actors, actors
+
+
 def fit_encoder_cpus(cfg: JobConfig, groups: list[list[str]], cluster_cpus: float,
                      concurrent: bool, fixed_size: bool) -> float:
     """``ray.encoder_cpus`` for this cluster: as configured where one tiling task and every
     encoder actor that runs at once fit; on a cluster that cannot grow (``fixed_size``: a
     local Ray) lowered until they do, or refused with the setting to change. An actor that
-    cannot be placed does not fail: the job waits for it forever."""
-    models = {m.id: m for m in cfg.models}
-    per_pass = [sum(models[mid].actors for mid in g) for g in groups]
-    actors = sum(per_pass) if concurrent else max(per_pass, default=0)
-    tiling = cfg.ray.tiling_cpus * (len(groups) if concurrent else 1)
-    need = tiling + cfg.ray.encoder_cpus * actors
-    if not actors or need <= cluster_cpus or not fixed_size:
+    cannot be placed does not fail: the job waits for it forever. A cluster that may grow
+    (autoscaling) keeps the setting, with a warning."""
+    need, actors = cpus_needed(cfg, groups, concurrent)
+    if not actors or need <= cluster_cpus:
         return cfg.ray.encoder_cpus
+    if not fixed_size:
+        log.warning("the cluster has %g CPUs now but one tiling task plus the encoder actors "
+                    "need %g: the job waits for more nodes (autoscaling) or stalls; lower "
+                    "ray.encoder_cpus / models[].actors", cluster_cpus, need)
+        return cfg.ray.encoder_cpus
+    tiling = need - cfg.ray.encoder_cpus * actors
     per_actor = math.floor((cluster_cpus - tiling) / actors * 100) / 100
     if per_actor < 0.1:
         raise ConfigError(

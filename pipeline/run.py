@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -33,7 +34,13 @@ from pipeline.config import ConfigError, JobConfig, TilingConfig
 from pipeline.lease import Lease
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.models import registry
-from pipeline.placement import Placement, fit_encoder_cpus, on_nodes_labelled, place
+from pipeline.placement import (
+    Placement,
+    cpus_needed,
+    fit_encoder_cpus,
+    on_nodes_labelled,
+    place,
+)
 from pipeline.plan import (
     TILE_ORDER,
     Plan,
@@ -114,19 +121,6 @@ def _use_gpu(device: str) -> bool:
     if device == "cpu":
         return False
     return ray.cluster_resources().get("GPU", 0) > 0
-
-
-def warn_if_cluster_too_small(cfg: JobConfig, use_gpu: dict[str, bool]) -> None:
-    """A pipeline whose stages cannot all hold a slot at once stalls instead of streaming."""
-    import ray
-
-    cpus = ray.cluster_resources().get("CPU", 0)
-    need = cfg.ray.tiling_cpus + sum(cfg.ray.encoder_cpus * m.actors for m in cfg.models
-                                     if not use_gpu[m.id])
-    if cpus < need:
-        log.warning("the cluster has %g CPUs now but one tiling task plus the CPU encoder "
-                    "actors need %g: the job waits for more nodes (autoscaling) or stalls; "
-                    "lower ray.encoder_cpus / models[].actors", cpus, need)
 
 
 def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
@@ -292,7 +286,8 @@ class Coordinator:
         self.pass_mode = "none"
         self.placement: Placement | None = None
         self.last_progress = time.monotonic()
-        self.on_progress: Any = None  # called with progress() every cfg.progress_seconds
+        # called with progress() every cfg.progress_seconds
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
 
     def start_pass(self, pid: int, tiling: TilingConfig, tasks: list[SlideTask]) -> None:
         self.passes[pid] = (tiling, {t.entry.slide_id: t for t in tasks})
@@ -586,16 +581,11 @@ def passes_fit_at_once(cfg: JobConfig, groups: list[list[str]], use_gpu: dict[st
     import ray
 
     res = ray.cluster_resources()
-    cpus = len(groups) * cfg.ray.tiling_cpus
-    for group in groups:
-        for m in cfg.models:
-            if m.id in group:
-                cpus += cfg.ray.encoder_cpus * m.actors
     try:
         place(cfg, groups, use_gpu, res.get("GPU", 0.0), concurrent=True)
     except ConfigError:
         return False
-    return cpus <= res.get("CPU", 0)
+    return cpus_needed(cfg, groups, concurrent=True)[0] <= res.get("CPU", 0)
 
 
 def run_passes(cfg: JobConfig, plan: Plan, coord: Coordinator, use_gpu: dict[str, bool]
@@ -803,7 +793,6 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
             for m, gpu in use_gpu.items():
                 if not gpu:
                     log.warning("model %s: no GPU in the cluster; encoding on CPU (slow)", m)
-            warn_if_cluster_too_small(cfg, use_gpu)
             run_passes(cfg, plan, coord, use_gpu)
     except BaseException as err:
         job_error = failure_text(err)

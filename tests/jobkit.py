@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +20,14 @@ from pipeline.sink import read_errors, read_slides, read_tiles
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
+
+
+BIN = Path(sys.executable).parent
+# For `ray start` / `ray job submit` / job subprocesses: the cluster's Python is this
+# environment's (as in a container image with the package); token auth off, so a token left
+# in ~/.ray by another run cannot change the result.
+CLUSTER_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+               "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
 
 
 def source_snapshot() -> Path:

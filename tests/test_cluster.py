@@ -17,6 +17,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 from jobkit import (
+    BIN,
+    CLUSTER_ENV,
     REPO,
     assert_same_lake,
     job_config,
@@ -31,10 +33,7 @@ from slidegen import write_pyramid_svs
 from pipeline.sink import read_slides, read_tiles
 
 SOURCES = source_snapshot()  # what `ray job submit --working-dir` uploads
-BIN = Path(sys.executable).parent
-# The cluster's Python is this environment's (as in a container image with the package).
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-       "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+ENV = CLUSTER_ENV
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -23,6 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 from jobkit import (
+    BIN,
+    CLUSTER_ENV,
     assert_same_lake,
     job_config,
     lake_snapshot,
@@ -39,9 +40,7 @@ from pipeline.sink import read_slides, read_tiles
 pytestmark = pytest.mark.slow
 
 SOURCES = source_snapshot()  # what `ray job submit --working-dir` uploads
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-       "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+ENV = {**CLUSTER_ENV,
        # Notice a lost node in seconds, not Ray's default ~30 s (read by the head's GCS);
        # generous enough that a busy 2-core CI machine does not look like a dead node.
        "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
