@@ -71,7 +71,7 @@ def run_tile_slide(path: Path, cfg: TilingConfig) -> int:
 def tissue_grid(path: Path, cfg: TilingConfig) -> tuple[Any, np.ndarray, np.ndarray]:
     """The plan and level-0 corners of the kept tiles, without reading tile pixels."""
     with openslide.OpenSlide(str(path)) as slide:
-        plan, grid, _, _ = _plan(slide, str(path), None, cfg)
+        plan, grid, _, _, _ = _plan(slide, str(path), None, cfg)
     return plan, grid.x, grid.y
 
 

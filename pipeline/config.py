@@ -67,6 +67,12 @@ class TilingConfig(_Strict):
         "pixels differ by ~1 level on average, see pipeline/tiffread.py)")
     mpp_tolerance: float = Field(
         0.02, ge=0, le=0.5, description="relative mpp difference treated as 'exactly the target'")
+    previews: bool = Field(
+        True, description="write each slide's preview (thumbnail with tissue contour and kept "
+        "tiles, JPEG) and its GeoJSON for QuPath to OUT/previews/")
+    qc: bool = Field(
+        True, description="record per-tile QC values (glass, pen-ink fraction, sharpness) in "
+        "the tiles table; they are recorded, never used to drop tiles")
 
     def for_model(self, tile_px: int, mpp: float) -> TilingConfig:
         """Concrete settings for a model that declares (tile_px, mpp); job values win."""
@@ -75,7 +81,8 @@ class TilingConfig(_Strict):
 
     def spec_hash(self) -> str:
         """Hash of everything that changes which pixels a tile holds (not chunking)."""
-        keep = self.model_dump(exclude={"chunk_tiles", "region_tiles", "reader", "threads"})
+        keep = self.model_dump(exclude={"chunk_tiles", "region_tiles", "reader", "threads",
+                                        "previews", "qc"})
         # dct_downscale changes pixels (slightly): it stays in the hash
         keep["algorithm"] = TILING_ALGORITHM_VERSION
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

@@ -100,9 +100,12 @@ class Plan:
 
 
 def error_row(*, slide_id: str | None, uri: str | None, cohort: str | None, stage: str,
-              reason: str, model: str | None = None, row: int | None = None) -> dict[str, Any]:
+              reason: str, model: str | None = None, row: int | None = None,
+              preview_path: str | None = None, geojson_path: str | None = None
+              ) -> dict[str, Any]:
     return {"slide_id": slide_id, "uri": uri, "cohort": cohort, "model": model, "stage": stage,
-            "reason": plain_text(reason), "manifest_row": row, "failed_at": now()}
+            "reason": plain_text(reason), "manifest_row": row, "failed_at": now(),
+            "preview_path": preview_path, "geojson_path": geojson_path}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -147,7 +147,7 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
             object_store_memory=int(cfg.ray.object_store_budget_gb * 2**30))
     items = [{"slide_id": t.entry.slide_id, "uri": t.entry.uri,
               "mpp": t.entry.mpp if t.entry.mpp is not None else float("nan"),
-              "models": ",".join(t.models),
+              "models": ",".join(t.models), "cohort": t.entry.cohort,
               # the bytes tiled must be these (pipeline.storage.staged_slide checks)
               "fingerprint": str(t.fingerprint)} for t in tasks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -163,7 +163,7 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
         tiler_args["compute"] = TaskPoolStrategy(size=cfg.ray.tiling_concurrency)
     ds = ds.map_batches(tile_slides, batch_size=1, batch_format="numpy",
                         fn_kwargs={"tiling": tiling.model_dump(),
-                                   "storage": cfg.storage.model_dump()},
+                                   "storage": cfg.storage.model_dump(), "output": cfg.output},
                         **tiler_args)
     active = [m for m in cfg.models if any(m.id in t.models for t in tasks)]
     routing = routing_encoder()
@@ -305,18 +305,20 @@ class Coordinator:
         if self.first_batch is None:
             self.first_batch = {"at": time.time(), "rows": len(batch["slide_id"])}
         tiling, tasks = self.passes[pid]
-        for sid, err, stage, result in zip(batch["slide_id"], batch["error"],
-                                           batch["error_stage"], batch["result"], strict=True):
+        for sid, err, stage, meta, result in zip(batch["slide_id"], batch["error"],
+                                                 batch["error_stage"], batch["meta"],
+                                                 batch["result"], strict=True):
             sid = str(sid)
             if sid in self.done[pid]:
                 continue  # a retried task re-delivered a slide already handled
             task = tasks[sid]
             if err:
-                self._fail(pid, task, str(stage), str(err))
+                shown = json.loads(meta) if meta else {}
+                self._fail(pid, task, str(stage), str(err), preview=shown)
                 continue
             res = unpack(result)
             if res is not None and res.error:
-                self._fail(pid, task, "write", res.error, ",".join(task.models))
+                self._fail(pid, task, "write", res.error, ",".join(task.models), res.meta)
             elif res is not None:
                 self._accept(pid, tiling, task, res)
         self.tick()
@@ -362,11 +364,15 @@ class Coordinator:
                 log.warning("could not update the run record's progress: %s", err)
 
     def _fail(self, pid: int, task: SlideTask, stage: str, reason: str,
-              model: str | None = None) -> None:
-        e = task.entry
+              model: str | None = None, preview: dict[str, Any] | None = None) -> None:
+        """Error rows of one slide, one per model; ``preview``: its tiling meta, which names
+        the preview files when the slide got as far as its thumbnail."""
+        e, shown = task.entry, preview or {}
         for m in (model.split(",") if model else task.models):  # one model per row
             self.errors.append(error_row(slide_id=e.slide_id, uri=e.uri, cohort=e.cohort,
-                                         stage=stage, reason=reason, row=e.row, model=m))
+                                         stage=stage, reason=reason, row=e.row, model=m,
+                                         preview_path=shown.get("preview_path"),
+                                         geojson_path=shown.get("geojson_path")))
         log.warning("slide %s failed (%s): %s", e.slide_id, stage, reason)
         self.done[pid].add(e.slide_id)
 
@@ -386,6 +392,8 @@ class Coordinator:
             "target_mpp": meta["target_mpp"], "tile_px": meta["tile_px"],
             "tile_l0": meta["tile_l0"], "level": meta["level"],
             "num_tiles": res.num_tiles, "tissue_area_mm2": meta["tissue_area_mm2"],
+            **res.qc, "preview_path": meta.get("preview_path"),
+            "geojson_path": meta.get("geojson_path"),
             "tile_order": TILE_ORDER, "aggregation": "mean", "layer": None,
             "source_model": m, "model_dim": spec.dim,
             "precision": (spec.precision + ("+tf32" if m_cfg.tf32 and spec.precision == "fp32"

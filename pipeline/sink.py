@@ -7,6 +7,7 @@ model's rows read as one schema whatever its embedding width)::
     OUT/slides/<model>/          Delta table, partitioned by cohort; one row per slide (per layer)
     OUT/errors/                  Delta table: failed manifest rows and slides, with a reason
     OUT/runs/<run_id>.json       config, versions, counts, timings of each run
+    OUT/previews/<tiling_hash>/cohort=<c>/<slide>.jpg|.geojson  what was tiled (pipeline.preview)
     OUT/_lease.json              the running job's claim on the lake (pipeline.lease)
 
 Commit protocol for one (slide, model). Writers on the cluster write the slide's tiles as one
@@ -50,6 +51,7 @@ from pipeline.storage import (
 )
 
 TILES, SLIDES, ERRORS, RUNS = "tiles", "slides", "errors", "runs"
+PREVIEWS = "previews"
 PARTITION = "cohort"  # the one partition column inside each table; the model is the table
 EMBEDDING = "embedding"
 EMBEDDING_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
@@ -80,6 +82,9 @@ def tiles_schema(dim: int, dtype: str = "float32") -> pa.Schema:
         ("level", pa.int16()),            # pyramid level the pixels were read from
         ("level_mpp", pa.float32()),      # microns per pixel of that level
         ("tissue", pa.float32()),         # tissue fraction of the tile
+        ("qc_background", pa.float32()),  # pipeline.qc: glass fraction,
+        ("qc_sharpness", pa.float32()),   # variance of the Laplacian,
+        ("qc_pen", pa.float32()),         # pen-ink fraction (null: tiling.qc off)
         ("work_key", pa.string()),        # the slides row these tiles belong to
         (EMBEDDING, embedding_type(dim, dtype)),
     ])
@@ -106,6 +111,9 @@ def slides_schema(dim: int, dtype: str = "float32") -> pa.Schema:
         ("level", pa.int16()),
         ("num_tiles", pa.int64()),
         ("tissue_area_mm2", pa.float64()),
+        ("qc_background", pa.float64()),  # mean of the tiles' values
+        ("qc_sharpness", pa.float64()),   # median of the tiles' values
+        ("qc_pen", pa.float64()),         # mean of the tiles' values
         ("tile_order", pa.string()),
         (EMBEDDING, embedding_type(dim, dtype)),
         ("aggregation", pa.string()),     # "mean", or the slide encoder that produced it
@@ -122,6 +130,8 @@ def slides_schema(dim: int, dtype: str = "float32") -> pa.Schema:
         ("tiling_hash", pa.string()),
         ("work_key", pa.string()),
         ("tiles_path", pa.string()),      # the slide's tiles file, relative to its tiles table
+        ("preview_path", pa.string()),    # JPEG of the thumbnail, mask and tiles (lake-relative)
+        ("geojson_path", pa.string()),    # the same shapes for QuPath (lake-relative)
         ("code_version", pa.string()),
         ("run_id", pa.string()),
         ("tiling_started_at", TIMESTAMP),
@@ -141,6 +151,8 @@ ERRORS_SCHEMA = pa.schema([
     ("manifest_row", pa.int32()),
     ("failed_at", TIMESTAMP),
     ("run_id", pa.string()),
+    ("preview_path", pa.string()),        # when the slide got as far as its thumbnail
+    ("geojson_path", pa.string()),
 ])
 
 
@@ -317,6 +329,21 @@ class Lake:
         return TilesFile(model, cohort, slide_id, work_key, rel, len(data), table.num_rows,
                          file_stats(table), int(time.time() * 1000))
 
+    def preview_relpaths(self, tiling_hash: str, cohort: str, slide_id: str) -> tuple[str, str]:
+        base = f"{PREVIEWS}/{tiling_hash}/{PARTITION}={cohort}/{safe_name(slide_id)}"
+        return base + ".jpg", base + ".geojson"
+
+    def write_preview(self, tiling_hash: str, cohort: str, slide_id: str, jpeg: bytes,
+                      geojson: bytes) -> tuple[str, str]:
+        """A slide's preview files (one per tiling spec; a re-run overwrites them); their
+        paths relative to the lake root, as recorded in slides and errors rows."""
+        rels = self.preview_relpaths(tiling_hash, cohort, slide_id)
+        for rel, data in zip(rels, (jpeg, geojson), strict=True):
+            path = join(self.root, rel)
+            with_retries(lambda path=path, data=data: atomic_write_bytes(self.fs, path, data),
+                         self.retry, what=f"write preview of {slide_id}")
+        return rels
+
     # -- commits (the coordinator) -----------------------------------------------------------
 
     def _ensure(self, table: str, model: str | None, schema: pa.Schema,
@@ -361,6 +388,7 @@ class Lake:
             nonlocal tries
             tries += 1
             dt = self._ensure(TILES, model, schema, [PARTITION])
+            _add_missing_columns(dt, schema)
             actions = list(adds)
             if gone or tries > 1:
                 dt.update_incremental()
@@ -395,9 +423,10 @@ class Lake:
                 return  # this batch landed already (its reply was lost)
             props = (CommitProperties(app_transactions=[Transaction(txn[0], txn[1])])
                      if txn is not None else None)
+            # merge: tables written before a column was added (previews, QC) gain it
             write_deltalake(dt, rows, mode="overwrite" if predicate else "append",
                             predicate=predicate, partition_by=partition_by,
-                            commit_properties=props)
+                            schema_mode="merge", commit_properties=props)
 
         with_retries(attempt, self.retry, what=what)
 
@@ -533,6 +562,19 @@ class Lake:
                                  what=f"look for run record {run_id}"))
 
 
+def _add_missing_columns(dt: Any, schema: pa.Schema) -> None:
+    """A table created before a column existed (the QC columns) gains it, as nullable, before
+    files that have it are added: an add action does not change the table's schema, and
+    readers would not see the column. Harmless to repeat (a retry finds it there)."""
+    from deltalake import Schema
+
+    have = {f.name for f in dt.schema().fields}
+    missing = [f for f in schema if f.name not in have]
+    if missing:
+        dt.alter.add_columns(Schema.from_arrow(pa.schema(missing)).fields)
+        dt.update_incremental()
+
+
 def table_files(dt: Any) -> set[str]:
     """Paths (relative to the table) of the data files in the table's current snapshot."""
     adds = pa.table(dt.get_add_actions(flatten=True))
@@ -635,10 +677,15 @@ def _tiles_dataset(lake: Lake, model: str, files: dict[str, str]) -> pads.Datase
     base = lake.table_path(TILES, model)
     prefix = join(lake.url, TILES, model) + "/"
     paths = [join(base, p[len(prefix):]) for p in files.values()]
-    return pads.dataset(paths, filesystem=lake.fs, format="parquet",
-                        partitioning=pads.partitioning(pa.schema([(PARTITION, pa.string())]),
-                                                       flavor="hive"),
-                        partition_base_dir=base)
+    kw: dict[str, Any] = {
+        "filesystem": lake.fs, "format": "parquet", "partition_base_dir": base,
+        "partitioning": pads.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")}
+    ds = pads.dataset(paths, **kw)
+    # The schema comes from the first file; one written before a column existed (QC) would
+    # hide it in every file: columns it lacks are added, as nulls where a file has none.
+    missing = [f for f in tiles_schema(1) if f.name not in ds.schema.names]
+    return pads.dataset(paths, schema=pa.schema([*ds.schema, *missing]), **kw) if missing \
+        else ds
 
 
 def tiles_dataset(url: str, model: str, storage: StorageConfig | None = None,

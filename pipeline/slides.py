@@ -10,7 +10,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import openslide
@@ -26,10 +26,13 @@ Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in level pixels
 class SlideError(Exception):
     """A slide that cannot be tiled; ``stage`` says where it failed, ``reason`` what to do."""
 
-    def __init__(self, stage: str, reason: str) -> None:
+    def __init__(self, stage: str, reason: str, preview: Any = None) -> None:
         super().__init__(reason)
         self.stage = stage
         self.reason = reason
+        # a pipeline.preview.Preview when the slide got as far as its thumbnail: the picture
+        # of why (no tissue); it stays in the tiling process (not pickled)
+        self.preview = preview
 
     def __str__(self) -> str:
         return self.reason

@@ -38,6 +38,9 @@ from PIL import Image
 
 from pipeline.config import StorageConfig, TilingConfig
 from pipeline.placement import ray_node_id
+from pipeline.preview import Preview, geojson_bytes, make_preview, render_jpeg
+from pipeline.qc import QC_COLUMNS, tile_qc
+from pipeline.sink import Lake
 from pipeline.slides import (
     OpenSlideReader,
     RegionReader,
@@ -137,6 +140,7 @@ class TileChunks(Iterator[TileChunk]):
         self._gen = gen
         self._closers = closers
         self.reader = "openslide"  # which reader delivers the pixels ("openslide" or "tiff")
+        self.preview: Preview | None = None  # made from the planning thumbnail (tiling.previews)
 
     def __iter__(self) -> TileChunks:
         return self
@@ -237,8 +241,8 @@ def tile_slide(path: str, *, mpp_override: float | None,
         pool = ThreadPoolExecutor(threads, thread_name_prefix="tiling") if threads > 1 else None
         if pool is not None:
             closers.insert(0, lambda: pool.shutdown(wait=True, cancel_futures=True))
-        plan, grid, level, scale = _plan(slide, path, mpp_override, cfg, reader=reader,
-                                         pool=pool)
+        plan, grid, level, scale, preview = _plan(slide, path, mpp_override, cfg,
+                                                  reader=reader, pool=pool)
     except BaseException:
         for close in closers:
             close()
@@ -249,6 +253,7 @@ def tile_slide(path: str, *, mpp_override: float | None,
     gen = _chunks(reader, path, grid, level, scale, cfg, pool)
     chunks = TileChunks(slide, gen, tuple(closers))
     chunks.reader = name
+    chunks.preview = preview
     return plan, chunks
 
 
@@ -342,7 +347,8 @@ def _thumb_size(slide: openslide.OpenSlide, geo: _Geometry,
 
 def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
           cfg: TilingConfig, *, reader: RegionReader | None = None,
-          pool: ThreadPoolExecutor | None = None) -> tuple[SlidePlan, TileGrid, int, float]:
+          pool: ThreadPoolExecutor | None = None
+          ) -> tuple[SlidePlan, TileGrid, int, float, Preview | None]:
     geo = _geometry(slide, mpp_override, cfg)
     size = _thumb_size(slide, geo, cfg)
     has_level = getattr(reader, "has_level", None)
@@ -357,15 +363,17 @@ def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
         if isinstance(reader, TiffJpegReader):
             reader.clear_seams()
     mask, threshold = tissue_mask(thumb)
-    del thumb
     width, height = slide.dimensions
     grid = plan_grid(mask, width, height, geo.tile_l0, cfg.min_tissue, geo.mpp0)
+    preview = make_preview(thumb, mask, grid, width, height) if cfg.previews else None
+    del thumb
     if grid.num_tiles == 0:
         raise SlideError(
             "no_tissue",
             f"no tissue found: 0 of {grid.grid_tiles} tiles reach min_tissue={cfg.min_tissue} "
             f"(mask threshold: HSV saturation >= {threshold:.3f}, mask tissue area "
             f"{grid.tissue_area_mm2:.3f} mm2); check the slide, or lower tiling.min_tissue",
+            preview=preview,
         )
     plan = SlidePlan(
         width=int(width), height=int(height), mpp=geo.mpp0, mpp_source=geo.mpp_source,
@@ -376,7 +384,7 @@ def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
         upsampled=needs_upsampling(geo.mpp0, cfg.mpp, cfg.mpp_tolerance),
         read_mpp=geo.read_mpp,
     )
-    return plan, grid, geo.level, geo.scale
+    return plan, grid, geo.level, geo.scale, preview
 
 
 @dataclass
@@ -553,17 +561,19 @@ def _rss_mb() -> float:
 
 def _rows(slide_id: str, models: str, tiles: np.ndarray, *, x: np.ndarray, y: np.ndarray,
           tissue: np.ndarray, index: np.ndarray, num_tiles: int, meta: str = "",
-          error: str = "", stage: str = "") -> dict[str, np.ndarray]:
+          error: str = "", stage: str = "", qc: bool = False) -> dict[str, np.ndarray]:
     n = len(tiles)
     metas = np.full(n, "", dtype=object)
     if n:
         metas[0] = meta
+    values = tile_qc(tiles) if qc else {c: np.full(n, np.nan, np.float32) for c in QC_COLUMNS}
     return {
         "slide_id": np.full(n, slide_id, dtype=object),
         "tile": tiles,
         "x": x.astype(np.int64), "y": y.astype(np.int64),
         "tissue": tissue.astype(np.float32),
         "index": index.astype(np.int64),
+        **values,
         "num_tiles": np.full(n, num_tiles, np.int64),
         "models": np.full(n, models, dtype=object),
         "error": np.full(n, error, dtype=object),
@@ -575,33 +585,53 @@ def _rows(slide_id: str, models: str, tiles: np.ndarray, *, x: np.ndarray, y: np
 
 
 def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
-                storage: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
-    """Tile each slide of the batch; a failing slide becomes one error row, never an exception."""
+                storage: dict[str, Any], output: str | None = None
+                ) -> Iterator[dict[str, np.ndarray]]:
+    """Tile each slide of the batch; a failing slide becomes one error row, never an exception.
+
+    ``output``: the lake its previews go to (none written without it)."""
     tune_worker_malloc()
     cfg = TilingConfig(**tiling)
     store = StorageConfig(**storage)
     t = cfg.tile_size
-    planned = batch.get("fingerprint", [None] * len(batch["slide_id"]))
-    for slide_id, uri, mpp, models, expected in zip(batch["slide_id"], batch["uri"],
-                                                    batch["mpp"], batch["models"], planned,
-                                                    strict=True):
+    lake = Lake(output, store) if output and cfg.previews else None
+    spec = cfg.spec_hash()
+    n_slides = len(batch["slide_id"])
+    planned = batch.get("fingerprint", [None] * n_slides)
+    cohorts = batch.get("cohort", ["default"] * n_slides)
+    for slide_id, uri, mpp, models, expected, cohort in zip(
+            batch["slide_id"], batch["uri"], batch["mpp"], batch["models"], planned, cohorts,
+            strict=True):
         expected = str(expected) if expected else None
         mpp_override = None if mpp is None or np.isnan(mpp) else float(mpp)
         started = time.time()
+        shown: dict[str, str] = {}  # preview_path / geojson_path once written
 
         def failure(stage: str, reason: str, slide_id: str = slide_id,
-                    started: float = started) -> dict[str, np.ndarray]:
+                    started: float = started, shown: dict[str, str] = shown
+                    ) -> dict[str, np.ndarray]:
             one = np.zeros(1, np.int64)
             return _rows(slide_id, "", np.zeros((1, t, t, 3), np.uint8), x=one, y=one,
                          tissue=np.zeros(1), index=one - 1, num_tiles=0, error=reason,
-                         stage=stage, meta=json.dumps({"tiling_started_at": started}))
+                         stage=stage, meta=json.dumps({"tiling_started_at": started, **shown}))
+
+        def show(preview: Preview | None, slide_id: str = slide_id, cohort: str = cohort,
+                 shown: dict[str, str] = shown) -> None:
+            if lake is not None and preview is not None:
+                shown.update(_write_preview(lake, spec, str(cohort), str(slide_id), preview))
 
         try:
             with staged_slide(str(uri), store, expected) as local:
-                plan, chunks = tile_slide(local, mpp_override=mpp_override, cfg=cfg)
+                try:
+                    plan, chunks = tile_slide(local, mpp_override=mpp_override, cfg=cfg)
+                except SlideError as err:
+                    show(err.preview)
+                    raise
+                show(chunks.preview)
+                chunks.preview = None  # its thumbnail is not needed while tiles are read
                 meta = json.dumps({**asdict(plan), "tiling_started_at": started,
                                    "node": ray_node_id(), "pid": os.getpid(),
-                                   "reader": chunks.reader})
+                                   "reader": chunks.reader, **shown})
                 held = None  # the last chunk waits for the check below: without it the
                 for chunk in chunks:  # slide is incomplete and its writer never writes it
                     if held is not None:
@@ -609,7 +639,7 @@ def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
                         meta = ""
                     held = _rows(str(slide_id), str(models), chunk.tiles, x=chunk.x, y=chunk.y,
                                  tissue=chunk.tissue, index=chunk.index,
-                                 num_tiles=plan.num_tiles, meta=meta)
+                                 num_tiles=plan.num_tiles, meta=meta, qc=cfg.qc)
                 if is_local(str(uri)):  # a staged copy cannot change; a local file can
                     check_unchanged(str(uri), expected, source_fingerprint(str(uri), store),
                                     "while it was tiled")
@@ -624,3 +654,17 @@ def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
         except Exception as err:  # noqa: BLE001 - one bad slide must not fail the job
             log.exception("tiling %s failed", slide_id)
             yield failure("tiling", f"unexpected {type(err).__name__}: {err}")
+
+
+def _write_preview(lake: Lake, spec: str, cohort: str, slide_id: str,
+                   preview: Preview) -> dict[str, str]:
+    """The slide's preview files; a preview that cannot be written costs a log line, not the
+    slide (its rows then record no preview path)."""
+    try:
+        jpg, geo = lake.write_preview(spec, cohort, slide_id, render_jpeg(preview),
+                                      geojson_bytes(preview, slide_id))
+    except Exception as err:  # noqa: BLE001 - the embeddings matter more than the picture
+        log.warning("could not write the preview of %s: %s: %s", slide_id,
+                    type(err).__name__, err)
+        return {}
+    return {"preview_path": jpg, "geojson_path": geo}

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from pipeline.columns import EMB_PREFIX, NODE_PREFIX, embedding_column, node_column
 from pipeline.config import StorageConfig
+from pipeline.qc import QC_COLUMNS, slide_summary
 from pipeline.sink import Lake, TilesFile, embedding_array, tiles_schema
 
 
@@ -49,6 +50,7 @@ class SlideResult:
     t_last: float = 0.0
     rss_mb: float = 0.0
     encoder_nodes: dict[str, list[str]] = field(default_factory=dict)
+    qc: dict[str, float | None] = field(default_factory=dict)  # pipeline.qc.slide_summary
     error: str = ""  # the slide could not be written (storage kept failing): its error row
 
 
@@ -61,6 +63,7 @@ class SlideBuffer:
         self.x = np.zeros(n, np.int64)
         self.y = np.zeros(n, np.int64)
         self.tissue = np.zeros(n, np.float32)
+        self.qc = {c: np.full(n, np.nan, np.float32) for c in QC_COLUMNS}
         self.received = np.zeros(n, bool)
         self.emb: dict[str, np.ndarray] = {}
         self.meta: dict[str, Any] = {}
@@ -74,6 +77,8 @@ class SlideBuffer:
         self.x[idx] = batch["x"]
         self.y[idx] = batch["y"]
         self.tissue[idx] = batch["tissue"]
+        for c in QC_COLUMNS:
+            self.qc[c][idx] = batch[c]
         for m in self.models:
             values = batch[embedding_column(m)]
             if m not in self.emb:  # the encoder's own dtype (fp16 on GPU): cast only on write
@@ -108,9 +113,16 @@ class SlideBuffer:
             pa.array(np.full(n, m["level"], np.int16)),
             pa.array(np.full(n, m["mpp"] * m["level_downsample"], np.float32)),
             pa.array(self.tissue),
+            # NaN (tiling.qc off) is stored as null: a filter on it then keeps no guess
+            *(pa.array(self.qc[c], from_pandas=True) for c in QC_COLUMNS),
             pa.array([work_key] * n, pa.string()),
             embedding_array(emb, dtype),
         ], schema=tiles_schema(emb.shape[1], dtype))
+
+    def qc_summary(self) -> dict[str, float | None]:
+        if np.isnan(self.qc[QC_COLUMNS[0]]).all():
+            return {c: None for c in QC_COLUMNS}
+        return slide_summary(self.qc)
 
     def mean_embedding(self, model: str) -> np.ndarray:
         return self.emb[model].astype(np.float32).mean(axis=0)
@@ -165,7 +177,8 @@ class SinkWriter:
                     layers[m] = f"{type(err).__name__}: {err}"
         return SlideResult(slide_id, buf.num_tiles, buf.meta, files, means, layers,
                            buf.t_first, buf.t_last, buf.rss_mb,
-                           {m: sorted(n) for m, n in buf.encoder_nodes.items()})
+                           {m: sorted(n) for m, n in buf.encoder_nodes.items()},
+                           buf.qc_summary())
 
     def pending(self) -> list[str]:
         return sorted(self.buffers)
@@ -175,7 +188,7 @@ def writer_of(slide_id: str, n: int) -> int:
     return zlib.crc32(slide_id.encode()) % n
 
 
-_PASS_THROUGH = ("index", "x", "y", "tissue", "meta", "t_chunk", "rss_mb")
+_PASS_THROUGH = ("index", "x", "y", "tissue", *QC_COLUMNS, "meta", "t_chunk", "rss_mb")
 
 
 def route_to_writers(batch: dict[str, np.ndarray], *, writers: list[Any]) -> dict[str, np.ndarray]:
@@ -195,7 +208,7 @@ def route_to_writers(batch: dict[str, np.ndarray], *, writers: list[Any]) -> dic
         out_ids.append(sid)
         errors.append(err)
         stages.append(str(batch["error_stage"][first]))
-        metas.append(str(batch["meta"][rows[0]]))
+        metas.append(str(batch["meta"][first]))  # an error row names its preview
         if err:
             futures.append(None)
             continue

@@ -37,6 +37,7 @@ import pytest
 from deltalake import DeltaTable
 
 from pipeline.encode import embedding_column
+from pipeline.qc import QC_COLUMNS
 from pipeline.sink import (
     Lake,
     duckdb_connect,
@@ -85,6 +86,7 @@ def buffer(model: str, slide_id: str, emb: np.ndarray) -> SlideBuffer:
     buf = SlideBuffer(slide_id, n, (model,))
     buf.add({"index": idx, "x": idx * 448, "y": idx * 448 + 1,
              "tissue": np.linspace(0.5, 1.0, n, dtype=np.float32), embedding_column(model): emb,
+             **{c: np.full(n, 0.1, np.float32) for c in QC_COLUMNS},
              "meta": np.array([json.dumps(META)] + [""] * (n - 1), dtype=object),
              "t_chunk": np.full(n, 1.0), "rss_mb": np.full(n, 100.0, np.float32)})
     assert buf.complete

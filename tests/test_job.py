@@ -26,6 +26,7 @@ from jobkit import (
     lake_snapshot,
     write_manifest,
 )
+from PIL import Image
 from slidegen import write_blank_slide, write_not_a_slide, write_pyramid_svs, write_truncated
 
 from pipeline.config import ConfigError, StorageConfig
@@ -121,6 +122,27 @@ def test_job_outputs_follow_the_contract(slide_dir: Path, tmp_path: Path) -> Non
 
     run = json.loads((Path(out) / "runs" / f"{record['run_id']}.json").read_text())
     assert run["status"] == "succeeded" and run["counts"]["committed"] == {"kaiko-vits16": 3}
+
+    # What was tiled, as pictures: each slide's preview and its GeoJSON name its tiles.
+    for sid, row in by_id.items():
+        with Image.open(Path(out) / row["preview_path"]) as im:
+            assert im.format == "JPEG" and 640 <= max(im.size) <= 1024
+        assert (Path(out) / row["preview_path"]).stat().st_size <= 150_000
+        shapes = json.loads((Path(out) / row["geojson_path"]).read_text())["features"]
+        squares = [f for f in shapes if f["properties"]["objectType"] == "tile"]
+        assert any(f["properties"]["objectType"] == "annotation" for f in shapes)
+        t = tiles.filter(pa.compute.equal(tiles["slide_id"], sid)).sort_by("tile_index")
+        assert [f["geometry"]["coordinates"][0][0] for f in squares] == \
+            [[x, y] for x, y in zip(t["x"].to_pylist(), t["y"].to_pylist(), strict=True)]
+        # QC values for every tile; the slides row summarises them
+        sharp = np.array(t["qc_sharpness"])
+        assert t["qc_background"].null_count == t["qc_pen"].null_count == 0
+        assert (sharp > 0).all() and row["qc_sharpness"] == pytest.approx(np.median(sharp))
+        assert 0 <= row["qc_background"] <= 1 and 0 <= row["qc_pen"] <= 1
+    # A slide with no tissue shows why; one that failed before it had a thumbnail has none.
+    assert (Path(out) / errors["blank"]["preview_path"]).stat().st_size > 0
+    assert errors["blank"]["geojson_path"].endswith("blank.geojson")
+    assert errors["tiny"]["preview_path"] is None and errors["missing"]["preview_path"] is None
 
 
 def readme_snippets() -> list[str]:

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
+from pipeline.qc import QC_COLUMNS
 from pipeline.sink import (
     SLIDES,
     TILES,
@@ -37,6 +38,7 @@ def batch(idx: list[int], value: float | None = None) -> dict[str, np.ndarray]:
     if value is not None:
         emb[:] = value
     return {"index": i, "x": i * 10, "y": i * 20, "tissue": np.full(n, 0.5, np.float32),
+            **{c: np.full(n, 0.1, np.float32) for c in QC_COLUMNS},
             "emb__m": emb, "meta": np.array([json.dumps(META)] + [""] * (n - 1), dtype=object),
             "t_chunk": np.full(n, 1.0), "rss_mb": np.full(n, 100.0, np.float32)}
 
@@ -197,3 +199,37 @@ def test_concurrent_committers_on_s3_lose_nothing(s3_endpoint: str, s3_bucket: s
     assert ids == ["s0", "s1", "s2", "s3", "seed"]
     assert sorted(set(read_tiles(url, storage=storage)["slide_id"].to_pylist())) == ids
     assert lakes[0].delta(SLIDES, "m").version() == 5  # create, seed, one per commit
+
+
+NEW_COLUMNS = {*QC_COLUMNS, "preview_path", "geojson_path"}
+
+
+def test_a_lake_from_before_previews_and_qc_gains_their_columns(tmp_path: Path) -> None:
+    """Tables created by an earlier version (no QC, no preview columns) take rows that have
+    them: the old rows read as nulls, the new rows' values are there, in every table."""
+    lake = Lake(str(tmp_path))
+    buf = full_buffer("old")
+    old_tiles = buf.tiles_table("m", "k1", "float32")
+    old_tiles = old_tiles.drop_columns([c for c in old_tiles.column_names if c in NEW_COLUMNS])
+    DeltaTable.create(lake.table_url(TILES, "m"), partition_by=["cohort"],
+                      schema=old_tiles.schema.append(pa.field("cohort", pa.string())))
+    f = lake.write_tiles("m", "c", "old", "k1", old_tiles)
+    lake.commit_tiles("m", DIM, [f])  # an add of a file without the QC columns: still fine
+    row = {"slide_id": "old", "work_key": "k1", "num_tiles": 3, "tiles_path": f.path,
+           "cohort": "c"}
+    rows = slide_rows([row], buf.mean_embedding("m")[None])
+    lake.commit_slides("m", rows.drop_columns([c for c in rows.column_names
+                                                if c in NEW_COLUMNS]), False)
+    lake.write_errors([{"slide_id": "x", "stage": "open", "reason": "r"}])  # new schema
+
+    commit(lake, "new", "c", "k2")  # QC 0.1 per tile (the batch's), a preview path below
+    row = {"slide_id": "old", "work_key": "k1", "num_tiles": 3, "tiles_path": f.path,
+           "cohort": "c", "preview_path": "previews/h/cohort=c/old.jpg", "qc_pen": 0.5}
+    lake.commit_slides("m", slide_rows([row], buf.mean_embedding("m")[None]), True)
+
+    tiles = read_tiles(str(tmp_path)).sort_by("slide_id")
+    assert tiles["qc_pen"].to_pylist() == [pytest.approx(0.1)] * 3 + [None] * 3
+    slides = {r["slide_id"]: r for r in read_slides(str(tmp_path)).to_pylist()}
+    assert set(slides) == {"old", "new"}
+    assert slides["old"]["preview_path"] == "previews/h/cohort=c/old.jpg"
+    assert slides["old"]["qc_pen"] == 0.5 and slides["new"]["preview_path"] is None

@@ -10,6 +10,7 @@ import pytest
 from test_sink import META
 
 from pipeline.config import StorageConfig
+from pipeline.qc import QC_COLUMNS
 from pipeline.sink import read_tiles
 from pipeline.writer import SinkWriter, WriterTask, route_to_writers, unpack, writer_of
 
@@ -21,6 +22,7 @@ def rows(sid: str, idx: list[int], n: int, error: str = "") -> dict[str, np.ndar
     i = np.array(idx, np.int64)
     return {"slide_id": np.full(k, sid, object), "index": i, "x": i * 10, "y": i,
             "tissue": np.ones(k, np.float32), "num_tiles": np.full(k, n),
+            **{c: np.full(k, 0.1, np.float32) for c in QC_COLUMNS},
             "emb__m": np.full((k, 4), 0.5, np.float16), "node__m": np.full(k, "n1", object),
             "meta": np.array([json.dumps(META)] + [""] * (k - 1), object),
             "t_chunk": np.ones(k), "rss_mb": np.ones(k, np.float32),
