@@ -82,6 +82,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write a run's self-contained HTML report; print where it went."""
+    from pipeline.config import StorageConfig
+    from pipeline.report import ReportError, write_report
+
+    storage = StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url else None
+    try:
+        where = write_report(args.output, args.run, storage=storage, path=args.out,
+                             pca_slides=args.pca_slides)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(where)
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from pipeline.doctor import doctor
 
@@ -226,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="S3 endpoint (MinIO, on-prem)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    p = command("report", "write a run's self-contained HTML report (plots, errors, previews)")
+    p.add_argument("output", help="the lake (output root), a path or URL")
+    p.add_argument("--run", help="run id (default: the latest run)")
+    p.add_argument("--out", help="where to write the page (default: OUT/reports/<run_id>.html)")
+    p.add_argument("--pca-slides", type=int, default=3, metavar="N",
+                   help="embedding (PCA) maps for up to N slides per tile model (default 3)")
+    p.add_argument("--endpoint-url", help="S3 endpoint (MinIO, on-prem)")
+    p.set_defaults(func=cmd_report)
     p = command("doctor", "check this machine (and a job: manifest, slides, output, weights)")
     p.add_argument("job", nargs="?", help="YAML job file (optional)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="as for run")

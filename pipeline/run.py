@@ -55,7 +55,7 @@ from pipeline.plan import (
 )
 from pipeline.sink import Lake, TilesFile, embedding_array, now, slides_schema
 from pipeline.slide_encode import SlideEncoderStage, get_slide_model
-from pipeline.storage import RetryPolicy
+from pipeline.storage import RetryPolicy, join
 from pipeline.tiling import tile_slides
 from pipeline.unsaved import UnsavedRecords, keep, recover, unsaved_root
 from pipeline.writer import SinkWriter, SlideResult, WriterTask, route_to_writers, unpack, writer_of
@@ -838,6 +838,8 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
             "progress": coord.progress(),
             "slides": coord.timings,
         })
+        if cfg.sink.report:
+            record["report"] = _write_report(cfg, run_id, record)
         kept = _save_record(cfg, lake, run_id, record, coord)
         if started_ray:  # a Ray this job started (or joined) is not left behind
             import ray
@@ -853,6 +855,21 @@ def _run_leased(cfg: JobConfig, run_id: str, started: float, lake: Lake,
                 raise UnsavedRecords(message)
             log.error("%s", message)
     return record
+
+
+def _write_report(cfg: JobConfig, run_id: str, record: dict[str, Any]) -> str | None:
+    """The run's HTML report, path relative to the lake (the record links it); a report that
+    cannot be made costs a log line, never the run's outcome."""
+    from pipeline.report import REPORTS, write_report
+
+    try:
+        write_report(cfg.output, run_id, storage=cfg.storage, record=record)
+    except Exception as err:  # noqa: BLE001 - the embeddings are in; the page can be redone
+        log.warning("could not write the run report (python -m pipeline report %s --run %s "
+                    "writes it later): %s: %s", cfg.output, run_id, type(err).__name__, err)
+        return None
+    log.info("report: %s", join(cfg.output, REPORTS, f"{run_id}.html"))
+    return f"{REPORTS}/{run_id}.html"
 
 
 def _save_record(cfg: JobConfig, lake: Lake, run_id: str, record: dict[str, Any],
