@@ -561,12 +561,14 @@ def _rss_mb() -> float:
 
 def _rows(slide_id: str, models: str, tiles: np.ndarray, *, x: np.ndarray, y: np.ndarray,
           tissue: np.ndarray, index: np.ndarray, num_tiles: int, meta: str = "",
-          error: str = "", stage: str = "", qc: bool = False) -> dict[str, np.ndarray]:
+          error: str = "", stage: str = "", qc: bool = False, sharpness: bool = False
+          ) -> dict[str, np.ndarray]:
     n = len(tiles)
     metas = np.full(n, "", dtype=object)
     if n:
         metas[0] = meta
-    values = tile_qc(tiles) if qc else {c: np.full(n, np.nan, np.float32) for c in QC_COLUMNS}
+    values = (tile_qc(tiles, sharpness) if qc else
+              {c: np.full(n, np.nan, np.float32) for c in QC_COLUMNS})
     return {
         "slide_id": np.full(n, slide_id, dtype=object),
         "tile": tiles,
@@ -639,7 +641,8 @@ def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
                         meta = ""
                     held = _rows(str(slide_id), str(models), chunk.tiles, x=chunk.x, y=chunk.y,
                                  tissue=chunk.tissue, index=chunk.index,
-                                 num_tiles=plan.num_tiles, meta=meta, qc=cfg.qc)
+                                 num_tiles=plan.num_tiles, meta=meta, qc=cfg.qc,
+                                 sharpness=cfg.qc_sharpness)
                 if is_local(str(uri)):  # a staged copy cannot change; a local file can
                     check_unchanged(str(uri), expected, source_fingerprint(str(uri), store),
                                     "while it was tiled")

@@ -120,8 +120,6 @@ class SlideBuffer:
         ], schema=tiles_schema(emb.shape[1], dtype))
 
     def qc_summary(self) -> dict[str, float | None]:
-        if np.isnan(self.qc[QC_COLUMNS[0]]).all():
-            return {c: None for c in QC_COLUMNS}
         return slide_summary(self.qc)
 
     def mean_embedding(self, model: str) -> np.ndarray:

@@ -107,7 +107,7 @@ def test_qc_values_of_tiles_with_known_content() -> None:
     inked[:, 56:84] = (30, 70, 190)    # a blue one over an eighth
     inked[:, 84:112] = (28, 26, 30)    # black ink over another eighth
     blurred = cv2.GaussianBlur(he, (0, 0), 3)
-    q = tile_qc(np.stack([he, glass, inked, blurred]))
+    q = tile_qc(np.stack([he, glass, inked, blurred]), sharpness=True)
     assert set(q) == set(QC_COLUMNS) and all(v.dtype == np.float32 for v in q.values())
     assert q["qc_background"][1] == 1.0 and q["qc_background"][0] < 0.2
     assert q["qc_pen"][0] < 0.01 and q["qc_pen"][1] == 0.0
@@ -115,6 +115,10 @@ def test_qc_values_of_tiles_with_known_content() -> None:
     assert q["qc_sharpness"][3] < 0.1 * q["qc_sharpness"][0]
     summary = slide_summary(q)
     assert summary["qc_sharpness"] == pytest.approx(float(np.median(q["qc_sharpness"])))
+    assert summary["qc_pen"] == pytest.approx(float(np.mean(q["qc_pen"])))
+    off = tile_qc(np.stack([he, inked]))  # the default: no sharpness, the same fractions
+    assert np.isnan(off["qc_sharpness"]).all() and slide_summary(off)["qc_sharpness"] is None
+    np.testing.assert_array_equal(off["qc_pen"], q["qc_pen"][[0, 2]])
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in TILES.glob("*") if p.suffix in
