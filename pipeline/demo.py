@@ -75,8 +75,10 @@ def run_demo(out: Path) -> int:
     print(f"committed: {record['counts']['committed']}, errors: {record['counts']['errors']}")
     lake = out / "lake"
     print(f"\noutputs under {lake}:")
-    for sub in ("tiles", "slides", "errors", "runs"):
+    for sub in ("tiles", "slides", "errors", "runs", "previews"):
         print(f"  {lake / sub}")
+    if record.get("report"):
+        print(f"\nthe run's report (open in a browser): {lake / record['report']}")
     print("\nread them from Python (DuckDB views over the committed rows):")
     print(f"  from pipeline.sink import duckdb_connect; con = duckdb_connect({str(lake)!r})")
     print('  con.sql(\'SELECT slide_id, num_tiles FROM "slides_kaiko-vits16"\').show()')

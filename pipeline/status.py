@@ -33,7 +33,7 @@ def lake_status(url: str, storage: StorageConfig | None = None, last_errors: int
         "runs": len(runs),
         "latest": None if latest is None else {
             k: latest.get(k) for k in ("run_id", "status", "error", "started_at",
-                                       "finished_at", "progress", "counts")},
+                                       "finished_at", "progress", "counts", "report")},
         "failing_now": len(errors),
         "last_errors": [{k: str(r[k]) if r[k] is not None else None for k in keep}
                         for r in errors[:last_errors]],
@@ -58,6 +58,8 @@ def render(status: dict[str, Any]) -> str:
                          + f" (as of {p.get('at')})")
         for model, n in ((latest.get("counts") or {}).get("committed") or {}).items():
             lines.append(f"  {model}: {n} slides committed by this run")
+        if latest.get("report"):
+            lines.append(f"  report: {join(status['lake'], latest['report'])}")
     lines.append(f"failing now: {status['failing_now']} (slide, model) pairs")
     for e in status["last_errors"]:
         lines.append(f"  {e['slide_id']} [{e['model'] or 'all models'}] {e['stage']}: "

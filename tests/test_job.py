@@ -523,6 +523,7 @@ def test_progress_while_it_runs_and_status_after(tmp_path: Path, caplog, capsys)
     assert f"latest run {record['run_id']}: succeeded" in text and "no job running" in text
     assert "3/3 slides committed, 1 failed" in text
     assert f"gone [all models] stage: slide file not found: {tmp_path / 'gone.svs'}" in text
+    assert f"report: {out}/reports/{record['run_id']}.html" in text
     lake = Lake(out)
     with Lease(lake.fs, lake.root, "nightly-x", 60, 0):
         assert lake_status(out)["running"] == "nightly-x"
