@@ -28,6 +28,7 @@ _EXPORTS = {
     "duckdb_connect": ("pipeline.sink", "duckdb_connect"),
     "SlideBags": ("pipeline.loader", "SlideBags"),
     "lake_status": ("pipeline.status", "lake_status"),
+    "write_report": ("pipeline.report", "write_report"),
 }
 __all__ = ["__version__", "plan_job", *_EXPORTS]
 

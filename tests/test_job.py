@@ -156,6 +156,17 @@ def readme_snippets() -> list[str]:
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
+def _exec_snippet(code: str, out: str) -> dict:
+    scope: dict = {}
+    exec(compile(code.replace('"OUT', '"' + out), "README.md", "exec"), scope)
+    return scope
+
+
+def report_run(out: str) -> str:
+    (record,) = [p.stem for p in (Path(out) / "runs").glob("*.json")]
+    return record
+
+
 def test_readme_read_paths_run_verbatim(slide_dir: Path, tmp_path: Path) -> None:
     """Every read snippet of the README, run as written against a real job's lake."""
     manifest = write_manifest(tmp_path / "m.csv", [
@@ -168,9 +179,7 @@ def test_readme_read_paths_run_verbatim(slide_dir: Path, tmp_path: Path) -> None
     assert len(snippets) == 5
     spaces: list[dict] = []
     for code in snippets:
-        scope: dict = {}
-        exec(compile(code.replace('"OUT', '"' + out), "README.md", "exec"), scope)
-        spaces.append(scope)
+        spaces.append(_exec_snippet(code, out))
     duck, arrow, polars, spark, loader = spaces
     bag = loader["bag"]
     assert bag["slide_id"] == "cmu" and tuple(bag["embeddings"].shape) == (n, 384)
@@ -181,6 +190,18 @@ def test_readme_read_paths_run_verbatim(slide_dir: Path, tmp_path: Path) -> None
     assert list(arrow["slides"]["slide_id"]) == ["cmu"]
     np.testing.assert_array_equal(np.sort(arrow["X"], axis=0), np.sort(embeddings(truth), 0))
     assert polars["tiles"].height == n and polars["slides"].height == 1
+    # "What happened": the previews and QC filter snippet, then the report's
+    text = (REPO / "README.md").read_text()
+    section = text.split("## What happened", 1)[1].split("\n## ", 1)[0].split("<!--", 1)[0]
+    shown, report = [_exec_snippet(code, out)
+                     for code in re.findall(r"```python\n(.*?)```", section, flags=re.S)]
+    ((sid, jpg, geo),) = shown["previews"]
+    assert sid == "cmu" and (Path(out) / jpg).is_file() and (Path(out) / geo).is_file()
+    kept = truth.filter(pa.compute.and_(pa.compute.less(truth["qc_pen"], 0.05),
+                                        pa.compute.less(truth["qc_background"], 0.5)))
+    assert 0 < len(shown["clean"]) == kept.num_rows < n
+    assert report["page"] == f"{out}/reports/{report_run(out)}.html"
+    assert Path(report["page"]).stat().st_size > 10_000
     pyspark = pytest.importorskip("pyspark.sql")
     session = (pyspark.SparkSession.builder.master("local[1]")
                .config("spark.ui.enabled", "false").getOrCreate())
