@@ -21,7 +21,6 @@ fraction of that peak each side reaches. Writes bench/results/encoder_<device>.j
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -169,8 +168,8 @@ def make_encoder(model_id: str, device: torch.device, micro_batch: int | None,
     """The pipeline's own actor class, with random weights."""
     cfg = ModelConfig(id=model_id, weights="random", device=device.type)
     ref = resolve_weights(cfg, StorageConfig())
-    model_cfg = {**cfg.model_dump(), "micro_batch": micro_batch, "cpu_threads": threads}
-    return TileEncoder(model_cfg, dataclasses.asdict(ref), {})
+    return TileEncoder(cfg.model_copy(update={"micro_batch": micro_batch}), ref,
+                       threads=threads)
 
 
 def bench_batch(encoder: TileEncoder, bs: int, tile_px: int, device: torch.device,

@@ -30,7 +30,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +72,8 @@ def encoder_alone(model: str, tiles: np.ndarray, batch_size: int, threads: int,
 
     storage = StorageConfig()
     ref = resolve_weights(ModelConfig(id=model, weights="random"), storage)
-    enc = TileEncoder({"id": model, "weights": "random", "device": "cpu",
-                       "cpu_threads": threads}, asdict(ref), storage.model_dump(),
-                      drop_tiles=True)
+    enc = TileEncoder(ModelConfig(id=model, weights="random", device="cpu"), ref, storage,
+                      drop_tiles=True, threads=threads)
     batches = [tiles[i:i + batch_size] for i in range(0, len(tiles) - batch_size + 1,
                                                        batch_size)]
 

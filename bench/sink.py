@@ -67,14 +67,19 @@ from lakekit import CountingS3, code_state, set_s3_env, slides_rows, versions  #
 
 import pipeline.sink as sink  # noqa: E402
 from pipeline.config import StorageConfig  # noqa: E402
+from pipeline.handoff import SlidePlan, TilingMeta, embedding_column  # noqa: E402
+from pipeline.qc import QC_COLUMNS  # noqa: E402
 from pipeline.sink import SLIDES, TILES, Lake, TilesFile, table_files  # noqa: E402
 from pipeline.writer import SlideBuffer  # noqa: E402
 
 MODEL = "uni"
 KEY = "0123456789abcdef01234567"
 CHUNK = 64
-META = {"tile_px": 224, "tile_l0": 448.0, "target_mpp": 0.5, "level": 0, "mpp": 0.25,
-        "level_downsample": 1.0, "read_mpp": 0.5, "width": 100_000, "height": 80_000}
+# A 40x slide read at 0.5 um/px from level 0, as the tiling stage describes it.
+META = TilingMeta(1.7e9, SlidePlan(
+    width=100_000, height=80_000, mpp=0.25, mpp_source="file", level=0, level_downsample=1.0,
+    tile_px=224, tile_l0=448.0, target_mpp=0.5, num_tiles=0, tissue_area_mm2=0.0, vendor=None,
+    objective_power=None, upsampled=False, read_mpp=0.5)).encode()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,17 +93,16 @@ def make_slides(n_slides: int, n_tiles: int, dim: int, seed: int = 0) -> list[np
             for _ in range(n_slides)]
 
 
-_META = json.dumps(META)
-
-
 def chunks(emb: np.ndarray, size: int = CHUNK) -> list[dict[str, np.ndarray]]:
     """A slide's rows in chunks of ``size`` tiles, shaped as route_to_writers sends them."""
     out = []
     for s in range(0, len(emb), size):
         i = np.arange(s, min(len(emb), s + size))
         out.append({"index": i, "x": (i % 200) * 448, "y": (i // 200) * 448,
-                    "tissue": np.full(len(i), 0.8, np.float32), f"emb__{MODEL}": emb[s:s + size],
-                    "meta": np.array([_META] + [""] * (len(i) - 1), dtype=object),
+                    "tissue": np.full(len(i), 0.8, np.float32),
+                    **{c: np.full(len(i), 0.1, np.float32) for c in QC_COLUMNS},
+                    embedding_column(MODEL): emb[s:s + size],
+                    "meta": np.array([META] + [""] * (len(i) - 1), dtype=object),
                     "t_chunk": np.full(len(i), 1.7e9), "rss_mb": np.full(len(i), 100.0,
                                                                          np.float32)})
     return out

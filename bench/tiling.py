@@ -43,6 +43,8 @@ from generate import ensure  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import TilingConfig  # noqa: E402
+from pipeline.preview import geojson_bytes, render_jpeg  # noqa: E402
+from pipeline.qc import tile_qc  # noqa: E402
 from pipeline.tiffread import open_tiff_reader  # noqa: E402
 from pipeline.tiling import _plan, tile_slide  # noqa: E402
 
@@ -66,6 +68,50 @@ def run_tile_slide(path: Path, cfg: TilingConfig) -> int:
             n += len(c.tiles)
     assert n == plan.num_tiles
     return n
+
+
+def run_tile_slide_with_qc(path: Path, cfg: TilingConfig) -> int:
+    """What the tiling stage adds per slide with ``tiling.qc`` and ``tiling.previews`` on:
+    the QC values of every chunk, the preview JPEG and the GeoJSON (bytes made, not stored)."""
+    plan, chunks = tile_slide(str(path), mpp_override=None, cfg=cfg)
+    if cfg.previews:
+        assert chunks.preview is not None
+        render_jpeg(chunks.preview)
+        geojson_bytes(chunks.preview, path.stem)
+    n = 0
+    with chunks:
+        for c in chunks:
+            if cfg.qc:
+                tile_qc(c.tiles, cfg.qc_sharpness)
+            n += len(c.tiles)
+    assert n == plan.num_tiles
+    return n
+
+
+QC_VARIANTS = {  # name -> TilingConfig fields; "off" is tiling as it was before QC
+    "off": {"previews": False, "qc": False, "qc_sharpness": False},
+    "previews": {"previews": True, "qc": False, "qc_sharpness": False},
+    "default": {"previews": True, "qc": True, "qc_sharpness": False},
+    "sharpness": {"previews": True, "qc": True, "qc_sharpness": True},
+}
+
+
+def bench_qc(name: str, repeats: int) -> dict[str, Any]:
+    """Tiling with each QC/preview variant, rounds interleaved, one thread (per core)."""
+    path = ensure(name)
+    base = TilingConfig(mpp=0.5, tile_size=224, reader="tiff")
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in QC_VARIANTS}
+    for _ in range(repeats):
+        for k, fields in QC_VARIANTS.items():
+            cfg = base.model_copy(update=fields)
+            runs[k].append(_timed(lambda cfg=cfg: run_tile_slide_with_qc(path, cfg)))
+    ratios = {k: float(np.median([b["tiles_per_cpu_s"] / a["tiles_per_cpu_s"]
+                                  for a, b in zip(runs["off"], runs[k], strict=True)]))
+              for k in QC_VARIANTS if k != "off"}
+    return {"slide": name, "tiles": runs["off"][0]["tiles"], "runs": runs,
+            "best_tiles_per_cpu_s": {k: max(r["tiles_per_cpu_s"] for r in v)
+                                     for k, v in runs.items()},
+            "rate_over_off_median_of_rounds": ratios}
 
 
 def tissue_grid(path: Path, cfg: TilingConfig) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -313,8 +359,24 @@ def main() -> None:
                     help="slide for the 1 vs N thread wall-clock scaling ('' to skip)")
     ap.add_argument("--rss-readers", nargs="*", default=["tiff"],
                     help="readers for the RSS runs (openslide on 100k x 80k: ~15 CPU-min)")
+    ap.add_argument("--qc", nargs="*", default=["40x_20k", "20x_10k"],
+                    help="slides for the cost of tiling.qc + tiling.previews (none: skip)")
+    ap.add_argument("--only-qc", action="store_true", help="run the QC comparison alone")
     args = ap.parse_args()
     out: dict[str, Any] = {"machine": machine(), "threads": args.threads, "slides": []}
+    out["qc"] = []
+    for name in args.qc:
+        r = bench_qc(name, max(3, args.repeats))
+        out["qc"].append(r)
+        print(f"QC and previews on {name} ({r['tiles']} tiles), tiles/CPU-s (best) and rate "
+              f"relative to off (median of rounds):", flush=True)
+        for k, best in r["best_tiles_per_cpu_s"].items():
+            ratio = r["rate_over_off_median_of_rounds"].get(k, 1.0)
+            print(f"  {k:10s} {best:8.0f}  {ratio:.3f}", flush=True)
+    if args.only_qc:
+        dest = write_results("tiling_qc", out)
+        print(f"\nwrote {dest.relative_to(ROOT)}")
+        return
     for name in args.slides:
         res = bench_slide(name, args.threads, args.repeats, args.baseline_tiles)
         out["slides"].append(res)

@@ -33,8 +33,8 @@ from tiling import machine  # noqa: E402
 from pipeline.config import StorageConfig, TilingConfig  # noqa: E402
 from pipeline.tiling import tile_slides  # noqa: E402
 
-TILING = TilingConfig(mpp=0.5, tile_size=224).model_dump()
-STORAGE = StorageConfig().model_dump()
+TILING = TilingConfig(mpp=0.5, tile_size=224)
+STORAGE = StorageConfig()
 
 
 def _batch(path: str) -> dict[str, np.ndarray]:

@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.columns import (  # noqa: F401 - re-exported for the stage's users
+from pipeline.config import ModelConfig, StorageConfig
+from pipeline.handoff import (  # noqa: F401 - re-exported for the stage's users
     EMB_PREFIX,
     MODELS_COLUMN,
     TILE_COLUMN,
     embedding_column,
     node_column,
 )
-from pipeline.config import StorageConfig
 from pipeline.models import registry
 from pipeline.models.preprocess import preprocess
 from pipeline.models.registry import TileModelSpec
@@ -80,9 +80,10 @@ def precision_for(spec: TileModelSpec, device: torch.device) -> str:
     return spec.precision if device.type == "cuda" else "fp32"
 
 
-def cpu_threads(model_cfg: Mapping[str, Any]) -> int:
-    """Threads for CPU encoding: config, else the CPUs Ray gave us (OMP_NUM_THREADS), else all."""
-    configured = model_cfg.get("cpu_threads") or os.environ.get("OMP_NUM_THREADS")
+def cpu_threads(given: int | None = None) -> int:
+    """Threads for CPU encoding: ``given`` (the job's encoder CPUs), else the CPUs Ray gave
+    us (OMP_NUM_THREADS), else all."""
+    configured = given or os.environ.get("OMP_NUM_THREADS")
     if configured:
         return max(1, int(configured))
     try:
@@ -313,28 +314,27 @@ def encode_batch(batch: Mapping[str, Any], spec: TileModelSpec, model: torch.nn.
 class TileEncoder:
     """Actor-pool callable: loads one model once, then embeds batches of tiles."""
 
-    def __init__(self, model_cfg: dict[str, Any], weights: dict[str, Any],
-                 storage_cfg: dict[str, Any], drop_tiles: bool = False) -> None:
+    def __init__(self, model: ModelConfig, weights: WeightsRef,
+                 storage: StorageConfig | None = None, drop_tiles: bool = False,
+                 threads: int | None = None) -> None:
         # The last encoder drops the pixels itself: a separate drop stage would be a task
         # that waits for a free CPU behind the tiling tasks, stalling commits.
         self.drop_tiles = drop_tiles
-        self.spec = registry.get(model_cfg["id"])
-        self.device = select_device(model_cfg.get("device") or "auto")
+        self.spec = registry.get(model.id)
+        self.device = select_device(model.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(cpu_threads(model_cfg))
-        self.weights = WeightsRef(**weights)
-        storage = StorageConfig(**(storage_cfg or {}))
-        self.model = load_model(self.spec, self.weights, storage, self.device)
+            torch.set_num_threads(cpu_threads(threads))
+        self.weights = weights
+        self.model = load_model(self.spec, weights, storage or StorageConfig(), self.device)
         self.precision = precision_for(self.spec, self.device)
         if self.device.type == "cuda" and self.precision in _AUTOCAST:
             cast_matmul_weights(self.model, _AUTOCAST[self.precision])
-        self.tf32 = bool(model_cfg.get("tf32")) and self.device.type == "cuda" \
-            and self.precision == "fp32"
+        self.tf32 = model.tf32 and self.device.type == "cuda" and self.precision == "fp32"
         if self.tf32:  # this actor's process runs this one model: a process-wide switch
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         # Optional: None lets encode_tiles pick (whole batch on CPU, ~4 micro-batches on CUDA).
-        self.micro_batch: int | None = model_cfg.get("micro_batch")
+        self.micro_batch = model.micro_batch
         self.staging = PinnedStaging() if self.device.type == "cuda" else None
         self.column = embedding_column(self.spec.id)
         self.node_id = ray_node_id()

@@ -10,13 +10,13 @@ slide and tiling spec, and their paths are recorded in the slides and errors row
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from pipeline.tissue import TileGrid
@@ -98,8 +98,8 @@ def _ring(contour: np.ndarray, sx: float, sy: float) -> np.ndarray | None:
 def render_jpeg(p: Preview) -> bytes:
     """The thumbnail, kept tiles tinted and outlined where they are big enough to see,
     tissue contour on top."""
-    img = p.image.astype(np.float32)
-    h, w = img.shape[:2]
+    out = p.image.copy()
+    h, w = out.shape[:2]
     fx, fy = p.width / w, p.height / h  # level-0 px per preview px
     g = p.grid
     if g.num_tiles:
@@ -108,58 +108,71 @@ def render_jpeg(p: Preview) -> bytes:
         col = np.minimum(((np.arange(w) + 0.5) * fx // g.tile_l0).astype(np.int64), g.cols)
         row = np.minimum(((np.arange(h) + 0.5) * fy // g.tile_l0).astype(np.int64), g.rows)
         inside = kept[row][:, col]
-        img[inside] = img[inside] * (1 - TILE_ALPHA) + np.array(TILE_RGB) * TILE_ALPHA
+        tinted = cv2.addWeighted(out, 1 - TILE_ALPHA, np.full_like(out, TILE_RGB), TILE_ALPHA, 0)
+        out[inside] = tinted[inside]
         if g.tile_l0 / fx >= 5:  # tiles of 5+ preview px: their edges
             edge = np.zeros_like(inside)
             edge[:, 1:] |= (col[1:] != col[:-1])[None, :] & (inside[:, 1:] | inside[:, :-1])
             edge[1:, :] |= (row[1:] != row[:-1])[:, None] & (inside[1:, :] | inside[:-1, :])
-            img[edge] = TILE_RGB
-    out = np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8))
+            out[edge] = TILE_RGB
     rings = [np.round(np.column_stack([r[:, 0] / fx, r[:, 1] / fy]) - 0.5).astype(np.int32)
              for region in p.polygons for r in region]
     if rings:
         cv2.polylines(out, rings, True, TISSUE_RGB, thickness=max(1, round(max(h, w) / 600)),
                       lineType=cv2.LINE_AA)
-    for quality in (JPEG_QUALITY, 65, 50):
-        buf = io.BytesIO()
-        Image.fromarray(out).save(buf, format="JPEG", quality=quality, optimize=True)
-        if buf.tell() <= MAX_BYTES:
-            break
-    return buf.getvalue()
+    return _jpeg_within_budget(out)
+
+
+def _jpeg_within_budget(img: np.ndarray) -> bytes:
+    """Lower quality first, then half the size: a preview stays under MAX_BYTES."""
+    while True:
+        for quality in (JPEG_QUALITY, 65, 50):
+            data = simplejpeg.encode_jpeg(img, quality=quality, colorspace="RGB",
+                                          colorsubsampling="420")
+            if len(data) <= MAX_BYTES:
+                return data
+        if max(img.shape[:2]) < 2 * 256:
+            return data
+        img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2),
+                         interpolation=cv2.INTER_AREA)
 
 
 def geojson(p: Preview, slide_id: str) -> dict[str, Any]:
     """A FeatureCollection QuPath imports: one Tissue annotation per region (with holes), one
-    tile object per kept tile (``tile_index`` is the tiles table's, ``tissue`` its fraction)."""
-    features: list[dict[str, Any]] = []
-    for region in p.polygons:
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [_closed(r) for r in region]},
-            "properties": {"objectType": "annotation", "name": "tissue",
-                           "classification": {"name": "Tissue", "color": list(TISSUE_RGB)},
-                           "slide_id": slide_id},
-        })
+    tile object per kept tile (its ``tile_index`` is the tiles table's, ``tissue`` its
+    fraction, both as QuPath measurements)."""
+    return json.loads(geojson_bytes(p, slide_id))
+
+
+def geojson_bytes(p: Preview, slide_id: str) -> bytes:
+    """:func:`geojson` as compact JSON text; the tile features (tens of thousands on a large
+    slide) are formatted directly, ~10x faster than building and dumping dicts."""
+    regions = [json.dumps({
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [_closed(r) for r in region]},
+        "properties": {"objectType": "annotation", "name": "tissue",
+                       "classification": {"name": "Tissue", "color": list(TISSUE_RGB)},
+                       "slide_id": slide_id},
+    }, separators=(",", ":")) for region in p.polygons]
     g = p.grid
     t = g.tile_l0
-    for i, (x, y, tissue) in enumerate(zip(g.x.tolist(), g.y.tolist(), g.tissue.tolist(),
-                                           strict=True)):
-        x1, y1 = round(x + t, 2), round(y + t, 2)
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon",
-                         "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]},
-            "properties": {"objectType": "tile", "name": f"tile {i}",
-                           "classification": {"name": "Tile", "color": list(TILE_RGB)},
-                           "tile_index": i, "tissue": round(tissue, 4)},
-        })
-    return {"type": "FeatureCollection", "features": features}
+    tiles = [
+        f'{{"type":"Feature","geometry":{{"type":"Polygon","coordinates":[[[{x},{y}],'
+        f'[{_num(x + t)},{y}],[{_num(x + t)},{_num(y + t)}],[{x},{_num(y + t)}],[{x},{y}]]]}},'
+        f'"properties":{{"objectType":"tile","name":"tile {i}",'
+        f'"measurements":{{"tile_index":{i},"tissue":{tissue:.4f}}}}}}}'
+        for i, (x, y, tissue) in enumerate(zip(g.x.tolist(), g.y.tolist(), g.tissue.tolist(),
+                                               strict=True))]
+    return ('{"type":"FeatureCollection","features":[' + ",".join([*regions, *tiles])
+            + "]}").encode()
+
+
+def _num(v: float) -> str:
+    """A level-0 coordinate as JSON: whole numbers without a fraction, others to 0.01 px."""
+    r = round(v, 2)
+    return str(int(r)) if r == int(r) else repr(r)
 
 
 def _closed(ring: np.ndarray) -> list[list[float]]:
     pts = [[round(float(x), 1), round(float(y), 1)] for x, y in ring]
     return [*pts, pts[0]]
-
-
-def geojson_bytes(p: Preview, slide_id: str) -> bytes:
-    return json.dumps(geojson(p, slide_id), separators=(",", ":")).encode()

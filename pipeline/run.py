@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ConfigError, JobConfig, TilingConfig
+from pipeline.handoff import ERROR, ERROR_STAGE, META, MODELS_COLUMN, SLIDE_ID, TilingMeta
 from pipeline.lease import Lease
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.models import registry
@@ -58,7 +59,15 @@ from pipeline.slide_encode import SlideEncoderStage, get_slide_model
 from pipeline.storage import RetryPolicy, join
 from pipeline.tiling import tile_slides
 from pipeline.unsaved import UnsavedRecords, keep, recover, unsaved_root
-from pipeline.writer import SinkWriter, SlideResult, WriterTask, route_to_writers, unpack, writer_of
+from pipeline.writer import (
+    RESULT,
+    SinkWriter,
+    SlideResult,
+    WriterTask,
+    route_to_writers,
+    unpack,
+    writer_of,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -145,9 +154,9 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
     if cfg.ray.object_store_budget_gb:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=int(cfg.ray.object_store_budget_gb * 2**30))
-    items = [{"slide_id": t.entry.slide_id, "uri": t.entry.uri,
+    items = [{SLIDE_ID: t.entry.slide_id, "uri": t.entry.uri,
               "mpp": t.entry.mpp if t.entry.mpp is not None else float("nan"),
-              "models": ",".join(t.models), "cohort": t.entry.cohort,
+              MODELS_COLUMN: ",".join(t.models), "cohort": t.entry.cohort,
               # the bytes tiled must be these (pipeline.storage.staged_slide checks)
               "fingerprint": str(t.fingerprint)} for t in tasks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -162,8 +171,8 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
     if cfg.ray.tiling_concurrency:
         tiler_args["compute"] = TaskPoolStrategy(size=cfg.ray.tiling_concurrency)
     ds = ds.map_batches(tile_slides, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"tiling": tiling.model_dump(),
-                                   "storage": cfg.storage.model_dump(), "output": cfg.output},
+                        fn_kwargs={"tiling": tiling, "storage": cfg.storage,
+                                   "output": cfg.output},
                         **tiler_args)
     active = [m for m in cfg.models if any(m.id in t.models for t in tasks)]
     routing = routing_encoder()
@@ -172,11 +181,9 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
         enc_args: dict[str, Any] = {"num_cpus": cfg.ray.encoder_cpus,
                                     "num_gpus": placement.gpus[m.id]}
         enc_args.update(on_nodes_labelled(cfg.ray.encoder_resource))
-        model_cfg = m.model_dump()
-        model_cfg["cpu_threads"] = max(1, math.ceil(cfg.ray.encoder_cpus))
-        kwargs: dict[str, Any] = {"model_cfg": model_cfg,
-                                  "weights": asdict(plan.weights[m.id]),
-                                  "storage_cfg": cfg.storage.model_dump(), "drop_tiles": last}
+        kwargs: dict[str, Any] = {"model": m, "weights": plan.weights[m.id],
+                                  "storage": cfg.storage, "drop_tiles": last,
+                                  "threads": max(1, math.ceil(cfg.ray.encoder_cpus))}
         if last:
             kwargs["writers"] = writers
         ds = ds.map_batches(
@@ -218,7 +225,7 @@ def start_slide_encoders(cfg: JobConfig, plan: Plan, placement: Placement
                                 "num_cpus": 0}
         opts.update(on_nodes_labelled(cfg.ray.encoder_resource))
         actors[m] = ray.remote(SlideEncoderStage).options(**opts).remote(
-            s.model_dump(), asdict(plan.weights[s.id]), cfg.storage.model_dump())
+            s, plan.weights[s.id], cfg.storage)
     return actors
 
 
@@ -239,7 +246,7 @@ def start_writers(cfg: JobConfig, tasks: list[SlideTask], slide_actors: dict[str
     opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
     opts.update(on_nodes_labelled(cfg.sink.writer_resource))
     actor = ray.remote(SinkWriter).options(**opts)
-    return [actor.remote(cfg.output, cfg.storage.model_dump(), cfg.sink.embedding_dtype,
+    return [actor.remote(cfg.output, cfg.storage, cfg.sink.embedding_dtype,
                          shard, {m: a for m, a in slide_actors.items()}) for shard in shards]
 
 
@@ -305,16 +312,16 @@ class Coordinator:
         if self.first_batch is None:
             self.first_batch = {"at": time.time(), "rows": len(batch["slide_id"])}
         tiling, tasks = self.passes[pid]
-        for sid, err, stage, meta, result in zip(batch["slide_id"], batch["error"],
-                                                 batch["error_stage"], batch["meta"],
-                                                 batch["result"], strict=True):
+        for sid, err, stage, meta, result in zip(batch[SLIDE_ID], batch[ERROR],
+                                                 batch[ERROR_STAGE], batch[META],
+                                                 batch[RESULT], strict=True):
             sid = str(sid)
             if sid in self.done[pid]:
                 continue  # a retried task re-delivered a slide already handled
             task = tasks[sid]
             if err:
-                shown = json.loads(meta) if meta else {}
-                self._fail(pid, task, str(stage), str(err), preview=shown)
+                self._fail(pid, task, str(stage), str(err),
+                           tiled=TilingMeta.decode(meta) if meta else None)
                 continue
             res = unpack(result)
             if res is not None and res.error:
@@ -364,36 +371,35 @@ class Coordinator:
                 log.warning("could not update the run record's progress: %s", err)
 
     def _fail(self, pid: int, task: SlideTask, stage: str, reason: str,
-              model: str | None = None, preview: dict[str, Any] | None = None) -> None:
-        """Error rows of one slide, one per model; ``preview``: its tiling meta, which names
-        the preview files when the slide got as far as its thumbnail."""
-        e, shown = task.entry, preview or {}
+              model: str | None = None, tiled: TilingMeta | None = None) -> None:
+        """Error rows of one slide, one per model; ``tiled`` names its preview files when
+        the slide got as far as its thumbnail."""
+        e = task.entry
         for m in (model.split(",") if model else task.models):  # one model per row
             self.errors.append(error_row(slide_id=e.slide_id, uri=e.uri, cohort=e.cohort,
                                          stage=stage, reason=reason, row=e.row, model=m,
-                                         preview_path=shown.get("preview_path"),
-                                         geojson_path=shown.get("geojson_path")))
+                                         preview_path=tiled.preview_path if tiled else None,
+                                         geojson_path=tiled.geojson_path if tiled else None))
         log.warning("slide %s failed (%s): %s", e.slide_id, stage, reason)
         self.done[pid].add(e.slide_id)
 
     def _values(self, tiling: TilingConfig, task: SlideTask, res: SlideResult, m: str
                 ) -> dict[str, Any]:
         """The slide row of tile model ``m`` (mean pooling), lineage included."""
-        e, meta = task.entry, res.meta
+        e, meta, plan = task.entry, res.meta, res.meta.plan
+        assert plan is not None  # a written slide was planned
         ref = self.plan.weights[m]
         spec = registry.get(m)
         gpu = self.use_gpu[m]
         m_cfg = next(c for c in self.cfg.models if c.id == m)
         return {
             "slide_id": e.slide_id, "uri": e.uri, "fingerprint": str(task.fingerprint),
-            "size_bytes": task.fingerprint.size, "width": meta["width"],
-            "height": meta["height"], "mpp": meta["mpp"], "mpp_source": meta["mpp_source"],
-            "vendor": meta.get("vendor"), "objective_power": meta.get("objective_power"),
-            "target_mpp": meta["target_mpp"], "tile_px": meta["tile_px"],
-            "tile_l0": meta["tile_l0"], "level": meta["level"],
-            "num_tiles": res.num_tiles, "tissue_area_mm2": meta["tissue_area_mm2"],
-            **res.qc, "preview_path": meta.get("preview_path"),
-            "geojson_path": meta.get("geojson_path"),
+            "size_bytes": task.fingerprint.size, "width": plan.width, "height": plan.height,
+            "mpp": plan.mpp, "mpp_source": plan.mpp_source, "vendor": plan.vendor,
+            "objective_power": plan.objective_power, "target_mpp": plan.target_mpp,
+            "tile_px": plan.tile_px, "tile_l0": plan.tile_l0, "level": plan.level,
+            "num_tiles": res.num_tiles, "tissue_area_mm2": plan.tissue_area_mm2,
+            **res.qc, "preview_path": meta.preview_path, "geojson_path": meta.geojson_path,
             "tile_order": TILE_ORDER, "aggregation": "mean", "layer": None,
             "source_model": m, "model_dim": spec.dim,
             "precision": (spec.precision + ("+tf32" if m_cfg.tf32 and spec.precision == "fp32"
@@ -405,7 +411,7 @@ class Coordinator:
             "tiling_hash": tiling.spec_hash(),
             "work_key": task.work_keys[m], "tiles_path": res.files[m].path,
             "code_version": code_version(), "run_id": self.run_id,
-            "tiling_started_at": _ts(meta.get("tiling_started_at", res.t_first)),
+            "tiling_started_at": _ts(meta.started_at),
             "committed_at": None, "extra": json.dumps(e.extra, default=str),
             "cohort": e.cohort,
         }
@@ -433,10 +439,10 @@ class Coordinator:
                 self._accept_slide_encoder(pid, task, m, values, res.slide_layers.get(m))
         self.uncommitted_timings.append({
             "slide_id": task.entry.slide_id, "num_tiles": res.num_tiles, "models": task.models,
-            "tiling_started_at": res.meta.get("tiling_started_at"), "last_chunk_at": res.t_last,
+            "tiling_started_at": res.meta.started_at, "last_chunk_at": res.t_last,
             "written_at": time.time(), "tiler_peak_rss_mb": res.rss_mb,
-            "tiler_node": res.meta.get("node"), "tiler_pid": res.meta.get("pid"),
-            "reader": res.meta.get("reader"), "encoder_nodes": res.encoder_nodes,
+            "tiler_node": res.meta.node, "tiler_pid": res.meta.pid,
+            "reader": res.meta.reader, "encoder_nodes": res.encoder_nodes,
         })
         self.done[pid].add(task.entry.slide_id)
         self.pending_slides += 1

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from pipeline.config import SlideEncoderConfig, StorageConfig
+
+if TYPE_CHECKING:  # torch: only the stage's actor pays for it
+    from pipeline.models.weights import WeightsRef
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +62,22 @@ def slide_layers(depth: int, extra: list[int]) -> list[int]:
 class SlideEncoderStage:
     """Holds one slide encoder on one device; called once per slide."""
 
-    def __init__(self, cfg: dict[str, Any], weights: dict[str, Any],
-                 storage_cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: SlideEncoderConfig, weights: WeightsRef,
+                 storage: StorageConfig | None = None) -> None:
         import torch
 
-        from pipeline.config import StorageConfig
         from pipeline.encode import cast_matmul_weights, select_device
         from pipeline.models.gigapath_slide import (
             GigaPathSlideEncoder,
             load_gigapath_slide_encoder,
         )
-        from pipeline.models.weights import WeightsRef, local_weights_file, random_seed
+        from pipeline.models.weights import local_weights_file, random_seed
 
         self.torch = torch
         self.cfg = cfg
-        self.spec = get_slide_model(cfg["id"])
-        self.device = select_device(cfg.get("device") or "auto")
-        ref = WeightsRef(**weights)
+        self.spec = get_slide_model(cfg.id)
+        self.device = select_device(cfg.device)
+        ref = weights
         if ref.random:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(random_seed(self.spec.id))
@@ -81,13 +85,13 @@ class SlideEncoderStage:
                 # The released encoder's LayerNorms and CLS are not at their init values;
                 # random weights still exercise every path.
         else:
-            path = local_weights_file(self.spec.id, ref, StorageConfig(**storage_cfg))
+            path = local_weights_file(self.spec.id, ref, storage or StorageConfig())
             self.model = load_gigapath_slide_encoder(path, "cpu")
         self.model = self.model.eval().to(self.device)
         if self.device.type == "cuda":  # runs under fp16 autocast: cast its weights once
             cast_matmul_weights(self.model, torch.float16)
         self.depth = len(self.model.encoder.layers)
-        self.layers = slide_layers(self.depth, list(cfg.get("layers") or []))
+        self.layers = slide_layers(self.depth, list(cfg.layers))
         bad = [layer for layer in self.layers if not 0 <= layer <= self.depth]
         if bad:
             raise ValueError(f"{self.spec.id}: layers {bad} out of range 0..{self.depth}")
@@ -103,9 +107,9 @@ class SlideEncoderStage:
             if self.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.float16):
                     out = self.model(x, c, unit, all_layers=True,
-                                     global_pool=self.cfg.get("global_pool", True))
+                                     global_pool=self.cfg.global_pool)
             else:
                 out = self.model(x, c, unit, all_layers=True,
-                                 global_pool=self.cfg.get("global_pool", True))
+                                 global_pool=self.cfg.global_pool)
         return {layer: out[f"layer_{layer}_embed"].float().cpu().numpy().astype(np.float16)
                 for layer in self.layers}

@@ -20,7 +20,6 @@ resampled at once (JPEG decode, OpenSlide and Pillow release the GIL).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -29,14 +28,30 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import openslide
 from PIL import Image
 
 from pipeline.config import StorageConfig, TilingConfig
+from pipeline.handoff import (
+    ERROR,
+    ERROR_STAGE,
+    INDEX,
+    META,
+    MODELS_COLUMN,
+    NUM_TILES,
+    RSS_MB,
+    SLIDE_ID,
+    T_CHUNK,
+    TILE_COLUMN,
+    TISSUE,
+    SlidePlan,
+    TilingMeta,
+    X,
+    Y,
+)
 from pipeline.placement import ray_node_id
 from pipeline.preview import Preview, geojson_bytes, make_preview, render_jpeg
 from pipeline.qc import QC_COLUMNS, tile_qc
@@ -91,29 +106,6 @@ READ_AHEAD = 1
 # Delivered pixels of one region in a short band: each thread's region buffers scale with
 # it (1 x 64 tiles cost ~45 MB more peak RSS on a 100k px wide slide than 1 x 27).
 REGION_BYTES = 4 << 20
-
-
-@dataclass
-class SlidePlan:
-    """Everything about a slide the sink must record (JSON-friendly via ``asdict``)."""
-
-    width: int  # level 0
-    height: int
-    mpp: float  # level-0 microns per pixel
-    mpp_source: str  # "file" or "manifest"
-    level: int  # pyramid level the tiles are read from
-    level_downsample: float
-    tile_px: int  # tile edge in delivered pixels
-    tile_l0: float  # tile edge in level-0 pixels
-    target_mpp: float
-    num_tiles: int
-    tissue_area_mm2: float
-    vendor: str | None
-    objective_power: float | None
-    upsampled: bool  # level 0 is coarser than the target: tiles are interpolated
-    # mpp of the delivered pixels: the target when resampled, the level's own mpp when it is
-    # within mpp_tolerance of the target and tiles are read without resampling.
-    read_mpp: float
 
 
 @dataclass
@@ -570,39 +562,39 @@ def _rows(slide_id: str, models: str, tiles: np.ndarray, *, x: np.ndarray, y: np
     values = (tile_qc(tiles, sharpness) if qc else
               {c: np.full(n, np.nan, np.float32) for c in QC_COLUMNS})
     return {
-        "slide_id": np.full(n, slide_id, dtype=object),
-        "tile": tiles,
-        "x": x.astype(np.int64), "y": y.astype(np.int64),
-        "tissue": tissue.astype(np.float32),
-        "index": index.astype(np.int64),
+        SLIDE_ID: np.full(n, slide_id, dtype=object),
+        TILE_COLUMN: tiles,
+        X: x.astype(np.int64), Y: y.astype(np.int64),
+        TISSUE: tissue.astype(np.float32),
+        INDEX: index.astype(np.int64),
         **values,
-        "num_tiles": np.full(n, num_tiles, np.int64),
-        "models": np.full(n, models, dtype=object),
-        "error": np.full(n, error, dtype=object),
-        "error_stage": np.full(n, stage, dtype=object),
-        "meta": metas,
-        "t_chunk": np.full(n, time.time(), np.float64),
-        "rss_mb": np.full(n, _rss_mb(), np.float32),
+        NUM_TILES: np.full(n, num_tiles, np.int64),
+        MODELS_COLUMN: np.full(n, models, dtype=object),
+        ERROR: np.full(n, error, dtype=object),
+        ERROR_STAGE: np.full(n, stage, dtype=object),
+        META: metas,
+        T_CHUNK: np.full(n, time.time(), np.float64),
+        RSS_MB: np.full(n, _rss_mb(), np.float32),
     }
 
 
-def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
-                storage: dict[str, Any], output: str | None = None
+def tile_slides(batch: dict[str, np.ndarray], *, tiling: TilingConfig,
+                storage: StorageConfig | None = None, output: str | None = None
                 ) -> Iterator[dict[str, np.ndarray]]:
     """Tile each slide of the batch; a failing slide becomes one error row, never an exception.
 
     ``output``: the lake its previews go to (none written without it)."""
     tune_worker_malloc()
-    cfg = TilingConfig(**tiling)
-    store = StorageConfig(**storage)
+    cfg = tiling
+    store = storage or StorageConfig()
     t = cfg.tile_size
     lake = Lake(output, store) if output and cfg.previews else None
     spec = cfg.spec_hash()
-    n_slides = len(batch["slide_id"])
+    n_slides = len(batch[SLIDE_ID])
     planned = batch.get("fingerprint", [None] * n_slides)
     cohorts = batch.get("cohort", ["default"] * n_slides)
     for slide_id, uri, mpp, models, expected, cohort in zip(
-            batch["slide_id"], batch["uri"], batch["mpp"], batch["models"], planned, cohorts,
+            batch[SLIDE_ID], batch["uri"], batch["mpp"], batch[MODELS_COLUMN], planned, cohorts,
             strict=True):
         expected = str(expected) if expected else None
         mpp_override = None if mpp is None or np.isnan(mpp) else float(mpp)
@@ -615,7 +607,7 @@ def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
             one = np.zeros(1, np.int64)
             return _rows(slide_id, "", np.zeros((1, t, t, 3), np.uint8), x=one, y=one,
                          tissue=np.zeros(1), index=one - 1, num_tiles=0, error=reason,
-                         stage=stage, meta=json.dumps({"tiling_started_at": started, **shown}))
+                         stage=stage, meta=TilingMeta(started, **shown).encode())
 
         def show(preview: Preview | None, slide_id: str = slide_id, cohort: str = cohort,
                  shown: dict[str, str] = shown) -> None:
@@ -631,9 +623,8 @@ def tile_slides(batch: dict[str, np.ndarray], *, tiling: dict[str, Any],
                     raise
                 show(chunks.preview)
                 chunks.preview = None  # its thumbnail is not needed while tiles are read
-                meta = json.dumps({**asdict(plan), "tiling_started_at": started,
-                                   "node": ray_node_id(), "pid": os.getpid(),
-                                   "reader": chunks.reader, **shown})
+                meta = TilingMeta(started, plan, ray_node_id(), os.getpid(), chunks.reader,
+                                  **shown).encode()
                 held = None  # the last chunk waits for the check below: without it the
                 for chunk in chunks:  # slide is incomplete and its writer never writes it
                     if held is not None:

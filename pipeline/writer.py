@@ -11,7 +11,6 @@ retried task), then write it. Capacity grows with the number of writers (``sink.
 
 from __future__ import annotations
 
-import json
 import pickle
 import zlib
 from dataclasses import dataclass, field
@@ -20,8 +19,25 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.columns import EMB_PREFIX, NODE_PREFIX, embedding_column, node_column
 from pipeline.config import StorageConfig
+from pipeline.handoff import (
+    ERROR,
+    ERROR_STAGE,
+    INDEX,
+    META,
+    NUM_TILES,
+    RSS_MB,
+    SLIDE_ID,
+    T_CHUNK,
+    TISSUE,
+    WRITER_COLUMNS,
+    TilingMeta,
+    X,
+    Y,
+    embedding_column,
+    is_encoder_column,
+    node_column,
+)
 from pipeline.qc import QC_COLUMNS, slide_summary
 from pipeline.sink import Lake, TilesFile, embedding_array, tiles_schema
 
@@ -42,7 +58,7 @@ class SlideResult:
 
     slide_id: str
     num_tiles: int
-    meta: dict[str, Any]
+    meta: TilingMeta
     files: dict[str, TilesFile]
     means: dict[str, np.ndarray]                 # model -> (D,) float32 mean of its tiles
     slide_layers: dict[str, dict[int, np.ndarray] | str] = field(default_factory=dict)
@@ -66,17 +82,17 @@ class SlideBuffer:
         self.qc = {c: np.full(n, np.nan, np.float32) for c in QC_COLUMNS}
         self.received = np.zeros(n, bool)
         self.emb: dict[str, np.ndarray] = {}
-        self.meta: dict[str, Any] = {}
+        self.meta: TilingMeta | None = None  # from the slide's first row
         self.t_first, self.t_last, self.rss_mb = float("inf"), 0.0, 0.0
         self.encoder_nodes: dict[str, set[str]] = {}
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
-        idx = batch["index"]
+        idx = batch[INDEX]
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_tiles):
             raise ValueError(f"{self.slide_id}: tile index out of range")
-        self.x[idx] = batch["x"]
-        self.y[idx] = batch["y"]
-        self.tissue[idx] = batch["tissue"]
+        self.x[idx] = batch[X]
+        self.y[idx] = batch[Y]
+        self.tissue[idx] = batch[TISSUE]
         for c in QC_COLUMNS:
             self.qc[c][idx] = batch[c]
         for m in self.models:
@@ -88,30 +104,38 @@ class SlideBuffer:
             if nodes is not None:
                 self.encoder_nodes.setdefault(m, set()).update(str(n) for n in nodes)
         self.received[idx] = True
-        for meta in batch["meta"]:
+        for meta in batch[META]:
             if meta:
-                self.meta.update(json.loads(meta))
-        t = batch["t_chunk"]
+                self.meta = TilingMeta.decode(meta)
+        t = batch[T_CHUNK]
         self.t_first = min(self.t_first, float(t.min()))
         self.t_last = max(self.t_last, float(t.max()))
-        self.rss_mb = max(self.rss_mb, float(batch["rss_mb"].max()))
+        self.rss_mb = max(self.rss_mb, float(batch[RSS_MB].max()))
 
     @property
     def complete(self) -> bool:
-        return bool(self.received.all())
+        return bool(self.received.all()) and self.meta is not None
+
+    @property
+    def tiling(self) -> TilingMeta:
+        if self.meta is None:
+            raise ValueError(f"{self.slide_id}: no tiling meta among the slide's rows")
+        return self.meta
 
     def tiles_table(self, model: str, work_key: str, dtype: str) -> pa.Table:
-        m, n = self.meta, self.num_tiles
+        plan, n = self.tiling.plan, self.num_tiles
+        if plan is None:
+            raise ValueError(f"{self.slide_id}: tiles without a plan")
         emb = self.emb[model]
         return pa.Table.from_arrays([
             pa.array([self.slide_id] * n, pa.string()),
             pa.array(np.arange(n, dtype=np.int32)),
             pa.array(self.x), pa.array(self.y),
-            pa.array(np.full(n, m["tile_px"], np.int32)),
-            pa.array(np.full(n, m["tile_l0"], np.float32)),
-            pa.array(np.full(n, m["read_mpp"], np.float32)),
-            pa.array(np.full(n, m["level"], np.int16)),
-            pa.array(np.full(n, m["mpp"] * m["level_downsample"], np.float32)),
+            pa.array(np.full(n, plan.tile_px, np.int32)),
+            pa.array(np.full(n, plan.tile_l0, np.float32)),
+            pa.array(np.full(n, plan.read_mpp, np.float32)),
+            pa.array(np.full(n, plan.level, np.int16)),
+            pa.array(np.full(n, plan.level_mpp, np.float32)),
             pa.array(self.tissue),
             # NaN (tiling.qc off) is stored as null: a filter on it then keeps no guess
             *(pa.array(self.qc[c], from_pandas=True) for c in QC_COLUMNS),
@@ -129,9 +153,9 @@ class SlideBuffer:
 class SinkWriter:
     """A Ray actor: buffers the slides it owns and writes each one's tiles once complete."""
 
-    def __init__(self, output: str, storage: dict[str, Any], embedding_dtype: str,
+    def __init__(self, output: str, storage: StorageConfig, embedding_dtype: str,
                  tasks: dict[str, WriterTask], slide_actors: dict[str, Any] | None = None):
-        self.lake = Lake(output, StorageConfig(**storage), embedding_dtype)
+        self.lake = Lake(output, storage, embedding_dtype)
         self.tasks = tasks
         self.slide_actors = slide_actors or {}
         self.buffers: dict[str, SlideBuffer] = {}
@@ -160,7 +184,7 @@ class SinkWriter:
                     m, task.cohort, slide_id, task.work_keys[m],
                     buf.tiles_table(m, task.work_keys[m], self.lake.embedding_dtype))
             except Exception as err:  # noqa: BLE001 - this slide fails, not the job
-                return SlideResult(slide_id, buf.num_tiles, buf.meta, {}, {},
+                return SlideResult(slide_id, buf.num_tiles, buf.tiling, {}, {},
                                    error=f"{type(err).__name__}: {err}")
             means[m] = buf.mean_embedding(m)
             actor = self.slide_actors.get(m)
@@ -173,7 +197,7 @@ class SinkWriter:
                     layers[m] = ray.get(actor.__call__.remote(buf.emb[m], coords))
                 except Exception as err:  # noqa: BLE001 - this slide's failure, not the job's
                     layers[m] = f"{type(err).__name__}: {err}"
-        return SlideResult(slide_id, buf.num_tiles, buf.meta, files, means, layers,
+        return SlideResult(slide_id, buf.num_tiles, buf.tiling, files, means, layers,
                            buf.t_first, buf.t_last, buf.rss_mb,
                            {m: sorted(n) for m, n in buf.encoder_nodes.items()},
                            buf.qc_summary())
@@ -182,46 +206,46 @@ class SinkWriter:
         return sorted(self.buffers)
 
 
+RESULT = "result"  # the pickled SlideResult of a written slide, in the coordinator's rows
+
+
 def writer_of(slide_id: str, n: int) -> int:
     return zlib.crc32(slide_id.encode()) % n
-
-
-_PASS_THROUGH = ("index", "x", "y", "tissue", *QC_COLUMNS, "meta", "t_chunk", "rss_mb")
 
 
 def route_to_writers(batch: dict[str, np.ndarray], *, writers: list[Any]) -> dict[str, np.ndarray]:
     """Send each slide's rows to the writer that owns it; emit one metadata row per slide."""
     import ray
 
-    ids = batch["slide_id"]
+    ids = batch[SLIDE_ID]
     out_ids, errors, stages, metas, futures = [], [], [], [], []
-    emb_cols = [c for c in batch if c.startswith((EMB_PREFIX, NODE_PREFIX))]
+    emb_cols = [c for c in batch if is_encoder_column(c)]
     for sid in np.unique(ids):
         sid = str(sid)
         rows = np.nonzero(ids == sid)[0]
         # A slide that failed mid-way has tile rows and then its error row: the error wins.
-        failed = [r for r in rows if batch["error"][r]]
+        failed = [r for r in rows if batch[ERROR][r]]
         first = failed[0] if failed else rows[0]
-        err = str(batch["error"][first])
+        err = str(batch[ERROR][first])
         out_ids.append(sid)
         errors.append(err)
-        stages.append(str(batch["error_stage"][first]))
-        metas.append(str(batch["meta"][first]))  # an error row names its preview
+        stages.append(str(batch[ERROR_STAGE][first]))
+        metas.append(str(batch[META][first]))  # an error row's own: it names its preview
         if err:
             futures.append(None)
             continue
-        sub = {c: batch[c][rows] for c in (*_PASS_THROUGH, *emb_cols)}
+        sub = {c: batch[c][rows] for c in (*WRITER_COLUMNS, *emb_cols)}
         w = writers[writer_of(sid, len(writers))]
-        futures.append(w.add.remote(sid, int(batch["num_tiles"][rows[0]]), sub))
+        futures.append(w.add.remote(sid, int(batch[NUM_TILES][rows[0]]), sub))
     refs = [f for f in futures if f is not None]
     got = iter(ray.get(refs)) if refs else iter(())
     results = [next(got) if f is not None else None for f in futures]
     return {
-        "slide_id": np.array(out_ids, dtype=object),
-        "error": np.array(errors, dtype=object),
-        "error_stage": np.array(stages, dtype=object),
-        "meta": np.array(metas, dtype=object),
-        "result": np.array([r if r is not None else b"" for r in results], dtype=object),
+        SLIDE_ID: np.array(out_ids, dtype=object),
+        ERROR: np.array(errors, dtype=object),
+        ERROR_STAGE: np.array(stages, dtype=object),
+        META: np.array(metas, dtype=object),
+        RESULT: np.array([r if r is not None else b"" for r in results], dtype=object),
     }
 
 

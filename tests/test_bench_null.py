@@ -182,8 +182,8 @@ def test_tile_encoder_actor_class() -> None:
     ref = resolve_weights(ModelConfig(id="bench-null", weights="random"), StorageConfig())
     threads = torch.get_num_threads()
     try:
-        enc = encode.TileEncoder({"id": "bench-null", "device": "cpu", "cpu_threads": 1},
-                                 dataclasses.asdict(ref), {}, drop_tiles=True)
+        enc = encode.TileEncoder(ModelConfig(id="bench-null", weights="random", device="cpu"),
+                                 ref, drop_tiles=True, threads=1)
     finally:
         torch.set_num_threads(threads)  # the actor sets it process-wide
     tiles = random_tiles(3)

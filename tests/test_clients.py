@@ -24,7 +24,6 @@ Spark (``-m spark``) reads the Parquet files the Delta snapshot lists (no delta-
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -35,8 +34,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
+from rowkit import PLAN, meta_column
 
-from pipeline.encode import embedding_column
+from pipeline.handoff import embedding_column
 from pipeline.qc import QC_COLUMNS
 from pipeline.sink import (
     Lake,
@@ -58,9 +58,6 @@ COHORT = {s: c for c, ids in SLIDES.items() for s in ids}
 NUM_TILES = {"A-0": 3, "A-1": 5, "B-0": 2, "B 1/rescan": 4}
 ORPHAN_SLIDE = "A-orphan"  # kaiko-vits16: tiles committed, no slides row
 RERUN_SLIDE = "B-0"        # kaiko-vitb16: a re-run's tiles committed, its slides row not
-META = {"tile_px": 224, "tile_l0": 448.0, "target_mpp": 0.5, "level": 0, "mpp": 0.25,
-        "level_downsample": 1.0, "read_mpp": 0.5, "width": 2048, "height": 1024,
-        "mpp_source": "tiff", "tissue_area_mm2": 1.5}
 
 
 @dataclass
@@ -87,7 +84,7 @@ def buffer(model: str, slide_id: str, emb: np.ndarray) -> SlideBuffer:
     buf.add({"index": idx, "x": idx * 448, "y": idx * 448 + 1,
              "tissue": np.linspace(0.5, 1.0, n, dtype=np.float32), embedding_column(model): emb,
              **{c: np.full(n, 0.1, np.float32) for c in QC_COLUMNS},
-             "meta": np.array([json.dumps(META)] + [""] * (n - 1), dtype=object),
+             "meta": meta_column(n),
              "t_chunk": np.full(n, 1.0), "rss_mb": np.full(n, 100.0, np.float32)})
     assert buf.complete
     return buf
@@ -122,8 +119,9 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Written:
                              "num_tiles": len(emb), "aggregation": "mean",
                              "source_model": model, "model_dim": dim, "work_key": key,
                              "tiles_path": f.path, "run_id": "run-1", "committed_at": now(),
-                             **{k: META[k] for k in ("width", "height", "mpp", "tile_px",
-                                                     "tile_l0", "level", "target_mpp")}})
+                             **{k: getattr(PLAN, k) for k in ("width", "height", "mpp",
+                                                              "tile_px", "tile_l0", "level",
+                                                              "target_mpp")}})
                 means.append(buf.mean_embedding(model))
                 out.tiles[model][sid], out.slides[model][sid] = emb, means[-1]
                 out.work_keys[model][sid] = key

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ def real_tiles(size: int = 224) -> np.ndarray:
 def encoder() -> TileEncoder:
     cfg = ModelConfig(id="kaiko-vits16", weights="random", device="cpu")
     ref = resolve_weights(cfg, StorageConfig())
-    return TileEncoder(cfg.model_dump(), dataclasses.asdict(ref), StorageConfig().model_dump())
+    return TileEncoder(cfg, ref, StorageConfig())
 
 
 def test_embedding_column() -> None:
@@ -102,7 +101,7 @@ def test_encoder_end_to_end_on_real_tiles(encoder: TileEncoder) -> None:
 def test_encoder_is_deterministic_across_actors(encoder: TileEncoder) -> None:
     cfg = ModelConfig(id="kaiko-vits16", weights="random", device="cpu")
     ref = resolve_weights(cfg, StorageConfig())
-    other = TileEncoder(cfg.model_dump(), dataclasses.asdict(ref), {})
+    other = TileEncoder(cfg, ref)
     batch = {"tile": real_tiles()[:2], "models": np.array(["kaiko-vits16"] * 2, dtype=object)}
     col = embedding_column("kaiko-vits16")
     np.testing.assert_array_equal(encoder(batch)[col], other(batch)[col])
@@ -141,10 +140,10 @@ def test_device_selection_without_gpu(caplog) -> None:
 
 def test_cpu_threads_defaults(monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert encode.cpu_threads({"cpu_threads": 3}) == 3
-    assert encode.cpu_threads({}) >= 1
+    assert encode.cpu_threads(3) == 3
+    assert encode.cpu_threads() >= 1
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert encode.cpu_threads({}) == 2
+    assert encode.cpu_threads() == 2 and encode.cpu_threads(3) == 3
 
 
 # ---- micro-batching and the pinned staging ring ---------------------------------------------

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.preview import MAX_BYTES, MAX_SIDE, MIN_SIDE, geojson, make_preview, render_jpeg
+from pipeline.preview import (
+    MAX_BYTES,
+    MAX_SIDE,
+    MIN_SIDE,
+    _jpeg_within_budget,
+    geojson,
+    make_preview,
+    render_jpeg,
+)
 from pipeline.qc import QC_COLUMNS, slide_summary, tile_qc
 from pipeline.tissue import plan_grid
 
@@ -57,7 +65,8 @@ def test_geojson_has_regions_with_holes_and_every_tile_in_level0_pixels(donut) -
     for i, f in enumerate(squares):
         (x0, y0), _, (x1, y1), *_ = f["geometry"]["coordinates"][0]
         assert (x0, y0) == (grid.x[i], grid.y[i]) and x1 - x0 == y1 - y0 == 1000
-        assert f["properties"]["tile_index"] == i
+        assert f["properties"]["measurements"] == {
+            "tile_index": i, "tissue": pytest.approx(float(grid.tissue[i]), abs=1e-4)}
 
 
 def test_preview_jpeg_shows_kept_tiles_and_stays_small(donut) -> None:
@@ -75,13 +84,20 @@ def test_preview_jpeg_shows_kept_tiles_and_stays_small(donut) -> None:
 
 
 def test_large_thumbnails_are_downscaled_and_budgeted() -> None:
-    rng = np.random.default_rng(0)
-    thumb = rng.integers(0, 255, (3000, 2400, 3), dtype=np.uint8)  # noise: the worst case
+    """A thumbnail of tissue everywhere (real H&E tiles, mosaicked) fits the budget at the
+    full preview size; pure noise (no slide looks like it) only at a smaller size."""
+    thumb = np.tile(np.concatenate([real_tile("tiatoolbox_kather1.tif"),
+                                    real_tile("tiatoolbox_kather2.tif")], axis=1),
+                    (14, 6, 1))[:3000, :2400]
     mask = np.ones((3000, 2400), bool)
     grid = plan_grid(mask, 300_000, 240_000, tile_l0=800.0, min_tissue=0.25, mpp0=0.25)
     p = make_preview(thumb, mask, grid, 300_000, 240_000)
     assert max(p.image.shape[:2]) == MAX_SIDE
-    assert len(render_jpeg(p)) <= MAX_BYTES
+    data = render_jpeg(p)
+    assert len(data) <= MAX_BYTES and max(Image.open(io.BytesIO(data)).size) == MAX_SIDE
+    noise = np.random.default_rng(0).integers(0, 255, (1024, 820, 3), dtype=np.uint8)
+    data = _jpeg_within_budget(noise)
+    assert len(data) <= MAX_BYTES and max(Image.open(io.BytesIO(data)).size) < MAX_SIDE
 
 
 def test_no_tissue_preview_is_the_thumbnail_alone() -> None:

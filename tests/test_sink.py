@@ -3,14 +3,15 @@ kill, replacement without duplicates, compaction, orphans invisible, buffering."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
+from rowkit import meta_column
 
+from pipeline.handoff import embedding_column
 from pipeline.qc import QC_COLUMNS
 from pipeline.sink import (
     SLIDES,
@@ -26,8 +27,6 @@ from pipeline.sink import (
 )
 from pipeline.writer import SlideBuffer
 
-META = {"tile_px": 224, "tile_l0": 448.0, "target_mpp": 0.5, "level": 0, "mpp": 0.25,
-        "level_downsample": 1.0, "read_mpp": 0.5}
 DIM = 4
 
 
@@ -39,7 +38,7 @@ def batch(idx: list[int], value: float | None = None) -> dict[str, np.ndarray]:
         emb[:] = value
     return {"index": i, "x": i * 10, "y": i * 20, "tissue": np.full(n, 0.5, np.float32),
             **{c: np.full(n, 0.1, np.float32) for c in QC_COLUMNS},
-            "emb__m": emb, "meta": np.array([json.dumps(META)] + [""] * (n - 1), dtype=object),
+            embedding_column("m"): emb, "meta": meta_column(n),
             "t_chunk": np.full(n, 1.0), "rss_mb": np.full(n, 100.0, np.float32)}
 
 
@@ -148,7 +147,7 @@ def test_readers_refuse_mixed_widths_without_a_model(tmp_path: Path) -> None:
     commit(lake, "a", "c1", "k1")
     wide = SlideBuffer("a", 2, ("w",))
     b = batch([0, 1])
-    b["emb__w"] = np.ones((2, 8), np.float16)
+    b[embedding_column("w")] = np.ones((2, 8), np.float16)
     wide.add(b)
     f = lake.write_tiles("w", "c1", "a", "kw", wide.tiles_table("w", "kw", "float32"))
     lake.commit_tiles("w", 8, [f])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +51,7 @@ def test_gigapath_slide_embeddings_from_a_job(tmp_path: Path) -> None:
     tiles = read_tiles(out, model="gigapath")
     weights = resolve_weights(SlideEncoderConfig(**slide_cfg), StorageConfig(),
                               spec=get_slide_model("gigapath-slide"))
-    stage = SlideEncoderStage({"id": "gigapath-slide", **slide_cfg, "device": "cpu"},
-                              asdict(weights), {})
+    stage = SlideEncoderStage(SlideEncoderConfig(**slide_cfg, device="cpu"), weights)
     for sid in ("a", "b"):
         t = tiles.filter(pc.equal(tiles["slide_id"], sid)).sort_by("tile_index")
         coords = np.stack([np.array(t["x"]), np.array(t["y"])], axis=1)

@@ -432,8 +432,7 @@ def test_a_slide_changed_after_planning_fails_as_changed(tmp_path: Path) -> None
     planned = str(fingerprint(LocalFileSystem(), str(path)))
     _rewrite(Path(path))
     cfg = TilingConfig(mpp=0.5, tile_size=224, chunk_tiles=8)
-    (row,) = list(tile_slides(_batch(path, planned), tiling=cfg.model_dump(),
-                              storage=StorageConfig().model_dump()))
+    (row,) = list(tile_slides(_batch(path, planned), tiling=cfg, storage=StorageConfig()))
     assert row["error_stage"][0] == "changed"
     assert "changed during the run (before tiling)" in row["error"][0]
     assert planned in row["error"][0]
@@ -443,11 +442,11 @@ def test_a_slide_changed_while_tiled_never_completes(tmp_path: Path) -> None:
     path = Path(shutil.copy(CMU_SMALL, tmp_path / "s.svs"))
     cfg = TilingConfig(mpp=0.5, tile_size=224, chunk_tiles=8)
     planned = str(fingerprint(LocalFileSystem(), str(path)))
-    store = StorageConfig().model_dump()
-    whole = list(tile_slides(_batch(path, planned), tiling=cfg.model_dump(), storage=store))
+    store = StorageConfig()
+    whole = list(tile_slides(_batch(path, planned), tiling=cfg, storage=store))
     assert len(whole) > 2 and not any(r["error"][0] for r in whole)
 
-    rows = tile_slides(_batch(path, planned), tiling=cfg.model_dump(), storage=store)
+    rows = tile_slides(_batch(path, planned), tiling=cfg, storage=store)
     first = next(rows)
     _rewrite(path)  # replaced while its first chunk is on its way
     rest = list(rows)

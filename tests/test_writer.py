@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_sink import META
+from rowkit import meta_column
 
 from pipeline.config import StorageConfig
+from pipeline.handoff import embedding_column, node_column
 from pipeline.qc import QC_COLUMNS
 from pipeline.sink import read_tiles
 from pipeline.writer import SinkWriter, WriterTask, route_to_writers, unpack, writer_of
@@ -23,8 +23,8 @@ def rows(sid: str, idx: list[int], n: int, error: str = "") -> dict[str, np.ndar
     return {"slide_id": np.full(k, sid, object), "index": i, "x": i * 10, "y": i,
             "tissue": np.ones(k, np.float32), "num_tiles": np.full(k, n),
             **{c: np.full(k, 0.1, np.float32) for c in QC_COLUMNS},
-            "emb__m": np.full((k, 4), 0.5, np.float16), "node__m": np.full(k, "n1", object),
-            "meta": np.array([json.dumps(META)] + [""] * (k - 1), object),
+            embedding_column("m"): np.full((k, 4), 0.5, np.float16),
+            node_column("m"): np.full(k, "n1", object), "meta": meta_column(k),
             "t_chunk": np.ones(k), "rss_mb": np.ones(k, np.float32),
             "error": np.full(k, error, object), "error_stage": np.full(k, "read" if error else "",
                                                                       object)}
@@ -40,7 +40,7 @@ def test_routing_mid_slide_failure_and_redelivery(tmp_path: Path) -> None:
     tasks = {s: WriterTask("c", ("m",), {"m": f"key-{s}"}) for s in ("ok", "broken")}
     n = 2
     shards = [{s: t for s, t in tasks.items() if writer_of(s, n) == w} for w in range(n)]
-    writers = [ray.remote(SinkWriter).remote(str(tmp_path), StorageConfig().model_dump(),
+    writers = [ray.remote(SinkWriter).remote(str(tmp_path), StorageConfig(),
                                              "float32", shard) for shard in shards]
     first = route_to_writers(cat(rows("ok", [0, 1], 3), rows("broken", [0], 2)),
                              writers=writers)
