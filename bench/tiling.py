@@ -46,7 +46,7 @@ from pipeline.config import TilingConfig  # noqa: E402
 from pipeline.preview import geojson_bytes, render_jpeg  # noqa: E402
 from pipeline.qc import tile_qc  # noqa: E402
 from pipeline.tiffread import open_tiff_reader  # noqa: E402
-from pipeline.tiling import _plan, tile_slide  # noqa: E402
+from pipeline.tiling import _plan, slide_geometry, tile_slide  # noqa: E402
 
 
 def _timed(fn: Callable[[], int]) -> dict[str, float]:
@@ -117,7 +117,7 @@ def bench_qc(name: str, repeats: int) -> dict[str, Any]:
 def tissue_grid(path: Path, cfg: TilingConfig) -> tuple[Any, np.ndarray, np.ndarray]:
     """The plan and level-0 corners of the kept tiles, without reading tile pixels."""
     with openslide.OpenSlide(str(path)) as slide:
-        plan, grid, _, _, _ = _plan(slide, str(path), None, cfg)
+        plan, grid, _ = _plan(slide, str(path), slide_geometry(slide, None, cfg), cfg)
     return plan, grid.x, grid.y
 
 

@@ -398,6 +398,7 @@ class Coordinator:
             "mpp": plan.mpp, "mpp_source": plan.mpp_source, "vendor": plan.vendor,
             "objective_power": plan.objective_power, "target_mpp": plan.target_mpp,
             "tile_px": plan.tile_px, "tile_l0": plan.tile_l0, "level": plan.level,
+            "upsampled": plan.upsampled,
             "num_tiles": res.num_tiles, "tissue_area_mm2": plan.tissue_area_mm2,
             **res.qc, "preview_path": meta.preview_path, "geojson_path": meta.geojson_path,
             "tile_order": TILE_ORDER, "aggregation": "mean", "layer": None,

@@ -109,6 +109,7 @@ def slides_schema(dim: int, dtype: str = "float32") -> pa.Schema:
         ("tile_px", pa.int32()),
         ("tile_l0", pa.float64()),
         ("level", pa.int16()),
+        ("upsampled", pa.bool_()),        # level 0 is coarser than target_mpp: interpolated
         ("num_tiles", pa.int64()),
         ("tissue_area_mm2", pa.float64()),
         ("qc_background", pa.float64()),  # mean of the tiles' values

@@ -171,25 +171,6 @@ def level_mpps(slide: openslide.OpenSlide, mpp0: float) -> list[float]:
     return [mpp0 * float(ds) for ds in slide.level_downsamples]
 
 
-def choose_level(slide: openslide.OpenSlide, mpp0: float, target_mpp: float,
-                 tolerance: float) -> int:
-    """Coarsest level still at least as fine as the target (within tolerance).
-
-    Reading the coarsest such level decodes the fewest pixels while only ever downsampling.
-    When even level 0 is coarser than the target, level 0 is returned and the caller upsamples
-    (see :func:`needs_upsampling`).
-    """
-    limit = target_mpp * (1.0 + tolerance)
-    mpps = level_mpps(slide, mpp0)
-    fine_enough = [i for i, mpp in enumerate(mpps) if mpp <= limit]
-    return max(fine_enough, key=lambda i: mpps[i]) if fine_enough else 0
-
-
-def needs_upsampling(mpp0: float, target_mpp: float, tolerance: float) -> bool:
-    """True when level 0 is coarser than the target: tiles are interpolated, flag it."""
-    return mpp0 > target_mpp * (1.0 + tolerance)
-
-
 def vendor(slide: openslide.OpenSlide) -> str | None:
     """Format name OpenSlide detected (aperio, generic-tiff, hamamatsu, ...)."""
     return slide.properties.get(openslide.PROPERTY_NAME_VENDOR)

@@ -35,6 +35,7 @@ import openslide
 from PIL import Image
 
 from pipeline.config import StorageConfig, TilingConfig
+from pipeline.geometry import ReadGeometry, read_geometry
 from pipeline.handoff import (
     ERROR,
     ERROR_STAGE,
@@ -60,8 +61,6 @@ from pipeline.slides import (
     OpenSlideReader,
     RegionReader,
     SlideError,
-    choose_level,
-    needs_upsampling,
     objective_power,
     open_slide,
     read_resampled,
@@ -86,8 +85,6 @@ from pipeline.tissue import (
     TileGrid,
     plan_grid,
     read_thumbnail,
-    thumbnail_level,
-    thumbnail_size,
     tissue_mask,
 )
 
@@ -197,19 +194,6 @@ def tune_worker_malloc() -> None:
         pass
 
 
-def _read_scale(mpp0: float, ds: float, target: float, tolerance: float) -> tuple[float, float]:
-    """(level px per delivered px, mpp of delivered px) for a level of downsample ``ds``.
-
-    A whole number k of level pixels within tolerance of the target is delivered as is
-    (k = 1: the level's own pixels; k > 1: area-averaged by k), at mpp ``k * level mpp``.
-    """
-    level_mpp = mpp0 * ds
-    k = max(1, round(target / level_mpp))
-    if abs(k * level_mpp / target - 1.0) <= tolerance:
-        return float(k), k * level_mpp
-    return target / level_mpp, target
-
-
 def tile_slide(path: str, *, mpp_override: float | None,
                cfg: TilingConfig) -> tuple[SlidePlan, TileChunks]:
     """Plan a slide and return its chunks iterator; raises ``SlideError`` before any tile read.
@@ -221,35 +205,33 @@ def tile_slide(path: str, *, mpp_override: float | None,
     slide = open_slide(path)
     closers: list[Callable[[], object]] = []
     try:
-        geo = _geometry(slide, mpp_override, cfg)
+        geo = slide_geometry(slide, mpp_override, cfg)
         # The fast reader also serves the thumbnail level when it can: planning is serial
         # work in front of every slide, and OpenSlide is the slow part of it.
-        dct = int(geo.scale) if cfg.dct_downscale and geo.scale == int(geo.scale) else 1
-        thumb_level = thumbnail_level(slide, _thumb_size(slide, geo, cfg))
-        reader, name = _reader(slide, path, geo.level, cfg.reader, dct, also=thumb_level)
+        dct = (geo.whole_scale or 1) if cfg.dct_downscale else 1
+        reader, name = _reader(slide, path, geo.level, cfg.reader, dct, also=geo.thumb_level)
         if isinstance(reader, TiffJpegReader):
             closers.append(reader.close)
         threads = cfg.threads
         pool = ThreadPoolExecutor(threads, thread_name_prefix="tiling") if threads > 1 else None
         if pool is not None:
             closers.insert(0, lambda: pool.shutdown(wait=True, cancel_futures=True))
-        plan, grid, level, scale, preview = _plan(slide, path, mpp_override, cfg,
-                                                  reader=reader, pool=pool)
+        plan, grid, preview = _plan(slide, path, geo, cfg, reader=reader, pool=pool)
     except BaseException:
         for close in closers:
             close()
         slide.close()
         raise
     if isinstance(reader, TiffJpegReader):
-        reader.seam_budget = _seam_budget(grid, scale, cfg.tile_size, reader.tile_shape(level))
-    gen = _chunks(reader, path, grid, level, scale, cfg, pool)
+        reader.seam_budget = _seam_budget(grid, geo, reader.tile_shape(geo.level))
+    gen = _chunks(reader, path, grid, geo.level, geo.scale, cfg, pool)
     chunks = TileChunks(slide, gen, tuple(closers))
     chunks.reader = name
     chunks.preview = preview
     return plan, chunks
 
 
-def _seam_budget(grid: TileGrid, scale: float, tile_px: int, file_tile: tuple[int, int]) -> int:
+def _seam_budget(grid: TileGrid, geo: ReadGeometry, file_tile: tuple[int, int]) -> int:
     """Seam-cache bytes this slide needs, at most ``SEAM_CACHE_BYTES``.
 
     A band leaves the file tiles on its lower edge for the next band: one row of file tiles
@@ -260,8 +242,8 @@ def _seam_budget(grid: TileGrid, scale: float, tile_px: int, file_tile: tuple[in
     if grid.num_tiles == 0:
         return SEAM_CACHE_BYTES
     tw, th = file_tile
-    k = int(scale) if scale == int(scale) else 1  # cached tiles are reduced by k
-    span = tile_px * scale  # level px per grid column
+    k = geo.whole_scale or 1  # cached tiles are reduced by k
+    span = geo.tile_px * geo.scale  # level px per grid column
     c0 = np.floor(grid.col * span / tw).astype(np.int64)  # file columns under each kept tile
     c1 = np.floor(((grid.col + 1) * span - 1) / tw).astype(np.int64)
     same_row = np.r_[False, grid.row[1:] == grid.row[:-1]]
@@ -297,57 +279,24 @@ def _reader(slide: openslide.OpenSlide, path: str, level: int, choice: str,
     return OpenSlideReader(slide, path), "openslide"
 
 
-@dataclass(frozen=True)
-class _Geometry:
-    """Where and how tiles are read: resolution, level and scale, before any pixel."""
-
-    mpp0: float
-    mpp_source: str
-    level: int
-    ds: float
-    scale: float  # level px per delivered px
-    read_mpp: float
-    tile_l0: float
-
-
-def _geometry(slide: openslide.OpenSlide, mpp_override: float | None,
-              cfg: TilingConfig) -> _Geometry:
+def slide_geometry(slide: openslide.OpenSlide, mpp_override: float | None,
+                   cfg: TilingConfig) -> ReadGeometry:
+    """:func:`pipeline.geometry.read_geometry` of an open slide."""
     mpp0, source = resolve_mpp(slide, mpp_override)
-    level = choose_level(slide, mpp0, cfg.mpp, cfg.mpp_tolerance)
-    ds = float(slide.level_downsamples[level])
-    scale, read_mpp = _read_scale(mpp0, ds, cfg.mpp, cfg.mpp_tolerance)
-    tile_l0 = cfg.tile_size * read_mpp / mpp0
-    if scale == int(scale):
-        tile_l0 = cfg.tile_size * scale * ds  # exact: no float drift on the grid
     width, height = slide.dimensions
-    if width < tile_l0 - 1e-6 or height < tile_l0 - 1e-6:
-        raise SlideError(
-            "too_small",
-            f"slide is {width}x{height} px at level 0 ({width * mpp0:.1f}x{height * mpp0:.1f} "
-            f"microns at {mpp0:.4g} um/px), smaller than one {cfg.tile_size} px tile at "
-            f"{read_mpp:.4g} um/px ({tile_l0:.1f} level-0 px)",
-        )
-    return _Geometry(float(mpp0), source, int(level), ds, scale, float(read_mpp),
-                     float(tile_l0))
+    return read_geometry(width, height, [float(d) for d in slide.level_downsamples], mpp0,
+                         source, cfg)
 
 
-def _thumb_size(slide: openslide.OpenSlide, geo: _Geometry,
-                cfg: TilingConfig) -> tuple[int, int]:
-    width, height = slide.dimensions
-    return thumbnail_size(width, height, geo.tile_l0, cfg.thumbnail_px_per_tile)
-
-
-def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
-          cfg: TilingConfig, *, reader: RegionReader | None = None,
-          pool: ThreadPoolExecutor | None = None
-          ) -> tuple[SlidePlan, TileGrid, int, float, Preview | None]:
-    geo = _geometry(slide, mpp_override, cfg)
-    size = _thumb_size(slide, geo, cfg)
+def _plan(slide: openslide.OpenSlide, path: str, geo: ReadGeometry, cfg: TilingConfig, *,
+          reader: RegionReader | None = None, pool: ThreadPoolExecutor | None = None
+          ) -> tuple[SlidePlan, TileGrid, Preview | None]:
     has_level = getattr(reader, "has_level", None)
-    if has_level is None or not has_level(thumbnail_level(slide, size)):
+    if has_level is None or not has_level(geo.thumb_level):
         reader = None  # OpenSlide reads the thumbnail
     try:
-        thumb = read_thumbnail(slide, size, path=path, reader=reader, pool=pool)
+        thumb = read_thumbnail(slide, geo.thumb_size, path=path, reader=reader, pool=pool,
+                               level=geo.thumb_level)
     except TiffReadError as err:
         raise SlideError("read", f"failed reading the thumbnail of {path!r}: the file is "
                                  f"corrupt or truncated ({err})") from None
@@ -355,9 +304,8 @@ def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
         if isinstance(reader, TiffJpegReader):
             reader.clear_seams()
     mask, threshold = tissue_mask(thumb)
-    width, height = slide.dimensions
-    grid = plan_grid(mask, width, height, geo.tile_l0, cfg.min_tissue, geo.mpp0)
-    preview = make_preview(thumb, mask, grid, width, height) if cfg.previews else None
+    grid = plan_grid(mask, geo.width, geo.height, geo.tile_l0, cfg.min_tissue, geo.mpp0)
+    preview = make_preview(thumb, mask, grid, geo.width, geo.height) if cfg.previews else None
     del thumb
     if grid.num_tiles == 0:
         raise SlideError(
@@ -368,15 +316,14 @@ def _plan(slide: openslide.OpenSlide, path: str, mpp_override: float | None,
             preview=preview,
         )
     plan = SlidePlan(
-        width=int(width), height=int(height), mpp=geo.mpp0, mpp_source=geo.mpp_source,
-        level=geo.level, level_downsample=geo.ds, tile_px=cfg.tile_size, tile_l0=geo.tile_l0,
-        target_mpp=float(cfg.mpp), num_tiles=grid.num_tiles,
+        width=geo.width, height=geo.height, mpp=geo.mpp0, mpp_source=geo.mpp_source,
+        level=geo.level, level_downsample=geo.level_downsample, tile_px=geo.tile_px,
+        tile_l0=geo.tile_l0, target_mpp=float(cfg.mpp), num_tiles=grid.num_tiles,
         tissue_area_mm2=float(grid.tissue_area_mm2), vendor=vendor(slide),
-        objective_power=objective_power(slide),
-        upsampled=needs_upsampling(geo.mpp0, cfg.mpp, cfg.mpp_tolerance),
+        objective_power=objective_power(slide), upsampled=geo.upsampled,
         read_mpp=geo.read_mpp,
     )
-    return plan, grid, geo.level, geo.scale, preview
+    return plan, grid, preview
 
 
 @dataclass

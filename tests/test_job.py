@@ -106,6 +106,7 @@ def test_job_outputs_follow_the_contract(slide_dir: Path, tmp_path: Path) -> Non
     assert cmu["random_weights"] is True and cmu["weights_identity"].startswith("random")
     assert json.loads(cmu["extra"]) == {"stain": "H&E"}
     assert by_id["pyr"]["level"] == 0 and by_id["pyr"]["tile_l0"] == pytest.approx(448)
+    assert not any(r["upsampled"] for r in by_id.values())  # all scanned at <= 0.5 um/px
     for sid, row in by_id.items():
         t = tiles.filter(pa.compute.equal(tiles["slide_id"], sid))
         assert t.num_rows == row["num_tiles"] > 0
