@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/transport.py [--slides 8] [--copies 4]
 
-Both run ``pipeline.tiling.tile_slides`` on an embedded local Ray with 2 CPUs over the same
+Both run ``pipeline.tiling.tiling_stage`` on an embedded local Ray with 2 CPUs over the same
 generated slides (full tissue, 0.5 um/px, 224 px tiles, 64-tile chunks). Plain tasks count the
 tiles inside the task (nothing leaves it); the Ray Data stage hands every chunk on as a block,
 as the job does, to a stage that drops the pixels at once. The ratio is the cost of Ray Data's
@@ -31,7 +31,7 @@ from cluster import make_slides  # noqa: E402
 from tiling import machine  # noqa: E402
 
 from pipeline.config import StorageConfig, TilingConfig  # noqa: E402
-from pipeline.tiling import tile_slides  # noqa: E402
+from pipeline.tiling import tiling_stage  # noqa: E402
 
 TILING = TilingConfig(mpp=0.5, tile_size=224)
 STORAGE = StorageConfig()
@@ -47,7 +47,7 @@ def plain_tasks(paths: list[str]) -> dict[str, float]:
 
     @ray.remote(num_cpus=1)
     def run(path: str) -> int:
-        return sum(len(out["tile"]) for out in tile_slides(_batch(path), tiling=TILING,
+        return sum(len(out["tile"]) for out in tiling_stage(_batch(path), tiling=TILING,
                                                               storage=STORAGE))
 
     started = time.perf_counter()
@@ -68,7 +68,7 @@ def ray_data_stage(paths: list[str]) -> dict[str, float]:
     items = [{"slide_id": f"s{i}", "uri": p, "mpp": float("nan"), "models": "m"}
              for i, p in enumerate(paths)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(tile_slides, batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(tiling_stage, batch_size=1, batch_format="numpy",
                         fn_kwargs={"tiling": TILING, "storage": STORAGE}, num_cpus=1,
                         memory=512 << 20)
     ds = ds.map_batches(_drop, batch_size=None, batch_format="numpy", num_cpus=0.1)

@@ -92,7 +92,10 @@ class TilingConfig(_Strict):
 
 
 # 2: whole-number downsampling by box averaging; near-whole scales read k x the level's mpp.
-TILING_ALGORITHM_VERSION = 2
+# 3: the tissue mask measured against ground truth (bench/tissue.py): white-balanced chroma on
+#    the stain hues instead of Otsu on HSV saturation; marker ink, dust, borders and the
+#    cover-slip edge excluded, faint tissue and fat kept. It changes which tiles slides keep.
+TILING_ALGORITHM_VERSION = 3
 
 
 def _check_weights(v: str) -> str:
@@ -188,7 +191,8 @@ class StorageConfig(_Strict):
     anon: bool = False
     profile: str | None = None
     scratch_dir: str | None = Field(None, description="local dir for staged slides (default: tmp)")
-    scratch_limit_gb: float = Field(50.0, gt=0, description="max bytes of staged slides per node")
+    # Every *_gb setting is in GiB (2**30 bytes), as Ray and Kubernetes count memory.
+    scratch_limit_gb: float = Field(50.0, gt=0, description="GiB of staged slides per node")
     retries: int = Field(40, ge=0, le=1000,
                          description="most retries of one storage call on transient errors")
     retry_budget_s: float = Field(
@@ -235,9 +239,10 @@ class RayConfig(_Strict):
     tiler_resource: str | None = Field(None, description="custom resource tiling tasks require")
     encoder_resource: str | None = Field(None, description="custom resource encoders require")
     object_store_budget_gb: float | None = Field(
-        None, gt=0, description="bound on tiles in flight in the object store; tiling waits "
+        None, gt=0, description="GiB bound on tiles in flight in the object store; tiling waits "
         "(Ray Data backpressure) when encoders fall behind. None: Ray Data's default share")
-    object_store_memory_gb: float | None = Field(None, gt=0, description="local Ray only")
+    object_store_memory_gb: float | None = Field(None, gt=0,
+                                                 description="local Ray only: its GiB")
     num_cpus: int | None = Field(None, ge=1, description="local Ray only: CPUs to use")
     num_gpus: int | None = Field(None, ge=0, description="local Ray only: GPUs to declare "
                                  "(default: those Ray detects)")

@@ -25,6 +25,7 @@ from pipeline.handoff import (  # noqa: F401 - re-exported for the stage's users
     node_column,
 )
 from pipeline.models import registry
+from pipeline.models.precision import precision_label, run_precision
 from pipeline.models.preprocess import preprocess
 from pipeline.models.registry import TileModelSpec
 from pipeline.models.weights import WeightsRef, load_model
@@ -77,7 +78,7 @@ def select_device(requested: str = "auto") -> torch.device:
 
 def precision_for(spec: TileModelSpec, device: torch.device) -> str:
     """Autocast only on CUDA (CPU fp16 matmuls are slow and not what the authors ran)."""
-    return spec.precision if device.type == "cuda" else "fp32"
+    return run_precision(spec.precision, device.type == "cuda")
 
 
 def cpu_threads(given: int | None = None) -> int:
@@ -343,7 +344,8 @@ class TileEncoder:
             "device": str(self.device),
             "device_name": (torch.cuda.get_device_name(self.device)
                             if self.device.type == "cuda" else "cpu"),
-            "precision": self.precision + ("+tf32" if self.tf32 else ""),
+            "precision": precision_label(self.spec.precision, self.device.type == "cuda",
+                                         model.tf32),
             "weights_identity": self.weights.identity,
             "weights_random": self.weights.random,
             "torch": torch.__version__,

@@ -35,6 +35,7 @@ from pipeline.handoff import ERROR, ERROR_STAGE, META, MODELS_COLUMN, SLIDE_ID, 
 from pipeline.lease import Lease
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.models import registry
+from pipeline.models.precision import precision_label, run_precision
 from pipeline.placement import (
     Placement,
     cpus_needed,
@@ -57,7 +58,7 @@ from pipeline.plan import (
 from pipeline.sink import Lake, TilesFile, embedding_array, now, slides_schema
 from pipeline.slide_encode import SlideEncoderStage, get_slide_model
 from pipeline.storage import RetryPolicy, join
-from pipeline.tiling import tile_slides
+from pipeline.tiling import tiling_stage
 from pipeline.unsaved import UnsavedRecords, keep, recover, unsaved_root
 from pipeline.writer import (
     RESULT,
@@ -170,7 +171,7 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
     tiler_args.update(on_nodes_labelled(cfg.ray.tiler_resource))
     if cfg.ray.tiling_concurrency:
         tiler_args["compute"] = TaskPoolStrategy(size=cfg.ray.tiling_concurrency)
-    ds = ds.map_batches(tile_slides, batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(tiling_stage, batch_size=1, batch_format="numpy",
                         fn_kwargs={"tiling": tiling, "storage": cfg.storage,
                                    "output": cfg.output},
                         **tiler_args)
@@ -403,8 +404,7 @@ class Coordinator:
             **res.qc, "preview_path": meta.preview_path, "geojson_path": meta.geojson_path,
             "tile_order": TILE_ORDER, "aggregation": "mean", "layer": None,
             "source_model": m, "model_dim": spec.dim,
-            "precision": (spec.precision + ("+tf32" if m_cfg.tf32 and spec.precision == "fp32"
-                                            else "")) if gpu else "fp32",
+            "precision": precision_label(spec.precision, gpu, m_cfg.tf32),
             "device": "cuda" if gpu else "cpu",
             "weights": ref.source, "weights_identity": ref.identity,
             "weights_sha256": ref.sha256, "random_weights": ref.random,
@@ -462,7 +462,7 @@ class Coordinator:
         spec = get_slide_model(s.id)
         pooling = "global-pool" if s.global_pool else "cls"
         rows = [{**values, "aggregation": f"{s.id} ({pooling})", "layer": layer,
-                 "model_dim": spec.dim, "precision": "fp16" if gpu else "fp32",
+                 "model_dim": spec.dim, "precision": run_precision(spec.precision, gpu),
                  "weights": ref.source, "weights_identity": ref.identity,
                  "weights_sha256": ref.sha256, "random_weights": ref.random,
                  "work_key": task.work_keys[s.id], "tiles_path": None} for layer in layers]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.config import SlideEncoderConfig, StorageConfig
+from pipeline.models.precision import run_precision
 
 if TYPE_CHECKING:  # torch: only the stage's actor pays for it
     from pipeline.models.weights import WeightsRef
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class SlideModelSpec:
     id: str
     input_model: str  # the tile encoder whose embeddings it reads
-    input_dim: int
+    input_dim: int  # width of the input model's embeddings (checked on every slide)
     dim: int
     params: int
     hub_repo: str
@@ -34,6 +35,7 @@ class SlideModelSpec:
     # The authors' code turns level-0 pixel coordinates into grid positions by dividing by a
     # fixed 256 whatever the tile size or scan resolution; the weights were trained that way.
     position_unit_px: float = 256.0
+    precision: str = "fp16"  # autocast dtype on GPU (CPU runs fp32)
 
 
 SLIDE_MODELS: dict[str, SlideModelSpec] = {
@@ -95,10 +97,13 @@ class SlideEncoderStage:
         bad = [layer for layer in self.layers if not 0 <= layer <= self.depth]
         if bad:
             raise ValueError(f"{self.spec.id}: layers {bad} out of range 0..{self.depth}")
-        self.precision = "fp16" if self.device.type == "cuda" else "fp32"
+        self.precision = run_precision(self.spec.precision, self.device.type == "cuda")
 
     def __call__(self, embeddings: np.ndarray, coords: np.ndarray) -> dict[int, np.ndarray]:
         """(N, 1536) tile embeddings in tiling order + (N, 2) level-0 coords -> {layer: (768,)}."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.spec.input_dim:
+            raise ValueError(f"{self.spec.id} reads {self.spec.input_model} embeddings of width "
+                             f"{self.spec.input_dim}, got shape {embeddings.shape}")
         unit = self.spec.position_unit_px
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(embeddings, np.float32)).to(self.device)

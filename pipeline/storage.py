@@ -347,8 +347,8 @@ class ScratchBudget:
     def reserve(self, nbytes: int, timeout_s: float = 3600.0) -> Iterator[None]:
         if nbytes > self.limit:
             raise StagingError(
-                f"slide is {nbytes / 1e9:.2f} GB, larger than the scratch limit "
-                f"({self.limit / 1e9:.2f} GB): raise storage.scratch_limit_gb")
+                f"slide is {nbytes / 2**30:.2f} GiB, larger than the scratch limit "
+                f"({self.limit / 2**30:.2f} GiB): raise storage.scratch_limit_gb")
         token = self.dir / f".reserve-{os.getpid()}-{uuid.uuid4().hex}"
         deadline = time.monotonic() + timeout_s
         while True:
@@ -411,7 +411,7 @@ def staged_slide(uri: str, storage: StorageConfig, expected: str | None = None
     check_unchanged(uri, expected, fingerprint_from_info(info, rpath), "before download")
     size = int(info["size"])
     scratch = storage.scratch_dir or default_scratch_dir()
-    budget = ScratchBudget(scratch, int(storage.scratch_limit_gb * 1e9))
+    budget = ScratchBudget(scratch, int(storage.scratch_limit_gb * 2**30))
     with budget.reserve(size):
         suffix = "".join(Path(rpath).suffixes[-2:]) or ".slide"
         local = os.path.join(scratch, f"{uuid.uuid4().hex}{suffix}")

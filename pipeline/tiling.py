@@ -179,7 +179,7 @@ def tune_worker_malloc() -> None:
     worker would keep the high-water mark of everything it ever planned. Fixed, big one-off
     buffers keep their own mappings (returned on free) while chunk-sized ones (~10 MB) are
     recycled from the heap instead of page-faulted in afresh for every chunk. Process-wide:
-    called by the tiling tasks' entry point (:func:`tile_slides`), not by :func:`tile_slide`,
+    called by the tiling tasks' entry point (:func:`tiling_stage`), not by :func:`tile_slide`,
     so a process that also runs models (tests, benchmarks) keeps glibc's defaults.
     """
     global _malloc_tuned
@@ -525,7 +525,7 @@ def _rows(slide_id: str, models: str, tiles: np.ndarray, *, x: np.ndarray, y: np
     }
 
 
-def tile_slides(batch: dict[str, np.ndarray], *, tiling: TilingConfig,
+def tiling_stage(batch: dict[str, np.ndarray], *, tiling: TilingConfig,
                 storage: StorageConfig | None = None, output: str | None = None
                 ) -> Iterator[dict[str, np.ndarray]]:
     """Tile each slide of the batch; a failing slide becomes one error row, never an exception.

@@ -251,7 +251,7 @@ def tiling_now(pids: list[int]) -> bool:
     for pid in pids:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if b"tile_slides" in fh.read():
+                if b"tiling_stage" in fh.read():
                     return True
         except OSError:
             pass

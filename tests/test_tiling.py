@@ -19,8 +19,9 @@ from pipeline.config import StorageConfig, TilingConfig
 from pipeline.geometry import choose_level, needs_upsampling
 from pipeline.slides import SlideError, open_slide, resolve_mpp
 from pipeline.storage import fingerprint
-from pipeline.tiling import SlidePlan, TileChunk, tile_slide, tile_slides
+from pipeline.tiling import SlidePlan, TileChunk, tile_slide, tiling_stage
 from pipeline.tissue import (
+    MIN_CHROMA,
     close_open,
     otsu_threshold,
     plan_grid,
@@ -226,13 +227,14 @@ def test_mask_blank_glass_has_no_tissue() -> None:
     glass = np.clip(242 + rng.normal(0, 3, (100, 120, 3)), 0, 255).astype(np.uint8)
     mask, threshold = tissue_mask(glass)
     assert not mask.any()
-    assert threshold >= 0.08
+    # the chroma threshold rises above the glass's own noise (sigma 3 per channel here)
+    assert threshold > MIN_CHROMA
 
 
 def test_mask_finds_tissue_and_skips_black() -> None:
     img = np.full((100, 100, 3), 240, np.uint8)
     img[20:60, 30:80] = (200, 110, 180)  # H&E pink/purple
-    img[70:90, 10:30] = (230, 190, 215)  # pale eosin, saturation 0.17: above the Otsu ceiling
+    img[70:90, 10:30] = (230, 190, 215)  # pale eosin (chroma ~0.17 over the glass)
     img[:, :5] = (10, 5, 8)  # scanner border: dark, "saturated" by noise
     mask, _ = tissue_mask(img)
     assert mask[20:60, 30:80].all()
@@ -399,8 +401,9 @@ def test_no_mpp_slides_tile_with_manifest_override(generated_slides: dict[str, P
     assert plan.mpp_source == "manifest" and plan.vendor == "generic-tiff"
     assert plan.num_tiles == (1024 // 224) * (768 // 224)
     assert sum(len(c.tiles) for c in chunks) == plan.num_tiles
-    # boxes-generic.tiff: 300x250 synthetic boxes, bogus 72 dpi mpp overridden
-    plan, chunks = _all(BOXES_GENERIC, TilingConfig(mpp=0.5, tile_size=64, min_tissue=0.5), mpp=0.5)
+    # boxes-generic.tiff: 300x250 synthetic boxes, bogus 72 dpi mpp overridden. Its pure red,
+    # green and blue are marker-ink colours to the tissue mask, not stain: keep every tile.
+    plan, chunks = _all(BOXES_GENERIC, TilingConfig(mpp=0.5, tile_size=64, min_tissue=0.0), mpp=0.5)
     assert plan.mpp_source == "manifest" and plan.level == 0
     assert 0 < plan.num_tiles <= (300 // 64) * (250 // 64)
     assert sum(len(c.tiles) for c in chunks) == plan.num_tiles
@@ -425,7 +428,7 @@ def test_a_slide_changed_after_planning_fails_as_changed(tmp_path: Path) -> None
     planned = str(fingerprint(LocalFileSystem(), str(path)))
     _rewrite(Path(path))
     cfg = TilingConfig(mpp=0.5, tile_size=224, chunk_tiles=8)
-    (row,) = list(tile_slides(_batch(path, planned), tiling=cfg, storage=StorageConfig()))
+    (row,) = list(tiling_stage(_batch(path, planned), tiling=cfg, storage=StorageConfig()))
     assert row["error_stage"][0] == "changed"
     assert "changed during the run (before tiling)" in row["error"][0]
     assert planned in row["error"][0]
@@ -436,10 +439,10 @@ def test_a_slide_changed_while_tiled_never_completes(tmp_path: Path) -> None:
     cfg = TilingConfig(mpp=0.5, tile_size=224, chunk_tiles=8)
     planned = str(fingerprint(LocalFileSystem(), str(path)))
     store = StorageConfig()
-    whole = list(tile_slides(_batch(path, planned), tiling=cfg, storage=store))
+    whole = list(tiling_stage(_batch(path, planned), tiling=cfg, storage=store))
     assert len(whole) > 2 and not any(r["error"][0] for r in whole)
 
-    rows = tile_slides(_batch(path, planned), tiling=cfg, storage=store)
+    rows = tiling_stage(_batch(path, planned), tiling=cfg, storage=store)
     first = next(rows)
     _rewrite(path)  # replaced while its first chunk is on its way
     rest = list(rows)

@@ -26,7 +26,7 @@ import torch
 from pipeline.config import ModelConfig, StorageConfig
 from pipeline.models import registry
 from pipeline.models.registry import TileModelSpec
-from pipeline.storage import url_to_fs, with_retries
+from pipeline.storage import is_local, url_to_fs, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,6 @@ def random_seed(model_id: str) -> int:
 
 
 # --- resolve (driver) ------------------------------------------------------------------------
-
-
-def _is_local(source: str) -> bool:
-    scheme = urlparse(source).scheme.lower()
-    return scheme in {"", "file", "local"} or len(scheme) == 1  # 1 letter: Windows drive
 
 
 def _local_path(source: str) -> Path:
@@ -257,7 +252,7 @@ def resolve_weights(model_cfg: ModelConfig | Any, storage: StorageConfig,
         return WeightsRef(source="random", identity=f"random:seed={seed}", sha256=None, random=True)
     if model_cfg.weights == "hub":
         return _resolve_hub(spec, model_cfg)
-    if _is_local(model_cfg.weights):
+    if is_local(model_cfg.weights):
         return _resolve_local(spec, model_cfg)
     return _resolve_url(spec, model_cfg, storage)
 
@@ -380,7 +375,7 @@ def _driver_copy(model_id: str, ref: WeightsRef, storage: StorageConfig) -> Path
         commit, _, filename = rest.partition("/")
         got = try_to_load_from_cache(repo, filename, revision=commit, cache_dir=_hf_cache_dir())
         return Path(got) if isinstance(got, str) else None
-    if _is_local(ref.source):
+    if is_local(ref.source):
         return local_weights_file(model_id, ref, storage)
     if ref.source.endswith(".safetensors"):
         return None
@@ -451,7 +446,7 @@ def local_weights_file(model_id: str, ref: WeightsRef, storage: StorageConfig) -
     """A local copy of resolved (non-random) weights on this node: hub cache, staged or as is."""
     if ref.source.startswith("hub:"):
         return _fetch_hub(ref)
-    if _is_local(ref.source):
+    if is_local(ref.source):
         path = _local_path(ref.source)
         if not path.is_file():
             raise WeightsError(f"{model_id}: weights file {str(path)!r} not found on this node "
