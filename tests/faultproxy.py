@@ -1,8 +1,8 @@
 """A fault-injecting HTTP proxy between a job and an S3 API server, for the fault suite.
 
-Run as its own process (``python faultproxy.py UPSTREAM_URL PORT``); delta-rs calls block in
-Rust, so a server thread inside the test process could not answer them. The test steers it
-over HTTP on the same port:
+Run as its own process (``python faultproxy.py UPSTREAM_URL``: it prints the port it bound);
+delta-rs calls block in Rust, so a server thread inside the test process could not answer
+them. The test steers it over HTTP on the same port:
 
     POST /__faults__  {"every": {"slowdown": 4, ...}, "methods": ["PUT"], "outage_s": 20}
     GET  /__faults__  -> {"requests": n, "injected": {"slowdown": k, ...}} since the last POST
@@ -176,9 +176,11 @@ def make_handler(upstream: str, faults: Faults) -> type[BaseHTTPRequestHandler]:
 
 
 def main() -> None:
-    upstream, port = sys.argv[1], int(sys.argv[2])
-    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(upstream, Faults()))
+    upstream = sys.argv[1]
+    # port 0: the OS picks a free one, printed once bound (tests/lake_fixtures.py reads it)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(upstream, Faults()))
     server.daemon_threads = True
+    print(server.server_address[1], flush=True)
     server.serve_forever()
 
 

@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -21,7 +20,23 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def serve(args: list[str], what: str) -> tuple[subprocess.Popen, int]:
+    """Start one of the tests' servers (a script beside this file) and read the port it
+    bound from its first line of output: it is listening once it prints it."""
+    script = os.path.join(os.path.dirname(__file__), args[0])
+    proc = subprocess.Popen([sys.executable, script, *args[1:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # blocks until the server is up (or has died)
+    if not line.strip().isdigit():
+        proc.kill()
+        raise RuntimeError(f"{what} did not start (exit code {proc.wait()})")
+    return proc, int(line)
+
+
 def free_port() -> int:
+    """A port nothing listens on now (for Ray's own servers, which need one given, and for a
+    dead endpoint); our own servers bind port 0 instead (serve)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -31,22 +46,9 @@ def free_port() -> int:
 def s3_endpoint() -> Iterator[str]:
     """moto's standalone S3 server on 127.0.0.1 (real HTTP, real S3 API), in its own process:
     delta-rs calls block in Rust, and an in-process server thread could not answer them."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    server, port = serve(["s3server.py"], "the S3 server")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.1)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -78,20 +80,8 @@ class FaultProxy:
     """tests/faultproxy.py in its own process, in front of the S3 server; steered over HTTP."""
 
     def __init__(self, upstream: str):
-        self.port = free_port()
+        self.proc, self.port = serve(["faultproxy.py", upstream], "the fault proxy")
         self.url = f"http://127.0.0.1:{self.port}"
-        script = os.path.join(os.path.dirname(__file__), "faultproxy.py")
-        self.proc = subprocess.Popen([sys.executable, script, upstream, str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.report()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("fault proxy did not start") from None
-                time.sleep(0.1)
 
     def _call(self, body: bytes | None) -> dict:
         import json

@@ -100,8 +100,22 @@ def test_retries_stop_at_the_budget_with_a_clear_error() -> None:
     assert not is_transient(info.value)
 
 
+class WatchedBudget(ScratchBudget):
+    """Sets ``refused`` once a reservation has looked and found the budget full."""
+
+    def __init__(self, directory: str, limit_bytes: int) -> None:
+        super().__init__(directory, limit_bytes)
+        self.refused = threading.Event()
+
+    def _reserved(self) -> int:
+        total = super()._reserved()
+        if threading.current_thread() is not threading.main_thread() and total + 50 > self.limit:
+            self.refused.set()
+        return total
+
+
 def test_scratch_budget_blocks_until_space_frees(tmp_path: Path) -> None:
-    budget = ScratchBudget(str(tmp_path), limit_bytes=100)
+    budget = WatchedBudget(str(tmp_path), limit_bytes=100)
     order = []
     with budget.reserve(70):
         def second() -> None:
@@ -110,9 +124,9 @@ def test_scratch_budget_blocks_until_space_frees(tmp_path: Path) -> None:
 
         t = threading.Thread(target=second)
         t.start()
-        time.sleep(1.2)
-        order.append("first-done")
-    t.join(10)
+        assert budget.refused.wait(30), "the second reservation never looked"
+        order.append("first-done")  # it looked, found 70 of 100 taken, and waits
+    t.join(30)
     assert order == ["first-done", "second"]
     with pytest.raises(StagingError, match="larger than the scratch limit"):
         with budget.reserve(101):
