@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -56,10 +55,6 @@ def encoder() -> TileEncoder:
     cfg = ModelConfig(id="kaiko-vits16", weights="random", device="cpu")
     ref = resolve_weights(cfg, StorageConfig())
     return TileEncoder(cfg, ref, StorageConfig())
-
-
-def test_embedding_column() -> None:
-    assert embedding_column("uni") == "emb__uni" == encode.EMB_PREFIX + "uni"
 
 
 def test_rows_for_model_parses_lists() -> None:
@@ -242,94 +237,6 @@ def test_staging_ring_reuses_and_grows() -> None:
     np.testing.assert_array_equal(vbig.numpy(), big)
     with pytest.raises(ValueError, match="uint8"):
         staging.stage(0, a.astype(np.float32))
-
-
-class _Stream:
-    def __init__(self, name: str, log: list[tuple], counter: list[int]) -> None:
-        self.name, self.log, self.counter = name, log, counter
-
-    def record_event(self) -> _Event:
-        self.counter[0] += 1
-        event = _Event(self.log, self.counter[0])
-        self.log.append(("record", self.name, event.id))
-        return event
-
-    def wait_event(self, event: _Event) -> None:
-        self.log.append(("wait", self.name, event.id))
-
-
-def test_cuda_path_stream_protocol(encoder: TileEncoder, whole_batch, monkeypatch) -> None:
-    """The CUDA path with CUDA's stream calls faked: what runs where, and in which order.
-
-    Checks the synchronisation that results depend on: copies and preprocessing on the side
-    stream, forwards on the compute stream after waiting for their micro-batch's event, the
-    side stream never waiting for compute (that would serialise them), and a pinned slot
-    rewritten only after its previous copy's event.
-    """
-    tiles, whole = whole_batch
-    log: list[tuple] = []
-    counter = [0]
-    compute, side = _Stream("compute", log, counter), _Stream("side", log, counter)
-    current = [compute]
-
-    @contextlib.contextmanager
-    def use(stream: _Stream):
-        previous, current[0] = current[0], stream
-        try:
-            yield
-        finally:
-            current[0] = previous
-
-    real_preprocess, real_embed = encode.preprocess, registry.embed
-    autocast: list[Any] = [None]  # the autocast state each forward runs under
-
-    def logged_preprocess(x: torch.Tensor, spec: Any) -> torch.Tensor:
-        log.append(("preprocess", current[0].name, len(x)))
-        return real_preprocess(x, spec)
-
-    def logged_embed(spec: Any, model: Any, x: torch.Tensor) -> torch.Tensor:
-        log.append(("embed", current[0].name, len(x), autocast[-1]))
-        return real_embed(spec, model, x)
-
-    @contextlib.contextmanager
-    def fake_autocast(device_type: str, dtype: torch.dtype, enabled: bool = True):
-        autocast.append((device_type, dtype, enabled))
-        yield
-        autocast.pop()
-
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: side)
-    monkeypatch.setattr(torch.cuda, "stream", use)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
-    monkeypatch.setattr(torch, "autocast", fake_autocast)
-    monkeypatch.setattr(torch.Tensor, "record_stream",
-                        lambda self, s: log.append(("record_stream", s.name, len(self))))
-    monkeypatch.setattr(encode, "preprocess", logged_preprocess)
-    monkeypatch.setattr(registry, "embed", logged_embed)
-
-    staging = PinnedStaging(pin=False)
-    slices = micro_batch_slices(len(tiles), 2)  # 2 + 2 + 1: three micro-batches, two slots
-    emb = encode._encode_cuda(KAIKO, encoder.model, tiles, CPU, "fp16", slices, staging)
-    np.testing.assert_allclose(emb.astype(np.float32), whole.astype(np.float32),
-                               rtol=2e-3, atol=2e-3)
-
-    assert not [e for e in log if e[:2] == ("wait", "side")]
-    assert [e[1:3] for e in log if e[0] == "preprocess"] == [("side", 2), ("side", 2),
-                                                             ("side", 1)]
-    forwards = [i for i, e in enumerate(log) if e[0] == "embed"]
-    assert [log[i][1:] for i in forwards] == [("compute", n, ("cuda", torch.float16, True))
-                                              for n in (2, 2, 1)]
-    records = [e[2] for e in log if e[:2] == ("record", "side")]
-    copies, ready = records[0::2], records[1::2]  # per micro-batch: copy done, then ready
-    preps = [i for i, e in enumerate(log) if e[0] == "preprocess"]
-    for k, pos in enumerate(forwards):
-        before = log[:pos]
-        assert ("wait", "compute", ready[k]) in before  # forward k waits for its own input
-        assert ("record_stream", "compute", slices[k].stop - slices[k].start) in before
-        if k + 1 < len(slices):
-            # k+1 is prepared (the CPU blocks on its copy) only once forward k is queued.
-            assert forwards[k] < preps[k + 1] < forwards[k + 1]
-    assert ("sync", copies[0]) in log[:preps[2]]  # slot 0 reused after copy 0 finished
-    assert ("sync", copies[1]) not in log  # slot 1 was not reused: nothing to wait for
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
