@@ -44,7 +44,8 @@ def set_s3_env() -> None:
 
 def code_state(files: Sequence[str] = ("pipeline/sink.py", "pipeline/writer.py",
                                        "pipeline/plan.py", "pipeline/storage.py",
-                                       "pipeline/run.py")) -> dict[str, Any]:
+                                       "pipeline/run.py", "pipeline/coordinator.py")
+               ) -> dict[str, Any]:
     """Git revision plus a hash of each measured file (others edit them while we measure)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
@@ -222,7 +223,7 @@ class CountingS3:
 
 
 # ----------------------------------------------------------------------------------------------
-# Slides rows as the coordinator commits them (pipeline.run.Coordinator.commit).
+# Slides rows as the coordinator commits them (pipeline.coordinator.Coordinator.commit).
 
 
 def slides_rows(ids: Sequence[str], cohorts: Sequence[str], work_keys: Sequence[str],

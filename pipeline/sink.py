@@ -29,7 +29,7 @@ import io
 import json
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -140,6 +140,19 @@ def slides_schema(dim: int, dtype: str = "float32") -> pa.Schema:
         ("extra", pa.string()),           # the manifest's extra columns, as JSON
         (PARTITION, pa.string()),
     ])
+
+
+def slides_table(rows: Sequence[Mapping[str, Any]], embeddings: np.ndarray,
+                 dtype: str = "float32") -> pa.Table:
+    """Slides rows (column -> value; a column left out is null) with their (N, D) embeddings,
+    in the slides schema. A value under a name the schema lacks is an error, not dropped."""
+    schema = slides_schema(int(embeddings.shape[1]), dtype)
+    unknown = {k for r in rows for k in r} - set(schema.names)
+    if unknown:
+        raise ValueError(f"not columns of the slides table: {sorted(unknown)}")
+    cols = [embedding_array(embeddings, dtype) if f.name == EMBEDDING
+            else pa.array([r.get(f.name) for r in rows], f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 ERRORS_SCHEMA = pa.schema([
@@ -781,5 +794,5 @@ def duckdb_connect(url: str, models: Sequence[str] | None = None,
 __all__ = [
     "CommittedSlide", "ERRORS_SCHEMA", "Lake", "TilesFile", "duckdb_connect", "embedding_array",
     "embedding_type", "read_errors", "read_slides", "read_tiles", "safe_name", "slides_schema",
-    "tile_files", "tiles_dataset", "tiles_schema",
+    "slides_table", "tile_files", "tiles_dataset", "tiles_schema",
 ]
