@@ -29,6 +29,12 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+HIBOU_MEAN = (0.7068, 0.5755, 0.722)
+HIBOU_STD = (0.195, 0.2316, 0.1816)
+LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)
+LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
+GENBIO_MEAN = (0.697, 0.575, 0.728)
+GENBIO_STD = (0.188, 0.240, 0.187)
 
 
 @dataclass(frozen=True)
@@ -377,7 +383,293 @@ def _all_specs() -> tuple[TileModelSpec, ...]:
             licence="BSD-3-Clause (torchvision weights, verify); not gated; an ImageNet "
             "baseline, not a pathology model",
         ),
+        *_second_wave(swiglu, hoptimus_kwargs),
         *(_bench_null(px) for px in (224, 256, 512)),
+    )
+
+
+def _second_wave(swiglu: dict[str, Any], hoptimus_kwargs: dict[str, Any]
+                 ) -> tuple[TileModelSpec, ...]:
+    """Issue 18: Hibou-B/L, Lunit ViT-S/8, H0-mini, Midnight-12k, OpenMidnight, GPFM, mSTAR,
+    KEEP, GenBio-PathFM, MUSK, CTransPath. Sources of each fact are in the comments/notes."""
+    # Meta's SwiGLUFFNFused and transformers' Dinov2SwiGLUFFN: hidden (int(4 D * 2/3) + 7)
+    # // 8 * 8, packed two halves in one linear = timm SwiGLUPacked with hidden 2x that.
+    def swiglu_ratio(dim: int) -> float:
+        packed = 2 * ((int(4 * dim * 2 / 3) + 7) // 8 * 8)
+        return (packed + 0.5) / dim  # timm takes int(dim * ratio): half a unit of headroom
+
+    dinov2_224 = {"img_size": 224, "num_classes": 0}
+    return (
+        TileModelSpec(
+            id="hibou-b",
+            family="dinov2",
+            timm_name="vit_base_patch14_reg4_dinov2",
+            # HistAI/hibou build_model: vit_base, patch 14, img 224, layerscale 1e-5,
+            # swiglufused, 4 registers; histai/hibou-b config.json: the same (use_swiglu_ffn,
+            # num_register_tokens 4, image_size 224, layer_norm_eps 1e-6).
+            timm_kwargs={**dinov2_224, "mlp_ratio": swiglu_ratio(768), **swiglu},
+            dim=768,
+            # Computed (a snapshot): timm layout; the transformers/Meta modules add mask_token
+            # and the class-token position slot (2 x 768): 85,741,056, LazySlide "85.7M".
+            params=85_739_520,
+            input_size=224, resize_size=224, interpolation="bicubic", crop=False,
+            mean=HIBOU_MEAN, std=HIBOU_STD,
+            embedding="cls",  # pooler_output = CLS of the final-norm hidden state
+            precision="fp32",  # as TRIDENT runs Hibou; no published recommendation (verify)
+            native_tile_px=224, native_mpp=0.5,  # config image_size 224; mpp (verify)
+            hub_repo="histai/hibou-b",
+            hub_filename="model.safetensors",
+            licence="Apache-2.0 (model card); not gated (verify)",
+            notes="hub checkpoint: transformers names from HistAI's Dinov2ModelWithRegisters "
+            "(registers as embeddings.register_tokens, inserted after the position embedding "
+            "as in Meta's code, verify); the Google-Drive checkpoint of the GitHub README: Meta "
+            "dinov2 names. Both load (dinov2_ckpt). Preprocessing: Resize((224, 224)) bicubic "
+            "(example.ipynb)",
+        ),
+        TileModelSpec(
+            id="hibou-l",
+            family="dinov2",
+            timm_name="vit_large_patch14_reg4_dinov2",
+            timm_kwargs={**dinov2_224, "mlp_ratio": swiglu_ratio(1024), **swiglu},
+            dim=1024,
+            # Computed (a snapshot): with mask_token and the class-token position slot the
+            # authors' module has 303,659,264 = LazySlide "303.7M", HF page "304M".
+            params=303_657_216,
+            input_size=224, resize_size=224, interpolation="bicubic", crop=False,
+            mean=HIBOU_MEAN, std=HIBOU_STD,
+            embedding="cls",
+            precision="fp32",  # as TRIDENT runs Hibou-L (verify)
+            native_tile_px=224, native_mpp=0.5,  # (verify)
+            hub_repo="histai/hibou-L",
+            hub_filename="model.safetensors",
+            licence="Apache-2.0 (HistAI README); gated: agree to share contact details on the "
+            "model page, then set HF_TOKEN",
+            gated=True,
+            notes="ViT-L/14, 4 registers, SwiGLU (the 303.7M count rules out a plain MLP: "
+            "303.2M); config.json not seen, the Hibou-B one and the count pin it (verify)",
+        ),
+        TileModelSpec(
+            id="lunit-vits8",
+            family="timm",
+            # lunit-io/benchmark-ssl-pathology README: timm VisionTransformer(img_size=224,
+            # patch_size=8, embed_dim=384, num_heads=6, num_classes=0) = vit_small_patch8_224.
+            timm_name="vit_small_patch8_224",
+            timm_kwargs={"num_classes": 0},
+            dim=384,
+            params=21_670_272,  # computed (a snapshot); LazySlide "21.7M"
+            input_size=224, resize_size=224, interpolation="bilinear", crop=True,
+            # Lunit's ViT-S training statistics, as kaiko-ai/eva documents them (eva loads the
+            # release file into timm vit_small_patch8_224); resize/crop as eva's ResizeAndCrop.
+            mean=LUNIT_MEAN, std=LUNIT_STD,
+            embedding="cls",  # model(x) with num_classes=0: final-norm CLS
+            precision="fp32",  # as TRIDENT runs it (verify)
+            native_tile_px=224, native_mpp=0.5,  # 224 px crops at 20x and 40x (verify)
+            hub_repo="1aurent/vit_small_patch8_224.lunit_dino",  # timm names
+            hub_filename="model.safetensors",
+            licence="Lunit non-commercial licence, research use only; not gated. Weights "
+            "from the 1aurent/ mirror of the GitHub release dino_vit_small_patch8_ep200.torch "
+            "(same timm names, verify)",
+        ),
+        TileModelSpec(
+            id="h0-mini",
+            family="timm",
+            # TRIDENT / slide2vec / LazySlide: timm hf-hub:bioptimus/H0-mini with
+            # mlp_layer=SwiGLUPacked, act_layer=SiLU, img 224: vit_base_patch14_reg4_dinov2
+            # with the H-optimus MLP width (4096 packed; the 85.7M count pins it).
+            timm_name="vit_base_patch14_reg4_dinov2",
+            timm_kwargs={**dinov2_224, "mlp_ratio": 2.66667 * 2, **swiglu,
+                         "dynamic_img_size": False},
+            dim=1536,
+            params=85_739_520,  # computed (a snapshot); LazySlide "85.7M"
+            input_size=224, resize_size=224, interpolation="bicubic", crop=True,
+            mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
+            embedding="cls_patch_mean",  # CLS + mean of patch tokens 5: (registers excluded)
+            precision="fp16",  # H-optimus cards recommend fp16 autocast; TRIDENT fp16
+            native_tile_px=224, native_mpp=0.5,
+            hub_repo="bioptimus/H0-mini",
+            hub_filename="model.safetensors",
+            licence="CC-BY-NC-ND-4.0, non-commercial (verify); gated: accept the terms on the "
+            "model page, then set HF_TOKEN",
+            gated=True,
+            notes="distilled from H-optimus-0; 1536 = CLS and patch-token mean (LazySlide, "
+            "slide2vec default; TRIDENT offers it as cls+mean, verify on the model card)",
+        ),
+        TileModelSpec(
+            id="midnight-12k",
+            family="midnight",
+            # kaiko-ai/midnight: transformers Dinov2Model ViT-g/14 (DINOv2 giant: 40 x 1536,
+            # 24 heads, SwiGLU, LayerScale), no registers (slide2vec asserts none).
+            timm_name="vit_giant_patch14_dinov2",
+            timm_kwargs=dinov2_224,
+            dim=3072,
+            # Computed (a snapshot); transformers adds mask_token and the class-token
+            # position slot; LazySlide "1.14B".
+            params=1_134_769_664,
+            input_size=224, resize_size=224, interpolation="bilinear", crop=True,
+            mean=HALF, std=HALF,
+            embedding="cls_patch_mean",  # kaiko: cat(last_hidden_state[:, 0], [:, 1:].mean)
+            precision="fp16",  # as TRIDENT and slide2vec run it (verify)
+            native_tile_px=224, native_mpp=0.5,  # trained on 0.25-2 mpp (verify)
+            hub_repo="kaiko-ai/midnight",
+            hub_filename="model.safetensors",
+            licence="MIT (kaiko-ai/Midnight README); gated per LazySlide (verify): request "
+            "access on the model page, then set HF_TOKEN",
+            gated=True,
+            notes="a stored position grid other than 16x16 (config image_size 518?, verify) "
+            "is resampled at load exactly as current transformers does at a 224 input "
+            "(bicubic by size, no antialias, fp32)",
+        ),
+        TileModelSpec(
+            id="openmidnight",
+            family="dinov2",
+            # TRIDENT / LazySlide: torch.hub dinov2_vitg14_reg (pretrained=False), pos_embed
+            # replaced by the checkpoint's (224: 16x16 + CLS slot), strict load.
+            timm_name="vit_giant_patch14_reg4_dinov2",
+            timm_kwargs=hoptimus_kwargs,
+            dim=1536,
+            params=1_134_774_272,  # = H-optimus-0 (same timm module); computed snapshot
+            input_size=224, resize_size=224, interpolation="bilinear", crop=True,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,  # the authors' eva configs: ResizeAndCrop
+            embedding="cls",  # dinov2 forward: head(x_norm_clstoken), head = Identity
+            precision="fp16",  # as TRIDENT runs it (verify)
+            native_tile_px=224, native_mpp=0.5,  # TCGA-12k, Midnight recipe (verify)
+            hub_repo="SophontAI/OpenMidnight",
+            hub_filename="teacher_checkpoint_load.pt",
+            licence="Apache-2.0 (MedARC-AI/OpenMidnight repository; weights per LazySlide, "
+            "verify); gated (verify): request access on the model page, then set HF_TOKEN",
+            gated=True,
+            notes="checkpoint: Meta dinov2 names (w12/w3 SwiGLU, register_tokens, mask_token)",
+        ),
+        TileModelSpec(
+            id="gpfm",
+            family="dinov2",
+            # TRIDENT / slide2vec / LazySlide: timm vit_large_patch14_dinov2, img 224,
+            # init_values 1e-5, strict load of GPFM.pth (timm names). The authors' own code:
+            # Meta vit_large, patch 14, mlp FFN, block_chunks 4 (also accepted).
+            timm_name="vit_large_patch14_dinov2",
+            timm_kwargs={**dinov2_224, "init_values": 1e-5},
+            dim=1024,
+            params=303_227_904,  # computed (a snapshot); LazySlide "303M"
+            input_size=224, resize_size=224, interpolation="bicubic", crop=False,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,  # models/dinov2 build_transform
+            embedding="cls",
+            precision="fp16",  # as TRIDENT runs it (verify)
+            native_tile_px=512, native_mpp=0.25, native_magnification="40x",  # README
+            hub_repo="majiabo/GPFM",
+            hub_filename="GPFM.pth",
+            licence="CC-BY-NC-ND-4.0, non-commercial, per the GitHub repository (the HF "
+            "page is reported as MIT, verify); not gated",
+        ),
+        TileModelSpec(
+            id="mstar",
+            family="timm",
+            # Innse/mSTAR README: timm vit_large_patch16_224, img 224, patch 16,
+            # init_values 1e-5, num_classes 0, dynamic_img_size, strict load of mSTAR.pth.
+            timm_name="vit_large_patch16_224",
+            timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5,
+                         "num_classes": 0, "dynamic_img_size": True},
+            dim=1024,
+            params=303_350_784,  # = UNI (same module); MODELS.md's reproduced UNI count
+            input_size=224, resize_size=224, interpolation="bilinear", crop=True,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,  # README: Resize(224), ImageNet
+            embedding="cls",
+            precision="fp32",  # the authors' extraction runs fp32 (verify)
+            native_tile_px=256, native_mpp=0.5, native_magnification="20x",  # (verify)
+            hub_repo="Wangyh/mSTAR",
+            hub_filename="mSTAR.pth",  # name used by the README (verify on the hub)
+            licence="CC-BY-NC-ND-4.0, non-commercial academic research only; gated: request "
+            "access on the model page, then set HF_TOKEN",
+            gated=True,
+        ),
+        TileModelSpec(
+            id="keep",
+            family="keep",
+            timm_name="vit_large_patch16_224",  # KEEPModel.visual
+            timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5,
+                         "num_classes": 0, "dynamic_img_size": True},
+            dim=768,  # projection_dim
+            # Computed: ViT-L/16 303,350,784 + visual_head 1,377,792 (the text tower is not
+            # built). A snapshot; no published image-tower count.
+            params=304_728_576,
+            input_size=224, resize_size=224, interpolation="bicubic", crop=True,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,  # the authors' quick start
+            embedding="pooled",  # encode_image: L2-normalised visual_head(CLS)
+            precision="fp16",  # as TRIDENT runs it (verify)
+            native_tile_px=224, native_mpp=0.5,  # (verify) trained on image-text pairs
+            hub_repo="Astaxanthin/KEEP",
+            hub_filename="model.safetensors",  # (verify) the quick start reads .bin
+            licence="MIT (MAGIC-AI4Med/KEEP repository; weights, verify); not gated (verify)",
+            notes="a vision-language model: the embedding is the normalised projection "
+            "encode_image returns; checkpoint text tower and logit_scale are dropped",
+        ),
+        TileModelSpec(
+            id="genbio-pathfm",
+            family="genbio-pathfm",
+            timm_name="none",  # own module (models/genbio_pathfm.py), authors' names
+            # genbio-ai/genbio-pathfm model.py GenBio_PathFM_Inference: img 224, patch 16,
+            # embed 1536, depth 40, heads 24, ffn_ratio 4 (swiglu64), 1 input channel,
+            # 4 storage tokens, LayerScale 1e-5, qkv without bias, RoPE base 100 (bf16).
+            timm_kwargs={"embed_dim": 1536, "depth": 40, "num_heads": 24, "patch_size": 16,
+                         "storage_tokens": 4, "ffn_ratio": 4.0, "init_values": 1e-5},
+            dim=4608,  # 3 x 1536: one CLS per colour channel
+            params=1_133_686_784,  # computed (a snapshot); README "1.1B-parameter"
+            input_size=224, resize_size=224, interpolation="bilinear", crop=False,
+            mean=GENBIO_MEAN, std=GENBIO_STD,  # README: Resize((224, 224)), these stats
+            embedding="pooled",
+            precision="bf16",  # as TRIDENT runs it; RoPE is bf16 by construction (verify)
+            native_tile_px=224, native_mpp=0.5,  # (verify) the card states no resolution
+            hub_repo="genbio-ai/genbio-pathfm",
+            hub_filename="model.pth",
+            licence="GenBio AI Community License (not OSI; read it for commercial use, "
+            "verify); not gated",
+            notes="each RGB channel is encoded as its own grey image; the three final-norm "
+            "CLS tokens are concatenated (R, G, B)",
+        ),
+        TileModelSpec(
+            id="musk",
+            family="musk",
+            timm_name="none",  # own module (models/musk.py): BEiT-3 image path, authors' names
+            # musk_large_patch16_384: img 384, patch 16, 1024 x 24 layers, 16 heads, FFN 4096,
+            # sub-LN, multiway (vision branch A); ms_aug scales (1, 2).
+            timm_kwargs={"img_size": 384, "patch_size": 16, "embed_dim": 1024, "depth": 24,
+                         "num_heads": 16, "ffn_dim": 4096, "eps": 1e-5, "scales": (1, 2)},
+            dim=2048,  # ms_aug: CLS at 384 + mean CLS of the 2x2 crops of the 768 upsample
+            # Computed (a snapshot): the image path's A branch; no published image-only count.
+            params=303_938_560,
+            input_size=384, resize_size=384, interpolation="bicubic", crop=True,
+            mean=HALF, std=HALF,  # README: Resize(384, bicubic), CenterCrop, IMAGENET_INCEPTION
+            embedding="pooled",
+            precision="fp16",  # README: model.to(torch.float16)
+            native_tile_px=384, native_mpp=0.5,  # trained on mixed magnifications (verify)
+            hub_repo="xiangjx/musk",
+            hub_filename="model.safetensors",
+            licence="CC-BY-NC-ND-4.0, non-commercial academic research only; gated: accept the "
+            "terms on the model page, then set HF_TOKEN",
+            gated=True,
+            notes="ms_aug=True, with_head=False, out_norm=False: the README's read-out for "
+            "linear probes and MIL (TRIDENT stores the 1024-d CLS without ms_aug); the text "
+            "tower, heads and multiway B branch are not loaded",
+        ),
+        TileModelSpec(
+            id="ctranspath",
+            family="ctranspath",
+            timm_name="swin_tiny_patch4_window7_224",  # with the authors' ConvStem
+            timm_kwargs={"num_classes": 0},
+            dim=768,
+            params=27_520_038,  # computed (a snapshot); LazySlide "27.5M"
+            input_size=224, resize_size=224, interpolation="bilinear", crop=True,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,  # get_features_CTransPath.py
+            embedding="pooled",  # head = Identity: average of the final-norm 7x7 tokens
+            precision="fp32",  # as TRIDENT runs it
+            # README: "first try to extract features at 1.0mpp"
+            native_tile_px=224, native_mpp=1.0, native_magnification="10x",
+            hub_repo="1aurent/swin_tiny_patch4_window7_224.CTransPath",
+            hub_filename="model.safetensors",
+            licence="GPL-3.0 (verify); not gated. The authors publish ctranspath.pth on Google "
+            "Drive and CHIEF's copy sits in the MahmoodLab/hest-bench dataset: stage either "
+            "and set weights: /path (the hub entry is a community mirror, verify its layout)",
+            notes="timm 0.5.4 checkpoints (the authors') and current-timm ones both load",
+        ),
     )
 
 
@@ -415,6 +707,30 @@ def _build_conch15(spec: TileModelSpec) -> torch.nn.Module:
     return conch.build_v15(spec.timm_name, spec.timm_kwargs, spec.dim)
 
 
+def _build_keep(spec: TileModelSpec) -> torch.nn.Module:
+    from pipeline.models import keep
+
+    return keep.KeepImageEncoder(spec.timm_name, spec.timm_kwargs, spec.dim)
+
+
+def _build_genbio(spec: TileModelSpec) -> torch.nn.Module:
+    from pipeline.models import genbio_pathfm
+
+    return genbio_pathfm.build(dict(spec.timm_kwargs))
+
+
+def _build_musk(spec: TileModelSpec) -> torch.nn.Module:
+    from pipeline.models import musk
+
+    return musk.build(dict(spec.timm_kwargs))
+
+
+def _build_ctranspath(spec: TileModelSpec) -> torch.nn.Module:
+    from pipeline.models import ctranspath
+
+    return ctranspath.build(spec.timm_name, spec.timm_kwargs)
+
+
 def _build_bench_null(spec: TileModelSpec) -> torch.nn.Module:
     from pipeline.models import bench_null
 
@@ -426,6 +742,12 @@ BUILDERS: dict[str, Callable[[TileModelSpec], torch.nn.Module]] = {
     "hf-dinov2": _build_timm,  # same network; only the checkpoint names differ (ADAPTERS)
     "hf-vit": _build_timm,  # likewise
     "timm-features": _build_timm,  # a timm CNN truncated by features_only/out_indices
+    "dinov2": _build_timm,  # timm DINOv2 ViTs; Meta or transformers names (ADAPTERS)
+    "midnight": _build_timm,  # likewise, plus a load-time position-grid resample
+    "keep": _build_keep,
+    "genbio-pathfm": _build_genbio,
+    "ctranspath": _build_ctranspath,
+    "musk": _build_musk,
     "conch": _build_conch,
     "conch-v1.5": _build_conch15,
     "bench-null": _build_bench_null,
@@ -466,12 +788,54 @@ def _adapt_truncated_cnn(state: StateDict) -> StateDict:
     return {k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}
 
 
+def _adapt_dinov2(state: StateDict) -> StateDict:
+    from pipeline.models import dinov2_ckpt
+
+    return dinov2_ckpt.to_timm(state)
+
+
+MIDNIGHT_GRID = 224 // 14  # the grid of the 224 input the recipe feeds
+
+
+def _adapt_midnight(state: StateDict) -> StateDict:
+    from pipeline.models import dinov2_ckpt
+
+    out = dinov2_ckpt.to_timm(state)
+    if "pos_embed" in out and out["pos_embed"].ndim == 3:  # on meta: the shape alone
+        out["pos_embed"] = dinov2_ckpt.resample_like_transformers(out["pos_embed"],
+                                                                  MIDNIGHT_GRID)
+    return out
+
+
+def _adapt_keep(state: StateDict) -> StateDict:
+    from pipeline.models import keep
+
+    return keep.adapt(state)
+
+
+def _adapt_musk(state: StateDict) -> StateDict:
+    from pipeline.models import musk
+
+    return musk.adapt(state)
+
+
+def _adapt_ctranspath(state: StateDict) -> StateDict:
+    from pipeline.models import ctranspath
+
+    return ctranspath.adapt(state)
+
+
 ADAPTERS: dict[str, Callable[[StateDict], StateDict]] = {
     "conch": _adapt_conch,
     "conch-v1.5": _adapt_conch15,
     "hf-dinov2": _adapt_hf_dinov2,
     "hf-vit": _adapt_hf_vit,
     "timm-features": _adapt_truncated_cnn,
+    "dinov2": _adapt_dinov2,
+    "midnight": _adapt_midnight,
+    "keep": _adapt_keep,
+    "ctranspath": _adapt_ctranspath,
+    "musk": _adapt_musk,
 }
 
 
@@ -519,8 +883,9 @@ def _cls_patch_mean(spec: TileModelSpec, model: torch.nn.Module, x: torch.Tensor
 
 
 def _pooled(spec: TileModelSpec, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # CONCH: the tower's own forward is the embedding (attentional pool + ln_contrast);
-    # bench-null: likewise (grid mean x fixed projection).
+    # The module's own forward is the embedding: CONCH (attentional pool + ln_contrast), KEEP
+    # (normalised projection), GenBio-PathFM (per-channel CLS), MUSK (multi-scale CLS),
+    # CTransPath (token average); bench-null: grid mean x fixed projection.
     return model(x)
 
 
