@@ -111,11 +111,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pipeline.run import plan_job
+    # pipeline.plan, not pipeline.run: planning imports neither Ray nor torch.
+    from pipeline.plan import plan_job, tiling_groups
     from pipeline.sink import Lake
 
     cfg = _load(args)
-    from pipeline.plan import tiling_groups
 
     plan = plan_job(cfg, Lake(cfg.output, cfg.storage))
     summary = plan.summary()
@@ -152,8 +152,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from pipeline.models import registry
-    from pipeline.slide_encode import SLIDE_MODELS
+    from pipeline.models import specs as registry  # the facts: torch only for FLOPs
+    from pipeline.models.specs import SLIDE_MODELS
 
     if args.markdown:
         print(registry.markdown_table(), end="")

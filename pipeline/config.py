@@ -76,6 +76,10 @@ class TilingConfig(_Strict):
     qc_sharpness: bool = Field(
         False, description="also record each tile's sharpness (variance of the Laplacian; "
         "~10% of tiling time at 20x, ~4% at 40x); needs qc")
+    max_damaged_fraction: float = Field(
+        0.01, ge=0.0, le=1.0, description="fraction of a slide's tiles that may lie on damaged "
+        "JPEG tiles (delivered white, listed in the slides row) before the slide fails with "
+        "stage read; 0: any damaged tile fails it")
 
     def for_model(self, tile_px: int, mpp: float) -> TilingConfig:
         """Concrete settings for a model that declares (tile_px, mpp); job values win."""
@@ -85,7 +89,8 @@ class TilingConfig(_Strict):
     def spec_hash(self) -> str:
         """Hash of everything that changes which pixels a tile holds (not chunking)."""
         keep = self.model_dump(exclude={"chunk_tiles", "region_tiles", "reader", "threads",
-                                        "previews", "qc", "qc_sharpness"})
+                                        "previews", "qc", "qc_sharpness",
+                                        "max_damaged_fraction"})
         # dct_downscale changes pixels (slightly): it stays in the hash
         keep["algorithm"] = TILING_ALGORITHM_VERSION
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
@@ -129,7 +134,7 @@ class SlideEncoderConfig(_Strict):
     @field_validator("id")
     @classmethod
     def _known(cls, v: str) -> str:
-        from pipeline.slide_encode import SLIDE_MODELS
+        from pipeline.models.specs import SLIDE_MODELS  # torch-free: validation stays fast
 
         if v not in SLIDE_MODELS:
             raise ValueError(f"unknown slide encoder {v!r}; known: {', '.join(SLIDE_MODELS)}")
@@ -165,7 +170,7 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _slide_encoder_input(self) -> ModelConfig:
         if self.slide_encoder is not None:
-            from pipeline.slide_encode import get_slide_model
+            from pipeline.models.specs import get_slide_model
 
             spec = get_slide_model(self.slide_encoder.id)
             if spec.input_model != self.id:
@@ -176,10 +181,10 @@ class ModelConfig(_Strict):
     @field_validator("id")
     @classmethod
     def _known(cls, v: str) -> str:
-        from pipeline.models import registry
+        from pipeline.models.specs import MODELS  # torch-free: validation stays fast
 
-        if v not in registry.MODELS:
-            raise ValueError(f"unknown model {v!r}; known: {', '.join(sorted(registry.MODELS))}")
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; known: {', '.join(sorted(MODELS))}")
         return v
 
 

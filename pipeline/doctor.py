@@ -96,8 +96,8 @@ def machine_checks() -> list[Check]:
 
 def job_checks(cfg: JobConfig, sample: int = 5) -> list[Check]:
     from pipeline.manifest import read_manifest
+    from pipeline.models.specs import get_slide_model
     from pipeline.models.weights import resolve_weights
-    from pipeline.slide_encode import get_slide_model
     from pipeline.storage import atomic_write_bytes, fingerprints, join, url_to_fs, with_retries
 
     checks: list[Check] = []

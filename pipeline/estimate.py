@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import JobConfig, TilingConfig
-from pipeline.models import registry
+from pipeline.models import specs
 from pipeline.plan import Plan, tiling_groups
 from pipeline.storage import staged_slide
 from pipeline.tiling import SlideError, tile_slide
@@ -71,15 +71,22 @@ def measured_rates(results: Path = RESULTS) -> dict[str, Any]:
     return rates
 
 
+def _flops(model: str) -> float:
+    """Forward FLOPs per tile; torch is imported here, when an estimate is asked for."""
+    from pipeline.models.registry import flops_per_tile
+
+    return flops_per_tile(model)
+
+
 def _rate(model: str, measured: dict[str, float]) -> tuple[float | None, str]:
     if model in measured:
         return measured[model], "measured"
-    if registry.get(model).benchmark:
+    if specs.get(model).benchmark:
         return None, "benchmark model: no model compute"
     if not measured:
         return None, "no measurement in bench/results"
-    ref = min(measured, key=lambda m: registry.flops_per_tile(m))
-    scaled = measured[ref] * registry.flops_per_tile(ref) / registry.flops_per_tile(model)
+    ref = min(measured, key=_flops)
+    scaled = measured[ref] * _flops(ref) / _flops(model)
     return scaled, f"{ref}'s measured rate scaled by FLOPs per tile"
 
 
@@ -130,13 +137,13 @@ def estimate(cfg: JobConfig, plan: Plan, sample: int = 8, results: Path = RESULT
             gpu, gpu_how = _rate(m, rates["gpu"])
             out["models"][m] = {
                 "tiles": m_tiles,
-                "gflop": round(m_tiles * registry.flops_per_tile(m) / 1e9),
+                "gflop": round(m_tiles * _flops(m) / 1e9),
                 "cpu_core_hours": _sig(m_tiles / cpu / 3600) if cpu else None,
                 "cpu_rate": cpu_how,
                 "gpu_hours": _sig(m_tiles / gpu / 3600) if gpu else None,
                 "gpu_rate": gpu_how if gpu else "no GPU measurement in bench/results: run "
                 "`make gpu-check` on a GPU machine",
             }
-    total = [v["gpu_hours"] for m, v in out["models"].items() if not registry.get(m).benchmark]
+    total = [v["gpu_hours"] for m, v in out["models"].items() if not specs.get(m).benchmark]
     out["gpu_hours"] = _sig(math.fsum(total)) if total and None not in total else None
     return out

@@ -17,7 +17,8 @@ from typing import Any
 from pipeline import __version__
 from pipeline.config import JobConfig, SlideEncoderConfig, StorageConfig, TilingConfig
 from pipeline.manifest import Manifest, SlideEntry, read_manifest
-from pipeline.models import registry
+from pipeline.models import specs
+from pipeline.models.specs import get_slide_model
 from pipeline.models.weights import (
     WeightsRef,
     check_checkpoint,
@@ -25,7 +26,6 @@ from pipeline.models.weights import (
     resolve_weights,
 )
 from pipeline.sink import CommittedSlide, Lake, now
-from pipeline.slide_encode import get_slide_model
 from pipeline.storage import Fingerprint, fingerprints
 
 log = logging.getLogger("pipeline")
@@ -52,7 +52,7 @@ def slide_work_key(tile_key: str, weights: WeightsRef, cfg: SlideEncoderConfig) 
 
 def model_tiling(cfg: JobConfig) -> dict[str, TilingConfig]:
     """Each model's tiling: its declared field of view unless the job fixes mpp/tile size."""
-    return {m.id: cfg.tiling.for_model(*registry.tiling_spec(registry.get(m.id)))
+    return {m.id: cfg.tiling.for_model(*specs.tiling_spec(specs.get(m.id)))
             for m in cfg.models}
 
 
@@ -122,7 +122,7 @@ def resolve_all_weights(cfg: JobConfig) -> dict[str, WeightsRef]:
     for m in cfg.models:
         refs[m.id] = resolve_weights(m, cfg.storage)
         if not refs[m.id].random:
-            checked(m.id, check_checkpoint(registry.get(m.id), refs[m.id], cfg.storage))
+            checked(m.id, check_checkpoint(specs.get(m.id), refs[m.id], cfg.storage))
         if m.slide_encoder is not None:
             s = m.slide_encoder
             refs[s.id] = resolve_weights(s, cfg.storage, spec=get_slide_model(s.id))

@@ -8,52 +8,22 @@ like everything else. Like ``encode.py``, the stage is a plain class that Ray wr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.config import SlideEncoderConfig, StorageConfig
 from pipeline.models.precision import run_precision
+from pipeline.models.specs import (  # noqa: F401 - the facts live in specs (torch-free)
+    SLIDE_MODELS,
+    SlideModelSpec,
+    get_slide_model,
+)
 
 if TYPE_CHECKING:  # torch: only the stage's actor pays for it
     from pipeline.models.weights import WeightsRef
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SlideModelSpec:
-    id: str
-    input_model: str  # the tile encoder whose embeddings it reads
-    input_dim: int  # width of the input model's embeddings (checked on every slide)
-    dim: int
-    params: int
-    hub_repo: str
-    hub_filename: str
-    licence: str
-    # The authors' code turns level-0 pixel coordinates into grid positions by dividing by a
-    # fixed 256 whatever the tile size or scan resolution; the weights were trained that way.
-    position_unit_px: float = 256.0
-    precision: str = "fp16"  # autocast dtype on GPU (CPU runs fp32)
-
-
-SLIDE_MODELS: dict[str, SlideModelSpec] = {
-    "gigapath-slide": SlideModelSpec(
-        id="gigapath-slide", input_model="gigapath", input_dim=1536, dim=768,
-        params=86_330_880, hub_repo="prov-gigapath/prov-gigapath",
-        hub_filename="slide_encoder.pth",
-        licence="Apache-2.0 code; weights gated on the hub: accept the terms, set HF_TOKEN "
-                "(verify)"),
-}
-
-
-def get_slide_model(model_id: str) -> SlideModelSpec:
-    try:
-        return SLIDE_MODELS[model_id]
-    except KeyError:
-        raise KeyError(f"unknown slide encoder {model_id!r}; known: "
-                       f"{', '.join(sorted(SLIDE_MODELS))}") from None
 
 
 def slide_layers(depth: int, extra: list[int]) -> list[int]:

@@ -63,6 +63,35 @@ def test_plan_with_overrides(tmp_path: Path, capsys) -> None:
     assert '"kaiko-vits16": 1' in out
 
 
+def test_plan_and_models_import_neither_torch_nor_timm(tmp_path: Path) -> None:
+    """Validating a job, planning it and listing the models read only the torch-free facts
+    (models/specs.py): torch and timm cost seconds to import. Virchow's SwiGLU layers and
+    Phikon's LayerNorm(eps) are named, not imported; a slide encoder is looked up too."""
+    write_manifest(tmp_path / "m.csv", [
+        {"slide_id": "a", "uri": str(DATA / "CMU-1-Small-Region.svs")},
+        {"slide_id": "b", "uri": str(DATA / "boxes-generic.tiff"), "mpp": "0.5"}])
+    job = write(tmp_path, "manifest: m.csv\noutput: out\nmodels:\n"
+                "  - {id: virchow, weights: random}\n  - {id: phikon, weights: random}\n"
+                "  - id: gigapath\n    weights: random\n"
+                "    slide_encoder: {id: gigapath-slide, weights: random}\n")
+    code = ("import json, sys\n"
+            "import pipeline\n"
+            "from pipeline.cli import main\n"
+            "from pipeline.config import load_config\n"
+            f"job = {str(job)!r}\n"
+            "assert main(['plan', job]) == 0\n"
+            "assert pipeline.plan_job(load_config(job)).summary()['slides_to_process'] == 2\n"
+            "assert main(['models']) == 0 and main(['models', '--markdown']) == 0\n"
+            "heavy = ['torch', 'timm', 'torchvision', 'ray']\n"
+            "print('LOADED', json.dumps([m for m in heavy if m in sys.modules]))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert '"gigapath-slide": 2' in proc.stdout and '"virchow": 2' in proc.stdout
+    assert "LOADED []" in proc.stdout
+
+
 def test_console_script_and_module_agree() -> None:
     exe = Path(sys.executable).parent / "wsi-embed"
     a = subprocess.run([str(exe), "models"], capture_output=True, text=True, cwd=REPO)

@@ -35,7 +35,7 @@ UNI = registry.get("uni")
 def reference_model(spec: registry.TileModelSpec, seed: int = 0) -> torch.nn.Module:
     """The model-card construction, independent of registry.build."""
     torch.manual_seed(seed)
-    return timm.create_model(spec.timm_name, pretrained=False, **dict(spec.timm_kwargs)).eval()
+    return timm.create_model(spec.timm_name, pretrained=False, **registry.arch_kwargs(spec)).eval()
 
 
 def tile_images() -> dict[str, Image.Image]:
@@ -406,3 +406,45 @@ def test_driver_check_reads_only_the_header_of_remote_safetensors(
                                       weights=f"s3://{s3_bucket}/w/cut.safetensors"), storage)
     with pytest.raises(WeightsError, match=r"is truncated: \d+ bytes"):
         weights.check_checkpoint(KAIKO, cut, storage)
+
+
+def _plain(value: object) -> bool:
+    """Data a config check can read without torch: no classes, callables or tensors."""
+    from pipeline.models.specs import Layer
+
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, Layer):
+        return isinstance(value.path, str) and all(_plain(v) for v in value.kwargs.values())
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def test_model_facts_are_plain_data_and_layers_resolve_in_the_builders() -> None:
+    from timm.layers import SwiGLUPacked
+
+    from pipeline.models import specs
+
+    assert registry.MODELS is specs.MODELS and registry.get is specs.get
+    for spec in specs.MODELS.values():
+        assert all(_plain(v) for v in spec.timm_kwargs.values()), spec.id
+        for value in registry.arch_kwargs(spec).values():  # every named layer imports
+            assert not isinstance(value, specs.Layer), spec.id
+    virchow = registry.arch_kwargs(registry.get("virchow"))
+    assert virchow["mlp_layer"] is SwiGLUPacked and virchow["act_layer"] is torch.nn.SiLU
+    norm = registry.arch_kwargs(registry.get("phikon"))["norm_layer"]
+    assert norm.func is torch.nn.LayerNorm and norm.keywords == {"eps": 1e-12}
+    assert norm(8).eps == 1e-12
+    with pytest.raises(ValueError, match="dotted import path"):
+        registry.resolve_layer(specs.Layer("SiLU"))
+
+
+def test_slide_encoder_facts_live_with_the_tile_models() -> None:
+    from pipeline import slide_encode
+    from pipeline.models import specs
+
+    assert slide_encode.get_slide_model is specs.get_slide_model
+    spec = specs.get_slide_model("gigapath-slide")
+    assert spec.input_model in specs.MODELS
+    assert specs.get(spec.input_model).dim == spec.input_dim
+    with pytest.raises(KeyError, match="known: gigapath-slide"):
+        specs.get_slide_model("nope")

@@ -42,6 +42,11 @@ def spec_of(model_id: str, **changes) -> registry.TileModelSpec:
     return dataclasses.replace(registry.get(model_id), **changes)
 
 
+def timm_reference(spec: registry.TileModelSpec) -> torch.nn.Module:
+    """The authors' call, ``timm.create_model`` with the entry's kwargs (layers resolved)."""
+    return timm.create_model(spec.timm_name, pretrained=False, **registry.arch_kwargs(spec))
+
+
 def small(model_id: str, dim: int, **kwargs) -> registry.TileModelSpec:
     """Same entry, same builder and recipe, narrower/shallower network (CPU-fast)."""
     spec = registry.get(model_id)
@@ -204,8 +209,7 @@ def meta_state_conch() -> dict[str, torch.Tensor]:
 def test_small_kaiko_checkpoint_roundtrip(model_id: str, tmp_path: Path) -> None:
     spec = registry.get(model_id)
     torch.manual_seed(3)
-    reference = timm.create_model(spec.timm_name, pretrained=False,
-                                  **dict(spec.timm_kwargs)).eval()
+    reference = timm_reference(spec).eval()
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
     model = load(spec, _read_state_dict(path))
@@ -217,7 +221,7 @@ def test_small_kaiko_checkpoint_roundtrip(model_id: str, tmp_path: Path) -> None
 def test_kaiko_vitb8_keys_match_reference() -> None:
     spec = registry.get("kaiko-vitb8")
     with torch.device("meta"):
-        reference = timm.create_model(spec.timm_name, pretrained=False, **dict(spec.timm_kwargs))
+        reference = timm_reference(spec)
     load(spec, meta_state(reference))
 
 
@@ -230,7 +234,7 @@ def test_big_timm_checkpoint_keys_on_meta(model_id: str) -> None:
     """The authors' calls (timm.create_model with their kwargs) define the key set and shapes."""
     spec = registry.get(model_id)
     with torch.device("meta"):
-        reference = timm.create_model(spec.timm_name, pretrained=False, **dict(spec.timm_kwargs))
+        reference = timm_reference(spec)
     state = meta_state(reference)
     model = load(spec, state)
     assert sum(p.numel() for p in model.parameters()) == spec.params
@@ -736,7 +740,7 @@ def test_dinov2_full_size_layouts_load_strictly_on_meta() -> None:
 def test_gpfm_timm_and_chunked_meta_layouts_load() -> None:
     spec = registry.get("gpfm")
     with torch.device("meta"):
-        reference = timm.create_model(spec.timm_name, pretrained=False, **dict(spec.timm_kwargs))
+        reference = timm_reference(spec)
     load(spec, meta_state(reference))  # the hub GPFM.pth: timm names (TRIDENT, slide2vec)
     # The authors' training code: Meta names with block_chunks=4 (blocks.<chunk>.<index>).
     chunked = {}
@@ -798,7 +802,7 @@ def test_second_wave_timm_checkpoint_keys_on_meta(model_id: str) -> None:
     """The authors' timm.create_model calls define the key sets (timm-named checkpoints)."""
     spec = registry.get(model_id)
     with torch.device("meta"):
-        reference = timm.create_model(spec.timm_name, pretrained=False, **dict(spec.timm_kwargs))
+        reference = timm_reference(spec)
     state = meta_state(reference)
     load(spec, state)
     state.pop("norm.weight")

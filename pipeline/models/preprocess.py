@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.models.registry import TileModelSpec
+from pipeline.models.specs import TileModelSpec
 
 
 def _resized_hw(h: int, w: int, size: int) -> tuple[int, int]:

@@ -5,6 +5,9 @@ checksum mismatch stops the job in seconds with an actionable message, and so th
 weights (``WeightsRef.identity``) can go into the work key: changing weights re-runs work,
 re-running with the same weights does not. ``load_model`` then builds the architecture and
 loads the parameters strictly on each encoder actor.
+
+Resolving imports neither torch nor timm (planning and ``doctor`` stay fast): torch is
+imported where a checkpoint is read or a model built.
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import torch
-
 from pipeline.config import ModelConfig, StorageConfig
-from pipeline.models import registry
-from pipeline.models.registry import TileModelSpec
+from pipeline.models import specs
+from pipeline.models.specs import TileModelSpec
 from pipeline.storage import is_local, url_to_fs, with_retries
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +249,7 @@ def resolve_weights(model_cfg: ModelConfig | Any, storage: StorageConfig,
     ``spec`` defaults to the tile-model registry entry; slide encoders pass their own spec
     (anything with ``id``, ``hub_repo`` and ``hub_filename``).
     """
-    spec = spec or registry.get(model_cfg.id)
+    spec = spec or specs.get(model_cfg.id)
     if model_cfg.weights == "random":
         seed = random_seed(spec.id)
         log.warning("%s: using RANDOM weights (seed %d): embeddings are meaningless", spec.id, seed)
@@ -310,6 +314,8 @@ def _fetch_hub(ref: WeightsRef) -> Path:
 
 def _read_state_dict(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """The checkpoint's tensors; on ``meta``, their names and shapes only (nothing read)."""
+    import torch
+
     if path.suffix == ".safetensors":
         if device == "meta":
             with open(path, "rb") as fh:
@@ -387,6 +393,8 @@ def checkpoint_meta_state(model_id: str, ref: WeightsRef, storage: StorageConfig
     """The checkpoint's names and shapes as meta tensors, read without its data: torch files
     through their zip index, safetensors through their header (remote ones by range reads).
     None where the driver cannot see the file (hub, not cached): its actors check it."""
+    import torch
+
     path = _driver_copy(model_id, ref, storage)
     if path is not None:
         return _read_state_dict(path, device="meta"), repr(str(path))
@@ -405,6 +413,7 @@ def check_checkpoint(spec: TileModelSpec, ref: WeightsRef, storage: StorageConfi
     got = checkpoint_meta_state(spec.id, ref, storage)
     if got is None:
         return False
+    from pipeline.models import registry
     state, where = got
     model = registry.build(spec, device="meta")
     load_state_dict_strict(spec, model, registry.adapt_checkpoint(spec, state), where)
@@ -461,6 +470,10 @@ def local_weights_file(model_id: str, ref: WeightsRef, storage: StorageConfig) -
 def load_model(spec: TileModelSpec, ref: WeightsRef, storage: StorageConfig,
                device: torch.device) -> torch.nn.Module:
     """Build the architecture and load ``ref`` into it; eval mode, on ``device``."""
+    import torch
+
+    from pipeline.models import registry
+
     if ref.random:
         match = _SEED_RE.match(ref.identity)
         seed = int(match.group(1)) if match else random_seed(spec.id)
