@@ -51,6 +51,10 @@ class TilingConfig(_Strict):
         description="tile edge in pixels at target mpp for every model; None: each model's own")
     min_tissue: float = Field(0.25, ge=0.0, le=1.0,
                               description="minimum tissue fraction of a tile to keep it")
+    tissue_colours: Literal["stains", "any"] = Field(
+        "stains", description="stains: tissue is coloured like H&E or DAB, and green, cyan "
+        "and blue are marker ink; any: every hue is stain and nothing is ink (trichrome, "
+        "alcian blue, red chromogens)")
     chunk_tiles: int = Field(64, ge=1, le=4096,
                              description="tiles per chunk travelling from tiling to encoders")
     thumbnail_px_per_tile: int = Field(
@@ -72,10 +76,11 @@ class TilingConfig(_Strict):
         "tiles, JPEG) and its GeoJSON for QuPath to OUT/previews/")
     qc: bool = Field(
         True, description="record per-tile QC values (glass and pen-ink fractions) in the "
-        "tiles table (~3% of tiling time at 20x); recorded, never used to drop tiles")
+        "tiles table (~2-3% of tiling time, bench/tiling.py --qc); recorded, never used to "
+        "drop tiles")
     qc_sharpness: bool = Field(
         False, description="also record each tile's sharpness (variance of the Laplacian; "
-        "~10% of tiling time at 20x, ~4% at 40x); needs qc")
+        "~9-12% more tiling time, bench/tiling.py --qc); needs qc")
     max_damaged_fraction: float = Field(
         0.01, ge=0.0, le=1.0, description="fraction of a slide's tiles that may lie on damaged "
         "JPEG tiles (delivered white, listed in the slides row) before the slide fails with "

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.config import JobConfig, TilingConfig
 from pipeline.handoff import ERROR, ERROR_STAGE, META, SLIDE_ID, TilingMeta
-from pipeline.models import registry
+from pipeline.models import specs
 from pipeline.models.precision import precision_label, run_precision
 from pipeline.placement import Placement
 from pipeline.plan import TILE_ORDER, Plan, SlideTask, code_version, error_row, slide_encoders
@@ -173,7 +173,7 @@ class Coordinator:
         e, meta, plan = task.entry, res.meta, res.meta.plan
         assert plan is not None  # a written slide was planned
         ref = self.plan.weights[m]
-        spec = registry.get(m)
+        spec = specs.get(m)
         gpu = self.use_gpu[m]
         m_cfg = next(c for c in self.cfg.models if c.id == m)
         return {
@@ -184,14 +184,15 @@ class Coordinator:
             "tile_px": plan.tile_px, "tile_l0": plan.tile_l0, "level": plan.level,
             "upsampled": plan.upsampled,
             "num_tiles": res.num_tiles, "tissue_area_mm2": plan.tissue_area_mm2,
-            **res.qc, "preview_path": meta.preview_path, "geojson_path": meta.geojson_path,
+            **res.qc, **_read_values(meta),
+            "preview_path": meta.preview_path, "geojson_path": meta.geojson_path,
             "tile_order": TILE_ORDER, "aggregation": "mean", "layer": None,
             "source_model": m, "model_dim": spec.dim,
             "precision": precision_label(spec.precision, gpu, m_cfg.tf32),
             "device": "cuda" if gpu else "cpu",
             "weights": ref.source, "weights_identity": ref.identity,
             "weights_sha256": ref.sha256, "random_weights": ref.random,
-            "tiling": json.dumps(tiling.model_dump(), sort_keys=True),
+            "tiling": json.dumps(_used(tiling, meta), sort_keys=True),
             "tiling_hash": tiling.spec_hash(),
             "work_key": task.work_keys[m], "tiles_path": res.files[m].path,
             "code_version": code_version(), "run_id": self.run_id,
@@ -324,6 +325,26 @@ class Coordinator:
                 break
             self.unwritten.pop(0)
         self.last_error_flush = time.monotonic()
+
+
+def _read_values(meta: TilingMeta) -> dict[str, Any]:
+    """The slides row's account of how the pixels were read and which tiles were damaged."""
+    damaged = list(meta.damaged or [])
+    return {"reader": meta.reader, "read_note": meta.read_note,
+            "damaged_tiles": len(damaged), "damaged_tile_indices": damaged,
+            "damage": meta.damage}
+
+
+def _used(tiling: TilingConfig, meta: TilingMeta) -> dict[str, Any]:
+    """The tiling settings as used for this slide: the reader that read it and whether
+    reduced-size decoding made its tiles (the config asks; the reader may decline, e.g. for
+    a slide whose check tile halves differently). ``tiling_hash`` stays the config's."""
+    used = tiling.model_dump()
+    if meta.reader is not None:
+        used["reader"] = meta.reader
+    if meta.dct_downscale is not None:
+        used["dct_downscale"] = meta.dct_downscale
+    return used
 
 
 def utc_time(t: float | None) -> datetime | None:

@@ -2,8 +2,9 @@
 
 Ray Data blocks are dicts of columns; this module names them, and types the one value that
 rides in them as text: the tiling stage's word on a slide (:class:`TilingMeta`: its plan, where
-and when it was tiled, its preview files), JSON in the ``meta`` column of the slide's first
-row (or of its error row). Torch-free on purpose: the writers and the router import it
+and when it was tiled, its preview files, what reading it found), JSON in the ``meta`` column
+of the first row of the slide's last chunk (or of its error row): only once every tile is read
+is it known which were damaged. Torch-free on purpose: the writers and the router import it
 without paying for torch.
 """
 
@@ -24,7 +25,7 @@ TISSUE = "tissue"          # tissue fraction of the tile
 NUM_TILES = "num_tiles"    # the slide's tile count (the writer waits for all of them)
 MODELS_COLUMN = "models"   # comma-joined tile models a slide's rows are for
 ERROR, ERROR_STAGE = "error", "error_stage"  # non-empty on a slide's error row
-META = "meta"              # TilingMeta.encode() on the slide's first row, else ""
+META = "meta"              # TilingMeta.encode() on one row of the slide (see above), else ""
 T_CHUNK = "t_chunk"        # when the chunk left the tiler (epoch s)
 RSS_MB = "rss_mb"          # the tiler's peak RSS so far
 # What the writers keep of each row, besides the encoders' columns below.
@@ -78,7 +79,8 @@ class SlidePlan:
 @dataclass(frozen=True)
 class TilingMeta:
     """The tiling stage's word on one slide: its plan (None on an error row), where and when
-    it was tiled, and its preview files (lake-relative; None when there are none)."""
+    it was tiled, its preview files (lake-relative; None when there are none), and what
+    reading it found."""
 
     started_at: float
     plan: SlidePlan | None = None
@@ -87,6 +89,14 @@ class TilingMeta:
     reader: str | None = None  # "tiff" (the direct JPEG path) or "openslide"
     preview_path: str | None = None
     geojson_path: str | None = None
+    # What reading found and used, known once every tile is read (the slide's last chunk
+    # carries this meta): reduced-size IDCT used for the tiles; why a faster way was not
+    # used; tile indices delivered white because they lie on damaged JPEG tiles; the
+    # decoders' complaints (and damaged thumbnail tiles), for a person.
+    dct_downscale: bool | None = None
+    read_note: str | None = None
+    damaged: list[int] | None = None
+    damage: str | None = None
 
     def encode(self) -> str:
         return json.dumps(asdict(self))

@@ -8,7 +8,7 @@ question, so users filter afterwards (README, "Tile QC"). Cost, measured with
 - ``qc_background``: fraction of glass pixels (bright and grey), on every 8th pixel per axis.
 - ``qc_pen``: fraction of pen-ink pixels (green or blue ink hues, saturated; or near-black
   and grey, as black ink is), on the same pixels. H&E and DAB hues lie outside both ranges.
-- ``qc_sharpness`` (``tiling.qc_sharpness``, off by default: it costs ~10% of tiling at 20x):
+- ``qc_sharpness`` (``tiling.qc_sharpness``, off by default: it costs ~9-12% of tiling):
   variance of the Laplacian of the grey tile at half resolution (area-averaged, so JPEG noise
   counts less); higher is sharper, out-of-focus tiles fall to a small fraction of a slide's
   median.

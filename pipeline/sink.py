@@ -115,6 +115,11 @@ def slides_schema(dim: int, dtype: str = "float32") -> pa.Schema:
         ("qc_background", pa.float64()),  # mean of the tiles' values
         ("qc_sharpness", pa.float64()),   # median of the tiles' values
         ("qc_pen", pa.float64()),         # mean of the tiles' values
+        ("reader", pa.string()),          # "tiff" (direct JPEG decode) or "openslide"
+        ("read_note", pa.string()),       # why not a faster way (fallbacks), else null
+        ("damaged_tiles", pa.int64()),    # tiles on damaged JPEG tiles, delivered white
+        ("damaged_tile_indices", pa.list_(pa.int32())),  # their tile_index values
+        ("damage", pa.string()),          # the decoders' complaints, null when none
         ("tile_order", pa.string()),
         (EMBEDDING, embedding_type(dim, dtype)),
         ("aggregation", pa.string()),     # "mean", or the slide encoder that produced it

@@ -2,7 +2,7 @@
 
 Why: OpenSlide decodes every region through its tile cache and hands back premultiplied RGBA
 that we convert again; reading the JPEG tiles ourselves (byte ranges from the TIFF directory,
-libjpeg-turbo through imagecodecs) skips that work, decodes only the file tiles that hold
+libjpeg-turbo through simplejpeg) skips that work, decodes only the file tiles that hold
 kept tissue tiles, and lets several threads decode at once (the decoder releases the GIL).
 
 OpenSlide stays the reader of record: :func:`open_tiff_reader` only returns a reader when
@@ -24,6 +24,16 @@ as one tall JPEG, each tile's entropy-coded data after a restart marker (see
 lets threads scale. Each level verifies on a few tiles that this gives exactly the pixels of
 decoding tile by tile, and decodes tile by tile otherwise.
 
+Damaged tiles: every decoder call treats a libjpeg warning as an error (simplejpeg's
+``strict``; imagecodecs' decoder, used before, let warnings pass and returned what it had, a
+grey or garbled tile). A file tile that does not decode cleanly is delivered as white and
+recorded in :attr:`TiffJpegReader.damage` with the decoder's complaint; tiling flags the tiles
+over it and fails the slide past ``tiling.max_damaged_fraction``. Clean tiles pay nothing
+for this: the warning check is inside the decoder call, and a run of tiles decoded as one
+stream (below) is decoded again tile by tile only when that stream fails. Corruption that
+still decodes as a valid stream without a warning (random bytes that happen to form valid
+Huffman codes of the right total length) cannot be told from tissue: TIFF keeps no checksum.
+
 Colour: Aperio writes photometric RGB with JPEG streams that carry no JFIF marker and store
 RGB components (no colour transform); generic TIFF writers (tifffile, libtiff) store YCbCr
 JPEG under photometric YCbCr. Decoding an RGB stream as YCbCr (the libjpeg default without
@@ -41,12 +51,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import imagecodecs
 import numpy as np
 import openslide
 import simplejpeg
 import tifffile
 from PIL import Image
+
+from pipeline.slides import DamageLog, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +75,10 @@ DCT_FACTORS = (2, 4, 8)
 # Reduced-size decoding against decode + box average: ~1.3 mean abs diff on H&E; a colour
 # space mistake is ~48. Beyond this the reader keeps the box filter.
 DCT_CHECK_MEAN = 4.0
+# Self-checks use tiles that decode cleanly: at most this many, nearest the level's centre
+# first, are tried before the level is declared unreadable by the fast path.
+CHECK_TRIES = 32
+CHECK_TILES = 4  # tiles kept per level: the stacking check decodes four
 # Markers that pin the colour space for decoders that infer it from the stream: Adobe APP14
 # with transform 0 (components are R, G, B) and a JFIF APP0 (components are Y, Cb, Cr).
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
@@ -99,8 +114,8 @@ class _Level:
     tables: bytes | None  # JPEGTables shared by abbreviated tile streams
     colorspace: str | None  # JPEG colour space to decode from; None: the stream's markers
     # SOI + colour-space marker + tables: prefixed to a tile stream (minus its SOI) it makes a
-    # self-contained JPEG for decoders without a tables/colour-space API; None: not possible.
-    header: bytes | None
+    # self-contained JPEG, which is how every tile is decoded.
+    header: bytes
 
 
 def _level_of(page: tifffile.TiffPage, index: int) -> tuple[_Level | None, str]:
@@ -134,10 +149,11 @@ def _level_of(page: tifffile.TiffPage, index: int) -> tuple[_Level | None, str]:
     elif not jfif:  # Aperio's raw-RGB streams carry no JFIF marker; a JFIF stream is YCbCr
         colorspace = "RGB"
     marker = {"RGB": _ADOBE_RGB, "YCBCR": b"" if jfif else _JFIF}.get(colorspace or "", b"")
-    header: bytes | None = b"\xff\xd8" + marker
+    header = b"\xff\xd8" + marker
     if tables:
-        ok = tables.startswith(b"\xff\xd8") and tables.endswith(b"\xff\xd9")
-        header = header + tables[2:-2] if ok else None
+        if not (tables.startswith(b"\xff\xd8") and tables.endswith(b"\xff\xd9")):
+            return None, f"page {index} JPEGTables are not SOI ... EOI"
+        header = header + tables[2:-2]
     level = _Level(index, int(page.imagewidth), int(page.imagelength), int(page.tilewidth),
                    int(page.tilelength), int(across), offsets, counts, tables, colorspace,
                    header)
@@ -181,14 +197,11 @@ def _segments(stream: bytes) -> list[tuple[int, int]] | None:
 def _stack_for(reader: TiffJpegReader, level: int, step: int) -> _Stack | None:
     """Build and verify the stacking recipe of one level decoded at 1/``step``."""
     lv = reader._lv(level)  # noqa: SLF001
-    if lv.header is None or step not in (1, *DCT_FACTORS):
+    if step not in (1, *DCT_FACTORS):
         return None
-    filled = np.nonzero(lv.counts > 0)[0]
-    where = _check_tile(reader, level)
-    if where is None or len(filled) < 2:
+    picks = [ty * lv.across + tx for tx, ty in _check_tiles(reader, level).clean]
+    if len(picks) < 2:
         return None
-    at = int(np.searchsorted(filled, where[1] * lv.across + where[0]))
-    picks = [int(i) for i in filled[max(0, min(at, len(filled) - 4)):][:4]]
     try:
         # bytes(): each fetch reuses the thread's read buffer
         datas = [bytes(reader._fetch(lv, i // lv.across, [i % lv.across])[0])  # type: ignore[arg-type]  # noqa: SLF001
@@ -252,6 +265,11 @@ class TiffJpegReader:
         self._seam_bytes = 0
         self.seam_budget = SEAM_CACHE_BYTES  # tiling lowers it to what the slide needs
         self._stacks: dict[tuple[int, int], _Stack | None] = {}  # see _stack_info
+        self._clean: dict[int, _Clean] = {}  # see _check_tiles
+        # File tiles that did not decode cleanly: delivered white, recorded here.
+        self.damage = DamageLog()
+        # Why reduced-size decoding was asked for but is not used ("": used or not asked).
+        self.dct_note = ""
 
     def has_level(self, level: int) -> bool:
         return 0 <= level < len(self._levels) and self._levels[level] is not None
@@ -270,10 +288,11 @@ class TiffJpegReader:
         """One file tile as (tile_h, tile_w, 3) uint8, or None for a sparse (empty) tile.
 
         ``scale`` 2, 4 or 8: reduced-size decoding by libjpeg-turbo's scaled IDCT, an array
-        ``scale`` times smaller per side (needs a level ``header``; see :meth:`dct_ok`).
+        ``scale`` times smaller per side (see :meth:`dct_ok`). Strict: a damaged tile raises
+        TiffReadError (region reads deliver it white instead, see :attr:`damage`).
         """
         lv = self._lv(level)
-        if scale != 1 and (lv.header is None or scale not in DCT_FACTORS):
+        if scale != 1 and scale not in DCT_FACTORS:
             raise ValueError(f"no reduced-size decoding by {scale} for page {lv.page}")
         data = self._fetch(lv, ty, [tx])[0]
         return None if data is None else self._decode(lv, data, tx, ty, scale)
@@ -286,7 +305,7 @@ class TiffJpegReader:
     def dct_ok(self, level: int, k: int) -> bool:
         """Whether a box reduced by k may come straight out of the scaled IDCT."""
         lv = self._lv(level)
-        return (self.dct_downscale and k in DCT_FACTORS and lv.header is not None
+        return (self.dct_downscale and k in DCT_FACTORS
                 and lv.tile_w % k == 0 and lv.tile_h % k == 0)
 
     def read_rgb(self, level: int, x: int, y: int, w: int, h: int,
@@ -375,10 +394,11 @@ class TiffJpegReader:
                 continue
             tiles = self._scratch("tiles", (len(datas), rh, rw, 3))
             if step == k:
-                self._decode_row(lv, datas, [tx0 + ci for ci in cis], ty, step, stack, tiles)
+                self._decode_row(lv, level, datas, [tx0 + ci for ci in cis], ty, step, stack,
+                                 tiles)
             else:  # exact box filter: full decode, then Image.reduce
                 for i, (ci, data) in enumerate(zip(cis, datas, strict=True)):
-                    tile = self._decode(lv, data, tx0 + ci, ty, 1)
+                    tile = self._decode_or_glass(lv, level, data, tx0 + ci, ty, 1)
                     tiles[i] = np.asarray(Image.fromarray(tile).reduce(k))
             grid[ri, :, cis] = tiles
             seam = [i for i, ci in enumerate(cis) if not (row_whole and col_whole[ci])]
@@ -390,10 +410,11 @@ class TiffJpegReader:
         out = full[oy:oy + h // k, ox:ox + w // k]
         return out if scratch or out.shape == full.shape else np.ascontiguousarray(out)
 
-    def _decode_row(self, lv: _Level, datas: list[memoryview], txs: list[int], ty: int,
-                    step: int, stack: _Stack | None, out: np.ndarray) -> None:
+    def _decode_row(self, lv: _Level, level: int, datas: list[memoryview], txs: list[int],
+                    ty: int, step: int, stack: _Stack | None, out: np.ndarray) -> None:
         """Decode file tiles into ``out`` (n, h, w, 3): runs of tiles whose headers match
-        the level's in one stacked decoder call each, any other tile on its own."""
+        the level's in one stacked decoder call each, any other tile on its own; a tile that
+        does not decode cleanly comes out white and goes to :attr:`damage`."""
         n = len(datas)
         i = 0
         while i < n:
@@ -404,12 +425,12 @@ class TiffJpegReader:
             if j - i >= 2:
                 try:
                     self._decode_stack(lv, datas[i:j], step, stack, out[i:j])
-                except TiffReadError:  # one bad tile in the run: find it, name it
+                except TiffReadError:  # a damaged tile in the run: find it, name it
                     for m in range(i, j):
-                        self._decode(lv, datas[m], txs[m], ty, step, out[m])
+                        self._decode_or_glass(lv, level, datas[m], txs[m], ty, step, out[m])
                 i = j
                 continue
-            self._decode(lv, datas[i], txs[i], ty, step, out[i])
+            self._decode_or_glass(lv, level, datas[i], txs[i], ty, step, out[i])
             i += 1
 
     def _decode_stack(self, lv: _Level, datas: list[memoryview], step: int, stack: _Stack,
@@ -425,7 +446,7 @@ class TiffJpegReader:
         try:
             img = simplejpeg.decode_jpeg(b"".join(parts), colorspace="RGB",
                                          min_height=n * rh, min_width=rw, min_factor=step,
-                                         buffer=out)
+                                         buffer=out, strict=True)
         except Exception as err:  # noqa: BLE001 - whichever tile it is, the caller finds it
             raise TiffReadError(f"stacked decode: {type(err).__name__}: {err}") from None
         if img.shape != (n * rh, rw, 3):
@@ -510,18 +531,17 @@ class TiffJpegReader:
 
     def _decode(self, lv: _Level, data: bytes | memoryview, tx: int, ty: int, scale: int,
                 out: np.ndarray | None = None) -> np.ndarray:
-        """One file tile's stream decoded (reduced by ``scale`` in the IDCT), into ``out``."""
+        """One file tile's stream decoded (reduced by ``scale`` in the IDCT), into ``out``.
+
+        Strict: a libjpeg warning (corrupt data, premature end, extraneous bytes) raises
+        TiffReadError like an error does, at full size as at reduced size.
+        """
         shape = (lv.tile_h // scale, lv.tile_w // scale, 3)
         try:
-            if scale == 1:
-                tile = imagecodecs.jpeg8_decode(data, tables=lv.tables, colorspace=lv.colorspace,
-                                                outcolorspace="RGB", out=out)
-            else:
-                assert lv.header is not None
-                tile = simplejpeg.decode_jpeg(lv.header + data[2:], colorspace="RGB",
-                                              min_height=shape[0], min_width=shape[1],
-                                              min_factor=scale, buffer=out)
-        except Exception as err:  # noqa: BLE001 - imagecodecs raises its own error types
+            tile = simplejpeg.decode_jpeg(lv.header + data[2:], colorspace="RGB",
+                                          min_height=shape[0], min_width=shape[1],
+                                          min_factor=scale, buffer=out, strict=True)
+        except Exception as err:  # noqa: BLE001 - simplejpeg raises ValueError and others
             raise TiffReadError(f"tile {tx},{ty} of page {lv.page}: "
                                 f"{type(err).__name__}: {err}") from None
         self.tiles_decoded += 1
@@ -529,6 +549,22 @@ class TiffJpegReader:
             raise TiffReadError(f"tile {tx},{ty} of page {lv.page} decoded to {tile.shape}, "
                                 f"expected {shape}")
         return tile
+
+    def _decode_or_glass(self, lv: _Level, level: int, data: bytes | memoryview, tx: int,
+                         ty: int, scale: int, out: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`_decode`, or white recorded in :attr:`damage` when the tile is damaged."""
+        try:
+            return self._decode(lv, data, tx, ty, scale, out)
+        except TiffReadError as err:
+            box = (tx * lv.tile_w, ty * lv.tile_h, min(lv.width, (tx + 1) * lv.tile_w),
+                   min(lv.height, (ty + 1) * lv.tile_h))
+            self.damage.add(level, box, str(err))
+            if len(self.damage) <= 3:  # the slide's row and error row list them all
+                log.warning("%s: damaged JPEG tile, read as white: %s", self.path, err)
+            if out is None:
+                out = np.empty((lv.tile_h // scale, lv.tile_w // scale, 3), np.uint8)
+            out[:] = 255
+            return out
 
     def _keep_seams(self, items: list[tuple[tuple[int, int, int, int], np.ndarray]]) -> None:
         """Cache seam tiles (ones a box only partly covers: the neighbouring region or band
@@ -582,27 +618,65 @@ def _wanted(need: Sequence[Box] | None, x: int, y: int, w: int, h: int, tw: int,
     return (in_row.T.astype(np.int32) @ in_col.astype(np.int32)) > 0
 
 
-def _check_tile(reader: TiffJpegReader, level: int) -> tuple[int, int] | None:
-    """The non-empty file tile nearest the level's centre (tissue, not glass, most likely)."""
-    lv = reader._lv(level)
+@dataclass(frozen=True)
+class _Clean:
+    """File tiles of a level for the self-checks: ones that decode cleanly, nearest the
+    centre first, and what was wrong with the damaged ones tried before them."""
+
+    clean: list[tuple[int, int]]
+    filled: int  # non-empty file tiles in the level
+    damaged: list[str]
+
+
+def _check_tiles(reader: TiffJpegReader, level: int) -> _Clean:
+    """Up to ``CHECK_TILES`` non-empty file tiles nearest the level's centre (tissue, not
+    glass, most likely) that decode cleanly, trying at most ``CHECK_TRIES``.
+
+    The checks compare pixels: a damaged tile proves nothing about the reader (OpenSlide
+    fails on it, or both decode the same garbage), so it is skipped, not held against the
+    level. Cached per level; decoding here is not counted as reading.
+    """
+    with reader._lock:  # noqa: SLF001
+        done = reader._clean.get(level)  # noqa: SLF001
+    if done is not None:
+        return done
+    lv = reader._lv(level)  # noqa: SLF001
     filled = np.nonzero(lv.counts > 0)[0]
-    if not len(filled):
-        return None
     down = len(lv.counts) // lv.across
     rows, cols = filled // lv.across, filled % lv.across
-    i = int(filled[np.argmin(np.abs(rows - down // 2) + np.abs(cols - lv.across // 2))])
-    return i % lv.across, i // lv.across
+    order = filled[np.argsort(np.abs(rows - down // 2) + np.abs(cols - lv.across // 2),
+                              kind="stable")]
+    clean: list[tuple[int, int]] = []
+    damaged: list[str] = []
+    before = reader.tiles_decoded
+    for i in order[:CHECK_TRIES].tolist():
+        tx, ty = i % lv.across, i // lv.across
+        try:
+            reader.decode_tile(level, tx, ty)
+        except TiffReadError as err:
+            damaged.append(str(err))
+            continue
+        clean.append((tx, ty))
+        if len(clean) == CHECK_TILES:
+            break
+    reader.tiles_decoded = before
+    done = _Clean(clean, len(filled), damaged)
+    with reader._lock:  # noqa: SLF001
+        reader._clean[level] = done  # noqa: SLF001
+    return done
 
 
 def _check(reader: TiffJpegReader, slide: openslide.OpenSlide, level: int) -> str:
-    """Empty when a tile near the level's centre decodes to OpenSlide's pixels; else why not."""
-    from pipeline.slides import read_rgb  # late: slides imports this module's users
-
+    """Empty when a clean tile near the level's centre decodes to OpenSlide's pixels; else
+    why not."""
     lv = reader._lv(level)
-    where = _check_tile(reader, level)
-    if where is None:
+    tiles = _check_tiles(reader, level)
+    if not tiles.filled:
         return ""  # an entirely sparse level reads as glass on both paths
-    tx, ty = where
+    if not tiles.clean:
+        return (f"none of the {len(tiles.damaged)} file tiles tried near the centre of "
+                f"level {level} decodes cleanly (first: {tiles.damaged[0]})")
+    tx, ty = tiles.clean[0]
     x, y = tx * lv.tile_w, ty * lv.tile_h
     w, h = min(lv.tile_w, lv.width - x), min(lv.tile_h, lv.height - y)
     ours = reader.read_rgb(level, x, y, w, h).astype(np.int16)
@@ -616,12 +690,12 @@ def _check(reader: TiffJpegReader, slide: openslide.OpenSlide, level: int) -> st
 
 
 def _check_dct(reader: TiffJpegReader, level: int, k: int) -> str:
-    """Empty when reduced-size decoding of the check tile matches decode + box average."""
-    where = _check_tile(reader, level)
-    if where is None:
+    """Empty when reduced-size decoding of a clean check tile matches decode + box average."""
+    tiles = _check_tiles(reader, level)
+    if not tiles.clean:
         return ""
-    full = reader.decode_tile(level, *where)
-    scaled = reader.decode_tile(level, *where, scale=k)
+    full = reader.decode_tile(level, *tiles.clean[0])
+    scaled = reader.decode_tile(level, *tiles.clean[0], scale=k)
     assert full is not None and scaled is not None
     box = np.asarray(Image.fromarray(full).reduce(k)).astype(np.int16)
     diff = float(np.abs(scaled.astype(np.int16) - box).mean())
@@ -679,5 +753,6 @@ def open_tiff_reader(path: str, slide: openslide.OpenSlide, levels: Sequence[int
             why = f"{type(err).__name__}: {err}"
         if why:
             reader.dct_downscale = False
+            reader.dct_note = why
             log.info("box-averaging, not reduced-size decoding, for %s: %s", path, why)
     return reader, ""

@@ -16,11 +16,19 @@ Readers: plain-JPEG tiled TIFFs (Aperio SVS, generic tiled TIFF) are read by
 :mod:`pipeline.tiffread` (direct tile decode, tissue-free file tiles skipped); everything else,
 and any TIFF the fast path does not recognise, by OpenSlide. ``threads`` regions are read and
 resampled at once (JPEG decode, OpenSlide and Pillow release the GIL).
+
+Damaged JPEG tiles: both readers deliver a file tile that does not decode cleanly as white and
+record it (:class:`pipeline.slides.DamageLog`); a region that read over one flags its tiles
+that overlap it, which are then emitted white (never the decoder's garbage) and listed in the
+slide's meta (``damaged``). The tile count stays the plan's: writers wait for exactly that
+many rows. Past ``tiling.max_damaged_fraction`` of the slide's tiles the slide fails
+(``SlideError('read')`` naming how many and which). Clean regions pay one length check.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import resource
@@ -28,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import openslide
@@ -58,9 +66,11 @@ from pipeline.preview import Preview, geojson_bytes, make_preview, render_jpeg
 from pipeline.qc import QC_COLUMNS, tile_qc
 from pipeline.sink import Lake
 from pipeline.slides import (
+    DamageLog,
     OpenSlideReader,
     RegionReader,
     SlideError,
+    integer_factor,
     objective_power,
     open_slide,
     read_resampled,
@@ -116,6 +126,32 @@ class TileChunk:
     index: np.ndarray  # int64 position in the slide's row-major tiling order
 
 
+@dataclass
+class ReadReport:
+    """What reading a slide found and used; complete once its chunks are exhausted."""
+
+    dct_downscale: bool = False  # the tiles came out of libjpeg-turbo's reduced-size IDCT
+    note: str = ""  # why the fast path, or its reduced-size decoding, was not used
+    damaged: set[int] = field(default_factory=set)  # tile indices delivered white
+    thumbnail_damaged: int = 0  # file tiles the thumbnail read as white (the mask saw glass)
+    logs: list[DamageLog] = field(default_factory=list)  # the readers' (their complaints)
+
+    def damage_text(self) -> str | None:
+        """The decoders' complaints for a person (a few of them), or None: nothing damaged."""
+        if not self.damaged and not self.thumbnail_damaged:
+            return None
+        parts = []
+        if self.thumbnail_damaged:
+            parts.append(f"{self.thumbnail_damaged} file tiles of the thumbnail read as white "
+                         "(the tissue mask saw glass there)")
+        n = sum(len(log_) for log_ in self.logs)
+        notes = [note for log_ in self.logs for note in log_.notes(limit=5)][:5]
+        if n:
+            parts.append(f"{n} damaged file tiles: " + "; ".join(notes)
+                         + ("; ..." if n > len(notes) else ""))
+        return "; ".join(parts) or None
+
+
 class TileChunks(Iterator[TileChunk]):
     """Iterator of chunks that owns the open slide and closes it when done or closed.
 
@@ -130,6 +166,7 @@ class TileChunks(Iterator[TileChunk]):
         self._closers = closers
         self.reader = "openslide"  # which reader delivers the pixels ("openslide" or "tiff")
         self.preview: Preview | None = None  # made from the planning thumbnail (tiling.previews)
+        self.report = ReadReport()  # filled in while the chunks are read
 
     def __iter__(self) -> TileChunks:
         return self
@@ -206,17 +243,25 @@ def tile_slide(path: str, *, mpp_override: float | None,
     closers: list[Callable[[], object]] = []
     try:
         geo = slide_geometry(slide, mpp_override, cfg)
+        # Read before any pixels: a failed OpenSlide read spoils the handle for every call.
+        facts = vendor(slide), objective_power(slide)
+        backup = OpenSlideReader(slide, path)  # reopens itself after a failed read
+        closers.append(backup.close)
         # The fast reader also serves the thumbnail level when it can: planning is serial
         # work in front of every slide, and OpenSlide is the slow part of it.
         dct = (geo.whole_scale or 1) if cfg.dct_downscale else 1
-        reader, name = _reader(slide, path, geo.level, cfg.reader, dct, also=geo.thumb_level)
+        reader, name, note = _reader(slide, path, geo.level, cfg.reader, dct,
+                                     also=geo.thumb_level, backup=backup)
         if isinstance(reader, TiffJpegReader):
-            closers.append(reader.close)
+            closers.insert(0, reader.close)
         threads = cfg.threads
         pool = ThreadPoolExecutor(threads, thread_name_prefix="tiling") if threads > 1 else None
         if pool is not None:
             closers.insert(0, lambda: pool.shutdown(wait=True, cancel_futures=True))
-        plan, grid, preview = _plan(slide, path, geo, cfg, reader=reader, pool=pool)
+        fast = [reader.damage] if isinstance(reader, TiffJpegReader) else []
+        report = ReadReport(note=note, logs=[*fast, backup.damage])
+        plan, grid, preview = _plan(slide, path, geo, cfg, reader=reader, pool=pool,
+                                    backup=backup, facts=facts, report=report)
     except BaseException:
         for close in closers:
             close()
@@ -224,10 +269,13 @@ def tile_slide(path: str, *, mpp_override: float | None,
         raise
     if isinstance(reader, TiffJpegReader):
         reader.seam_budget = _seam_budget(grid, geo, reader.tile_shape(geo.level))
-    gen = _chunks(reader, path, grid, geo.level, geo.scale, cfg, pool)
+        k = geo.whole_scale or 1
+        report.dct_downscale = k > 1 and reader.dct_ok(geo.level, k)
+    gen = _chunks(reader, path, grid, geo.level, geo.scale, cfg, pool, report)
     chunks = TileChunks(slide, gen, tuple(closers))
     chunks.reader = name
     chunks.preview = preview
+    chunks.report = report
     return plan, chunks
 
 
@@ -254,29 +302,34 @@ def _seam_budget(grid: TileGrid, geo: ReadGeometry, file_tile: tuple[int, int]) 
 
 
 def _reader(slide: openslide.OpenSlide, path: str, level: int, choice: str,
-            dct_factor: int = 1, also: int | None = None) -> tuple[RegionReader, str]:
-    """The fast TIFF reader when allowed and it recognises the file, else OpenSlide.
+            dct_factor: int = 1, also: int | None = None,
+            backup: OpenSlideReader | None = None) -> tuple[RegionReader, str, str]:
+    """The fast TIFF reader when allowed and it recognises the file, else OpenSlide
+    (``backup`` when given), with the name of the one chosen and why not a faster way.
 
     ``also``: a second level the fast reader should serve if it can (the thumbnail's).
     """
     if choice not in READERS:
         raise ValueError(f"tiling.reader must be one of {READERS}, got {choice!r}")
+    fallback = backup if backup is not None else OpenSlideReader(slide, path)
     if choice == "openslide":
-        return OpenSlideReader(slide, path), "openslide"
+        return fallback, "openslide", ""
     reader, why = None, ""
     if also is not None and also != level:
         reader, why = open_tiff_reader(path, slide, [level, also], dct_factor=dct_factor)
     if reader is None:
         reader, why = open_tiff_reader(path, slide, [level], dct_factor=dct_factor)
     if reader is not None:
-        return reader, "tiff"
+        note = f"box filter, not reduced-size decoding: {reader.dct_note}" \
+            if reader.dct_note else ""
+        return reader, "tiff", note
     if choice == "tiff":
         raise SlideError("open", f"tiling.reader=tiff cannot read {path!r}: {why}")
     kind = re.sub(r"[\d.]+", "#", why)  # once per kind of reason per process, not per slide
     if kind not in _fallbacks_logged:
         _fallbacks_logged.add(kind)
         log.info("reading with OpenSlide, not the TIFF fast path: %s (e.g. %s)", why, path)
-    return OpenSlideReader(slide, path), "openslide"
+    return fallback, "openslide", f"OpenSlide, not the TIFF fast path: {why}" if why else ""
 
 
 def slide_geometry(slide: openslide.OpenSlide, mpp_override: float | None,
@@ -289,13 +342,25 @@ def slide_geometry(slide: openslide.OpenSlide, mpp_override: float | None,
 
 
 def _plan(slide: openslide.OpenSlide, path: str, geo: ReadGeometry, cfg: TilingConfig, *,
-          reader: RegionReader | None = None, pool: ThreadPoolExecutor | None = None
-          ) -> tuple[SlidePlan, TileGrid, Preview | None]:
+          reader: RegionReader | None = None, pool: ThreadPoolExecutor | None = None,
+          backup: OpenSlideReader | None = None,
+          facts: tuple[str | None, float | None] | None = None,
+          report: ReadReport | None = None) -> tuple[SlidePlan, TileGrid, Preview | None]:
+    """Thumbnail, tissue mask and tile grid. ``backup`` reads the thumbnail when ``reader``
+    does not serve its level (the bare ``slide`` otherwise: strict, a damaged tile fails);
+    ``facts``: vendor and objective power, read before any pixel; ``report`` learns how many
+    thumbnail tiles were damaged."""
     has_level = getattr(reader, "has_level", None)
     if has_level is None or not has_level(geo.thumb_level):
-        reader = None  # OpenSlide reads the thumbnail
+        reader = backup  # OpenSlide reads the thumbnail
+    if facts is None:
+        facts = vendor(slide), objective_power(slide)
+    damage: DamageLog | None = getattr(reader, "damage", None)
+    before = damage.count([geo.thumb_level]) if damage is not None else 0
     try:
-        thumb = read_thumbnail(slide, geo.thumb_size, path=path, reader=reader, pool=pool,
+        # a self-check OpenSlide failed spoils ``slide``: the backup's handle is good
+        thumb = read_thumbnail(backup.healthy() if backup is not None else slide,
+                               geo.thumb_size, path=path, reader=reader, pool=pool,
                                level=geo.thumb_level)
     except TiffReadError as err:
         raise SlideError("read", f"failed reading the thumbnail of {path!r}: the file is "
@@ -303,7 +368,9 @@ def _plan(slide: openslide.OpenSlide, path: str, geo: ReadGeometry, cfg: TilingC
     finally:
         if isinstance(reader, TiffJpegReader):
             reader.clear_seams()
-    mask, threshold = tissue_mask(thumb)
+    if damage is not None and report is not None:
+        report.thumbnail_damaged = damage.count([geo.thumb_level]) - before
+    mask, threshold = tissue_mask(thumb, colours=cfg.tissue_colours)
     grid = plan_grid(mask, geo.width, geo.height, geo.tile_l0, cfg.min_tissue, geo.mpp0)
     preview = make_preview(thumb, mask, grid, geo.width, geo.height) if cfg.previews else None
     del thumb
@@ -311,7 +378,7 @@ def _plan(slide: openslide.OpenSlide, path: str, geo: ReadGeometry, cfg: TilingC
         raise SlideError(
             "no_tissue",
             f"no tissue found: 0 of {grid.grid_tiles} tiles reach min_tissue={cfg.min_tissue} "
-            f"(mask threshold: HSV saturation >= {threshold:.3f}, mask tissue area "
+            f"(mask threshold: chroma >= {threshold:.3f} over the glass, mask tissue area "
             f"{grid.tissue_area_mm2:.3f} mm2); check the slide, or lower tiling.min_tissue",
             preview=preview,
         )
@@ -319,8 +386,8 @@ def _plan(slide: openslide.OpenSlide, path: str, geo: ReadGeometry, cfg: TilingC
         width=geo.width, height=geo.height, mpp=geo.mpp0, mpp_source=geo.mpp_source,
         level=geo.level, level_downsample=geo.level_downsample, tile_px=geo.tile_px,
         tile_l0=geo.tile_l0, target_mpp=float(cfg.mpp), num_tiles=grid.num_tiles,
-        tissue_area_mm2=float(grid.tissue_area_mm2), vendor=vendor(slide),
-        objective_power=objective_power(slide), upsampled=geo.upsampled,
+        tissue_area_mm2=float(grid.tissue_area_mm2), vendor=facts[0],
+        objective_power=facts[1], upsampled=geo.upsampled,
         read_mpp=geo.read_mpp,
     )
     return plan, grid, preview
@@ -387,9 +454,13 @@ def _regions(grid: TileGrid, scale: float, cfg: TilingConfig) -> Iterator[tuple[
 
 def _read_region(reader: RegionReader, path: str, level: int, reg: _Region, rows: np.ndarray,
                  cols: np.ndarray, t: int, store: dict[int, np.ndarray], lo: int,
-                 per_chunk: int) -> None:
+                 per_chunk: int, scale: float = 1.0) -> list[int]:
     """Cut the kept tiles of one region straight into their chunk slots (disjoint per region,
-    so threads share the chunks without a lock); the region's pixels are freed here."""
+    so threads share the chunks without a lock); the region's pixels are freed here.
+
+    Returns the slide positions of its tiles that lie on a damaged file tile: those slots are
+    filled white (the reader's substitute for what did not decode is no tile's pixels).
+    """
     try:
         pixels = read_resampled(reader, level, reg.box, reg.size, RESAMPLE, path=path,
                                 need=reg.need, scratch=True)
@@ -413,17 +484,36 @@ def _read_region(reader: RegionReader, path: str, level: int, reg: _Region, rows
             j += 1
         store[chunk][slot:slot + j - i] = grid[rr[i], :, cc[i]:cc[i] + j - i].transpose(1, 0, 2, 3)
         i = j
+    damage: DamageLog | None = getattr(reader, "damage", None)
+    if damage is None or not len(damage):  # the whole cost on a clean slide
+        return []
+    bad = damage.boxes(level)
+    if not len(bad):
+        return []
+    # A resize reads a margin around each tile (see read_resampled): widen by it.
+    pad = 0 if integer_factor(reg.box, reg.size) else math.ceil(max(scale, 1.0)) + 1
+    need = np.asarray(reg.need, np.float64).reshape(-1, 4) + np.array([-pad, -pad, pad, pad])
+    hit = ((need[:, None, 0] < bad[None, :, 2]) & (need[:, None, 2] > bad[None, :, 0]) &
+           (need[:, None, 1] < bad[None, :, 3]) & (need[:, None, 3] > bad[None, :, 1])).any(1)
+    flagged = [lo + sel[i] for i in np.nonzero(hit)[0].tolist()]
+    for g in flagged:
+        chunk, slot = divmod(g, per_chunk)
+        store[chunk][slot] = 255
+    return flagged
 
 
 def _chunks(reader: RegionReader, path: str, grid: TileGrid, level: int, scale: float,
-            cfg: TilingConfig, pool: ThreadPoolExecutor | None) -> Iterator[TileChunk]:
+            cfg: TilingConfig, pool: ThreadPoolExecutor | None,
+            report: ReadReport | None = None) -> Iterator[TileChunk]:
     """Read bands of ``region_tiles`` grid rows, region by region, and emit chunks in order.
 
     Regions write their tiles straight into the chunk arrays that will be emitted (no copy
     between reading and emitting); a chunk goes out, in row-major order, once all its tiles
     are read. Memory: the chunks under the regions in flight (at most a band of
     ``BAND_BYTES``), never the slide. With a pool, regions are read ahead in order,
-    ``READ_AHEAD`` per thread.
+    ``READ_AHEAD`` per thread. Damaged tiles go to ``report.damaged``; once more than
+    ``cfg.max_damaged_fraction`` of the slide's tiles are, the slide fails at once (no
+    point decoding the rest of a file that far gone).
     """
     t = cfg.tile_size
     n = grid.num_tiles
@@ -431,7 +521,9 @@ def _chunks(reader: RegionReader, path: str, grid: TileGrid, level: int, scale: 
     store: dict[int, np.ndarray] = {}  # chunk number -> its tiles, until emitted
     emitted = 0  # chunks emitted so far
     workers = pool._max_workers if pool is not None else 1  # noqa: SLF001
-    inflight: deque[tuple[int | None, Future[None]]] = deque()
+    inflight: deque[tuple[int | None, Future[list[int]]]] = deque()
+    report = report if report is not None else ReadReport()
+    allowed = math.floor(cfg.max_damaged_fraction * n + 1e-9)
 
     def allocate(lo: int, hi: int) -> None:
         for c in range(lo // per_chunk, (hi - 1) // per_chunk + 1):
@@ -445,6 +537,14 @@ def _chunks(reader: RegionReader, path: str, grid: TileGrid, level: int, scale: 
             yield _chunk(grid, store.pop(emitted), emitted * per_chunk)
             emitted += 1
 
+    def damaged(found: list[int]) -> None:
+        if not found:
+            return
+        report.damaged.update(found)
+        if len(report.damaged) > allowed:
+            raise SlideError("read", _too_damaged(path, report, n, cfg.max_damaged_fraction,
+                                                  allowed))
+
     try:
         for _, lo, hi, regions in _regions(grid, scale, cfg):
             rows, cols = grid.row[lo:hi], grid.col[lo:hi]
@@ -457,21 +557,21 @@ def _chunks(reader: RegionReader, path: str, grid: TileGrid, level: int, scale: 
                 # Tiles read once this region is: the band's when it is the last; in a one-row
                 # band, regions are consecutive runs of tiles, so all up to its end.
                 done = hi if j == len(regions) - 1 else end if one_row else None
-                args = (reader, path, level, reg, rows, cols, t, store, lo, per_chunk)
+                args = (reader, path, level, reg, rows, cols, t, store, lo, per_chunk, scale)
                 if pool is None:
-                    _read_region(*args)
+                    damaged(_read_region(*args))
                     if done is not None:
                         yield from ready(done)
                     continue
                 inflight.append((done, pool.submit(_read_region, *args)))
                 while len(inflight) > READ_AHEAD * workers:
                     done_at, fut = inflight.popleft()
-                    fut.result()
+                    damaged(fut.result())
                     if done_at is not None:
                         yield from ready(done_at)
         while inflight:
             done_at, fut = inflight.popleft()
-            fut.result()
+            damaged(fut.result())
             if done_at is not None:
                 yield from ready(done_at)
     finally:
@@ -479,6 +579,17 @@ def _chunks(reader: RegionReader, path: str, grid: TileGrid, level: int, scale: 
             fut.cancel()
     if emitted * per_chunk < n:  # a bug in the band bookkeeping; never emit a partial slide
         raise SlideError("tiling", f"internal error: emitted {emitted} chunks of {n} tiles")
+
+
+def _too_damaged(path: str, report: ReadReport, n: int, fraction: float, allowed: int) -> str:
+    """The error row's reason: how many tiles are damaged, which, and what the decoder said."""
+    bad = sorted(report.damaged)
+    shown = ", ".join(str(i) for i in bad[:20]) + (", ..." if len(bad) > 20 else "")
+    return (f"at least {len(bad)} of {n} tiles of {path!r} lie on damaged JPEG tiles, more "
+            f"than tiling.max_damaged_fraction={fraction:g} allows ({allowed}): the file is "
+            f"corrupt or truncated (copy or export it again; or raise the fraction to keep "
+            f"the slide with those tiles white and listed); tiles {shown}; "
+            f"{report.damage_text()}")
 
 
 def _chunk(grid: TileGrid, tiles: np.ndarray, start: int) -> TileChunk:
@@ -570,21 +681,25 @@ def tiling_stage(batch: dict[str, np.ndarray], *, tiling: TilingConfig,
                     raise
                 show(chunks.preview)
                 chunks.preview = None  # its thumbnail is not needed while tiles are read
-                meta = TilingMeta(started, plan, ray_node_id(), os.getpid(), chunks.reader,
-                                  **shown).encode()
+                node, pid = ray_node_id(), os.getpid()
                 held = None  # the last chunk waits for the check below: without it the
                 for chunk in chunks:  # slide is incomplete and its writer never writes it
                     if held is not None:
                         yield held
-                        meta = ""
                     held = _rows(str(slide_id), str(models), chunk.tiles, x=chunk.x, y=chunk.y,
                                  tissue=chunk.tissue, index=chunk.index,
-                                 num_tiles=plan.num_tiles, meta=meta, qc=cfg.qc,
+                                 num_tiles=plan.num_tiles, qc=cfg.qc,
                                  sharpness=cfg.qc_sharpness)
                 if is_local(str(uri)):  # a staged copy cannot change; a local file can
                     check_unchanged(str(uri), expected, source_fingerprint(str(uri), store),
                                     "while it was tiled")
                 if held is not None:
+                    # the meta rides on the last chunk: only now is it known what was damaged
+                    rep = chunks.report
+                    held[META][0] = TilingMeta(
+                        started, plan, node, pid, chunks.reader, **shown,
+                        dct_downscale=rep.dct_downscale, read_note=rep.note or None,
+                        damaged=sorted(rep.damaged), damage=rep.damage_text()).encode()
                     yield held
         except SlideChanged as err:
             yield failure("changed", str(err))

@@ -82,7 +82,7 @@ class SlideBuffer:
         self.qc = {c: np.full(n, np.nan, np.float32) for c in QC_COLUMNS}
         self.received = np.zeros(n, bool)
         self.emb: dict[str, np.ndarray] = {}
-        self.meta: TilingMeta | None = None  # from the slide's first row
+        self.meta: TilingMeta | None = None  # from the row that carries it (its last chunk)
         self.t_first, self.t_last, self.rss_mb = float("inf"), 0.0, 0.0
         self.encoder_nodes: dict[str, set[str]] = {}
 

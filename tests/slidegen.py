@@ -317,3 +317,64 @@ def write_not_a_slide(path: str | Path) -> Path:
 def copy_tiny(path: str | Path) -> Path:
     """The bundled 16x16 Aperio slide: smaller than any tile."""
     return Path(shutil.copyfile(TINY_SLIDE, path))
+
+
+DAMAGE = ("early_eoi", "no_soi", "random_bytes", "extraneous_bytes", "cut_short")
+
+
+def damage_jpeg(data: bytes, kind: str, seed: int = 0) -> bytes:
+    """One JPEG tile stream damaged the way ``kind`` says (see :data:`DAMAGE`).
+
+    early_eoi: an end-of-image marker in the middle of the entropy-coded data (a write that
+    stopped, then the next write's bytes); no_soi: the first 16 bytes zeroed (the start marker
+    gone); random_bytes: 32 random bytes over the middle of the entropy-coded data (bit rot);
+    extraneous_bytes: 71 bytes between the last MCU and the end marker; cut_short: the last
+    quarter of the stream missing.
+    """
+    n, mid = len(data), len(data) // 2
+    if kind == "early_eoi":
+        return data[:mid] + b"\xff\xd9" + data[mid + 2:]
+    if kind == "no_soi":
+        return b"\0" * 16 + data[16:]
+    if kind == "random_bytes":
+        noise = np.random.default_rng(seed).integers(0, 256, 32, dtype=np.uint8).tobytes()
+        return data[:mid] + noise + data[mid + 32:]
+    if kind == "extraneous_bytes":
+        return data[:-2] + bytes(range(1, 72)) + data[-2:]
+    if kind == "cut_short":
+        return data[:n * 3 // 4]
+    raise ValueError(f"unknown damage {kind!r}; one of {DAMAGE}")
+
+
+def write_damaged_tiles(path: str | Path, src: str | Path, tiles: Sequence[tuple[int, int]],
+                        kind: str, *, page: int = 0, seed: int = 0) -> Path:
+    """Copy of ``src`` whose file tiles ``tiles`` ((column, row) of TIFF page ``page``) are
+    damaged as :func:`damage_jpeg` says; every other byte of pixel data is unchanged.
+
+    The damaged streams are appended at the end of the file and the page's tile offset and
+    byte count entries point at them, so a damaged stream may be longer or shorter than the
+    original and the directory stays valid: the slide opens, plans and reads, and only the
+    decoders can tell.
+    """
+    import struct
+
+    path = Path(shutil.copyfile(src, path))
+    with tifffile.TiffFile(path) as tif:
+        p = tif.pages[page]
+        across = -(-p.imagewidth // p.tilewidth)  # type: ignore[union-attr]
+        where = [(p.tags[code].valueoffset, p.tags[code].dtype)  # type: ignore[union-attr]
+                 for code in (324, 325)]  # TileOffsets, TileByteCounts
+        offsets, counts = p.dataoffsets, p.databytecounts  # type: ignore[union-attr]
+        order = tif.byteorder
+    with open(path, "r+b") as f:
+        for tx, ty in tiles:
+            i = ty * across + tx
+            f.seek(offsets[i])
+            bad = damage_jpeg(f.read(counts[i]), kind, seed)
+            end = f.seek(0, 2)
+            f.write(bad)
+            for (at, dtype), value in zip(where, (end, len(bad)), strict=True):
+                fmt = {3: "H", 4: "I", 16: "Q"}[int(dtype)]
+                f.seek(at + i * struct.calcsize(fmt))
+                f.write(struct.pack(order + fmt, value))
+    return path

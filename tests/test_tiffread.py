@@ -5,7 +5,7 @@ halved inside libjpeg-turbo's IDCT, not box-averaged; ``DCT_BOUND`` is what the 
 for it (measured on the generated H&E: mean abs diff ~1.3, 99.9th percentile ~14, max ~45).
 With ``dct_downscale=False`` the fast path is held to the same bound as everywhere else.
 
-Measured on OpenSlide 4.0.1 (bundled libjpeg-turbo) and imagecodecs 2026.3.6: level reads are
+Measured on OpenSlide 4.0.1 (bundled libjpeg-turbo) and simplejpeg 1.9.0: level reads are
 bit-identical on generated slides (YCbCr JPEG, JFIF tiles) and on the real CMU-1 Aperio scan
 (raw-RGB JPEG with shared tables), so tiles from both readers are identical. The bound the
 tests allow (``CHECK_MEAN``/``CHECK_MAX``: mean abs diff <= 0.5, max <= 8 levels) covers a
@@ -115,20 +115,35 @@ def test_dct_decode_matches_box_average_on_real_aperio() -> None:
             reader.decode_tile(0, 2, 2, scale=3)
 
 
-def test_dct_check_keeps_box_filter_when_decoding_differs() -> None:
-    # CMU-1's raw-RGB streams decoded as YCbCr (a JFIF marker instead of Adobe's) are ~48
-    # levels off: the check must catch it, so the reader keeps the exact box filter
-    from pipeline.tiffread import _JFIF, _check_dct
+def test_dct_check_keeps_box_filter_when_decoding_differs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A reduced-size decoder that strays from decode + box average (modelled: 40 levels off)
+    # must fail the check: the reader keeps the exact box filter and says why, which the
+    # slides row then records instead of the dct_downscale the config asked for
+    import simplejpeg
 
+    import pipeline.tiffread as tr
+
+    real = simplejpeg.decode_jpeg
+
+    def off(data: bytes, **kw: object) -> np.ndarray:
+        img = real(data, **kw)  # type: ignore[arg-type]
+        if kw.get("min_factor", 1) != 1:
+            img[...] = np.minimum(img, 215) + 40
+        return img
+
+    monkeypatch.setattr(tr.simplejpeg, "decode_jpeg", off)
     with openslide.OpenSlide(str(CMU_SMALL)) as slide:
-        reader, _ = open_tiff_reader(str(CMU_SMALL), slide, [0], dct_factor=2)
-    assert reader is not None and reader.dct_downscale
+        reader, why = open_tiff_reader(str(CMU_SMALL), slide, [0], dct_factor=2)
+    assert reader is not None, why
     with reader:
-        assert _check_dct(reader, 0, 2) == ""
-        lv = reader._levels[0]
-        assert lv is not None and lv.tables is not None
-        object.__setattr__(lv, "header", b"\xff\xd8" + _JFIF + lv.tables[2:-2])
-        assert "differs from the box average" in _check_dct(reader, 0, 2)
+        assert not reader.dct_downscale
+        assert "differs from the box average" in reader.dct_note
+    monkeypatch.setattr(tr.simplejpeg, "decode_jpeg", real)
+    with openslide.OpenSlide(str(CMU_SMALL)) as slide:
+        reader, why = open_tiff_reader(str(CMU_SMALL), slide, [0], dct_factor=2)
+    assert reader is not None and reader.dct_downscale and reader.dct_note == "", why
+    reader.close()
 
 
 def test_stacked_decoding_equals_tile_by_tile(slide240: Path,
@@ -166,7 +181,7 @@ def test_stacked_decoding_equals_tile_by_tile(slide240: Path,
         assert all(stack.fits(memoryview(d)) for i, d in enumerate(datas) if i != 3)
         out = np.empty((len(datas), lv.tile_h // 2, lv.tile_w // 2, 3), np.uint8)
         stacked.clear()
-        reader._decode_row(lv, [memoryview(d) for d in datas], txs, ty, 2, stack, out)
+        reader._decode_row(lv, 0, [memoryview(d) for d in datas], txs, ty, 2, stack, out)
         assert stacked == [3, len(txs) - 4]  # the odd tile split the row in two runs
         alone = np.stack([reader._decode(lv, d, tx, ty, 2) for tx, d in zip(txs, datas,
                                                                              strict=True)])
@@ -214,7 +229,8 @@ def test_falls_back_on_non_jpeg(tmp_path: Path) -> None:
     with openslide.OpenSlide(str(BOXES_GENERIC)) as slide:
         reader, why = open_tiff_reader(str(BOXES_GENERIC), slide, [0])
     assert reader is None and "not JPEG" in why
-    name, tiles, _ = _tiles(BOXES_GENERIC, reader="auto", tile_size=64, min_tissue=0.5,
+    # its pure red, green and blue boxes are ink colours to the tissue mask: keep every tile
+    name, tiles, _ = _tiles(BOXES_GENERIC, reader="auto", tile_size=64, min_tissue=0.0,
                             mpp_override=0.5)
     assert name == "openslide" and len(tiles) > 0
     with pytest.raises(SlideError, match="reader=tiff cannot read"):
@@ -222,16 +238,20 @@ def test_falls_back_on_non_jpeg(tmp_path: Path) -> None:
                    cfg=TilingConfig(reader="tiff", mpp=0.5, tile_size=64))
 
 
-def test_wrong_colour_space_is_caught(slide240: Path) -> None:
-    # Decoding YCbCr tiles as raw RGB (the Aperio rule applied to the wrong file) must fail
-    # the self-check, so such a file falls back to OpenSlide instead of delivering bad colour.
-    with openslide.OpenSlide(str(slide240)) as slide:
-        reader, _ = open_tiff_reader(str(slide240), slide, [0])
+def test_wrong_colour_space_is_caught() -> None:
+    # CMU-1's raw-RGB streams decoded as YCbCr (a JFIF marker in the rebuilt header instead
+    # of Adobe's: the generic-TIFF rule applied to an Aperio file) are ~48 levels off: the
+    # self-check must fail, so such a file falls back to OpenSlide instead of bad colour.
+    from pipeline.tiffread import _JFIF
+
+    with openslide.OpenSlide(str(CMU_SMALL)) as slide:
+        reader, _ = open_tiff_reader(str(CMU_SMALL), slide, [0])
         assert reader is not None
         with reader:
             lv = reader._levels[0]
-            assert lv is not None and lv.colorspace == "YCBCR"
-            object.__setattr__(lv, "colorspace", "RGB")
+            assert lv is not None and lv.colorspace == "RGB" and lv.tables is not None
+            assert _check(reader, slide, 0) == ""
+            object.__setattr__(lv, "header", b"\xff\xd8" + _JFIF + lv.tables[2:-2])
             assert "decodes differently from OpenSlide" in _check(reader, slide, 0)
 
 
@@ -246,3 +266,75 @@ def test_corrupt_tile_is_a_read_error(tmp_path: Path, slide240: Path) -> None:
     with pytest.raises(SlideError) as info:
         list(chunks)
     assert info.value.stage == "read" and "corrupt or truncated" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def slide256(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 x 12 file tiles of 256 px, tissue everywhere: the check tile is (8, 6)."""
+    d = tmp_path_factory.mktemp("tiffread256")
+    return write_pyramid_svs(d / "s256.svs", width=4096, height=3072, mpp=0.25,
+                             levels=(1, 4), tile=256, background=False)
+
+
+def test_every_decoder_call_treats_a_warning_as_damage(slide256: Path, tmp_path: Path) -> None:
+    # Bytes after the last MCU: libjpeg only warns ("extraneous bytes"). imagecodecs'
+    # full-size decoder used to pass it while the reduced-size one failed it: now full size,
+    # reduced size, alone and stacked in a run all refuse it, and a region read delivers the
+    # tile white and records it, with every other file tile decoded as in the clean file.
+    from slidegen import write_damaged_tiles
+
+    from pipeline.tiffread import TiffReadError
+
+    bad = write_damaged_tiles(tmp_path / "bad.svs", slide256, [(3, 2)], "extraneous_bytes")
+    with openslide.OpenSlide(str(bad)) as slide:
+        reader, why = open_tiff_reader(str(bad), slide, [0], dct_factor=2)
+    with openslide.OpenSlide(str(slide256)) as slide:
+        clean, _ = open_tiff_reader(str(slide256), slide, [0], dct_factor=2)
+    assert reader is not None and clean is not None, why
+    with reader, clean:
+        for scale in (1, 2):
+            with pytest.raises(TiffReadError, match="extraneous bytes before marker"):
+                reader.decode_tile(0, 3, 2, scale=scale)
+        assert reader._stack_info(0, 2) is not None  # row 2 goes in runs: one fails
+        for k in (1, 2):
+            box = (0, 512, 4096, 256)  # file tile row 2
+            ours, ref = reader.read_reduced(0, *box, k), clean.read_reduced(0, *box, k)
+            t = 256 // k
+            assert (ours[:, 3 * t:4 * t] == 255).all()
+            assert np.array_equal(np.delete(ours, np.s_[3 * t:4 * t], axis=1),
+                                  np.delete(ref, np.s_[3 * t:4 * t], axis=1))
+        assert len(reader.damage) == 1 and reader.damage.boxes(0).tolist() == \
+            [[768, 512, 1024, 768]]
+        assert "extraneous bytes before marker" in reader.damage.notes()[0]
+        assert len(clean.damage) == 0
+
+
+@pytest.mark.parametrize("kind", ["early_eoi", "no_soi", "extraneous_bytes"])
+def test_the_self_check_picks_a_clean_tile(slide256: Path, tmp_path: Path, kind: str) -> None:
+    # The tile nearest the centre is the one checked against OpenSlide (and for the DCT and
+    # stacking checks). Damaged, it used to fail the slide ("unexpected OpenSlideError", no
+    # path) or turn reduced-size decoding off; now the checks skip it.
+    from slidegen import write_damaged_tiles
+
+    from pipeline.tiffread import _check_tiles
+
+    with openslide.OpenSlide(str(slide256)) as slide:
+        reader, _ = open_tiff_reader(str(slide256), slide, [0], dct_factor=2)
+    assert reader is not None
+    with reader:
+        centre = _check_tiles(reader, 0).clean[0]
+    assert centre == (8, 6)
+    bad = write_damaged_tiles(tmp_path / "bad.svs", slide256, [centre], kind)
+    with openslide.OpenSlide(str(bad)) as slide:
+        reader, why = open_tiff_reader(str(bad), slide, [0], dct_factor=2)
+        assert reader is not None, why
+        with reader:
+            picked = _check_tiles(reader, 0)
+            assert centre not in picked.clean and len(picked.clean) == 4
+            assert len(picked.damaged) == 1 and "tile 8,6 of page 0" in picked.damaged[0]
+            assert reader.dct_downscale and reader.dct_note == ""
+            assert reader._stack_info(0, 2) is not None
+        # the handle OpenSlide opened is still usable: it never read the damaged tile
+        assert slide.properties["openslide.vendor"] == "aperio"
+    name, tiles, _ = _tiles(bad, reader="auto", min_tissue=0.0, max_damaged_fraction=0.1)
+    assert name == "tiff" and len(tiles) == 54

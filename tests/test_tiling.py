@@ -450,3 +450,218 @@ def test_a_slide_changed_while_tiled_never_completes(tmp_path: Path) -> None:
     # one chunk short, then the error row: the slide can never complete at its writer
     assert len(rest) == len(whole) - 1
     assert rest[-1]["error_stage"][0] == "changed" and "while it was tiled" in rest[-1]["error"][0]
+
+
+# ---------------------------------------------------------------- damaged JPEG tiles
+# One damaged file tile among 192 (16 x 12 tiles of 256 px, tissue everywhere), read by both
+# readers. 448 level-0 px tiles (0.5 um/px from 0.25): file tile (6, 6) lies inside tile 30.
+
+DAMAGED_AT = (6, 6)
+
+
+@pytest.fixture(scope="module")
+def clean192(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from slidegen import write_pyramid_svs
+
+    return write_pyramid_svs(tmp_path_factory.mktemp("damage") / "clean.svs", width=4096,
+                             height=3072, mpp=0.25, levels=(1, 4), tile=256, background=False)
+
+
+def _read(path: Path, **kw: object) -> tuple[np.ndarray, np.ndarray, object]:
+    cfg = TilingConfig(**{"mpp": 0.5, "tile_size": 224, "min_tissue": 0.0,  # type: ignore[arg-type]
+                          "max_damaged_fraction": 0.2, **kw})
+    _, chunks = tile_slide(str(path), mpp_override=None, cfg=cfg)
+    with chunks:
+        parts = list(chunks)
+    xy = np.stack([np.concatenate([c.x for c in parts]), np.concatenate([c.y for c in parts])], 1)
+    return np.concatenate([c.tiles for c in parts]), xy, chunks
+
+
+def _over(xy: np.ndarray, file_tile: tuple[int, int], tile_l0: int = 448,
+          file_px: int = 256) -> set[int]:
+    """Tiles (level-0 boxes from their corners) that overlap a level-0 file tile."""
+    fx, fy = file_tile[0] * file_px, file_tile[1] * file_px
+    hit = ((xy[:, 0] < fx + file_px) & (xy[:, 0] + tile_l0 > fx) &
+           (xy[:, 1] < fy + file_px) & (xy[:, 1] + tile_l0 > fy))
+    return set(np.nonzero(hit)[0].tolist())
+
+
+# (kind, seed): random_bytes seed 1 ends the entropy data early, as every decoder sees; seed 2
+# leaves 69 bytes over, which only a decoder that finishes the stream sees (ours; OpenSlide
+# stops after the last row and returns the garbage: see README, Guarantees).
+SEEN_BY_BOTH = [("early_eoi", 0), ("no_soi", 0), ("random_bytes", 1), ("cut_short", 0)]
+SEEN_BY_TIFF = [("extraneous_bytes", 0), ("random_bytes", 2)]
+
+
+@pytest.mark.parametrize("reader", ["tiff", "openslide"])
+@pytest.mark.parametrize(("kind", "seed"), SEEN_BY_BOTH + SEEN_BY_TIFF)
+def test_a_damaged_tile_is_flagged_and_the_rest_untouched(clean192: Path, tmp_path: Path,
+                                                          reader: str, kind: str,
+                                                          seed: int) -> None:
+    from slidegen import write_damaged_tiles
+
+    bad = write_damaged_tiles(tmp_path / "bad.svs", clean192, [DAMAGED_AT], kind, seed=seed)
+    ref, xy, _ = _read(clean192, reader=reader)
+    tiles, xy_bad, chunks = _read(bad, reader=reader)
+    assert chunks.reader == reader and np.array_equal(xy, xy_bad)
+    expect = _over(xy, DAMAGED_AT)
+    assert expect == {30}
+    report = chunks.report
+    if reader == "openslide" and (kind, seed) in SEEN_BY_TIFF:
+        # OpenSlide does not see it: nothing flagged; extraneous bytes after the last MCU
+        # leave the pixels intact, random bytes do not (the documented gap of that path)
+        assert report.damaged == set()
+        if kind == "extraneous_bytes":
+            assert np.array_equal(tiles, ref)
+        return
+    assert report.damaged == expect
+    assert (tiles[sorted(expect)] == 255).all()  # white, never the decoder's guess
+    keep = [i for i in range(len(ref)) if i not in expect]
+    assert np.array_equal(tiles[keep], ref[keep])  # every other tile bit-identical
+    text = report.damage_text()
+    assert text is not None and "level 0 px 1536,1536-1792,1792" in text
+
+
+@pytest.mark.parametrize(("reader", "dct", "mpp"), [("tiff", True, 0.5), ("tiff", False, 0.5),
+                                                    ("tiff", True, 0.25),
+                                                    ("openslide", False, 0.5)])
+def test_every_code_path_flags_the_same_tile(clean192: Path, tmp_path: Path, reader: str,
+                                             dct: bool, mpp: float) -> None:
+    # The same file must not pass on one decoder and fail on another: reduced-size IDCT,
+    # full decode + box filter, full size without reduction, and OpenSlide all flag it
+    # (an early end of image: the libjpeg warning every decoder reports).
+    from slidegen import write_damaged_tiles
+
+    bad = write_damaged_tiles(tmp_path / "bad.svs", clean192, [DAMAGED_AT], "early_eoi")
+    tiles, xy, chunks = _read(bad, reader=reader, dct_downscale=dct, mpp=mpp)
+    expect = _over(xy, DAMAGED_AT, tile_l0=448 if mpp == 0.5 else 224)
+    assert chunks.report.damaged == expect and expect
+    assert chunks.report.dct_downscale == (reader == "tiff" and dct and mpp == 0.5)
+
+
+def test_openslide_recovers_with_threads(clean192: Path, tmp_path: Path) -> None:
+    # A failed read_region spoils the shared OpenSlide handle for every thread: each thread
+    # whose read fails re-reads its region piece by piece on a handle of its own, so only
+    # the tiles on the damaged file tiles are flagged, whichever thread read them.
+    from slidegen import write_damaged_tiles
+
+    hits = [(6, 6), (2, 9), (13, 1)]
+    bad = write_damaged_tiles(tmp_path / "bad.svs", clean192, hits, "no_soi")
+    ref, xy, _ = _read(clean192, reader="openslide")
+    tiles, _, chunks = _read(bad, reader="openslide", threads=2, region_tiles=2)
+    expect = set().union(*(_over(xy, h) for h in hits))
+    assert chunks.report.damaged == expect and len(expect) >= 3
+    keep = [i for i in range(len(ref)) if i not in expect]
+    assert np.array_equal(tiles[keep], ref[keep])
+
+
+@pytest.mark.parametrize("reader", ["tiff", "openslide"])
+def test_too_many_damaged_tiles_fail_the_slide(clean192: Path, tmp_path: Path,
+                                               reader: str) -> None:
+    from slidegen import write_damaged_tiles
+
+    row = [(x, 3) for x in range(16)]  # a whole row of file tiles: 16 of the 54 tiles
+    bad = write_damaged_tiles(tmp_path / "bad.svs", clean192, row, "early_eoi")
+    with pytest.raises(SlideError) as info:
+        _read(bad, reader=reader, max_damaged_fraction=0.05)
+    msg = str(info.value)
+    assert info.value.stage == "read"
+    n = int(re.search(r"at least (\d+) of 54 tiles", msg).group(1))  # type: ignore[union-attr]
+    assert 2 < n <= 18
+    assert "max_damaged_fraction=0.05 allows (2)" in msg and "corrupt or truncated" in msg
+    assert re.search(r"tiles (\d+, )+", msg) and "premature end of data segment" in msg
+    # one damaged tile is within 0.02 of 54 tiles (1 allowed), not within 0
+    one = write_damaged_tiles(tmp_path / "one.svs", clean192, [DAMAGED_AT], "early_eoi")
+    _read(one, reader=reader, max_damaged_fraction=0.02)
+    with pytest.raises(SlideError, match=r"at least 1 of 54 tiles .* allows \(0\)"):
+        _read(one, reader=reader, max_damaged_fraction=0.0)
+
+
+def test_the_slide_row_records_damage_and_the_settings_used(clean192: Path,
+                                                            tmp_path: Path) -> None:
+    # Through the Ray Data stage: the meta rides on the slide's last chunk (only then is the
+    # damage known) and says which tiles, why, and how the pixels were read; past the
+    # fraction the slide is one error row naming them.
+    from slidegen import write_damaged_tiles
+
+    from pipeline.coordinator import _read_values, _used
+    from pipeline.handoff import TilingMeta
+
+    bad = write_damaged_tiles(tmp_path / "bad.svs", clean192, [DAMAGED_AT], "early_eoi")
+    planned = str(fingerprint(LocalFileSystem(), str(bad)))
+    cfg = TilingConfig(mpp=0.5, tile_size=224, min_tissue=0.0, chunk_tiles=16,
+                       max_damaged_fraction=0.05)
+    rows = list(tiling_stage(_batch(bad, planned), tiling=cfg, storage=StorageConfig()))
+    assert len(rows) == 4 and not any(r["error"][0] for r in rows)
+    metas = [m for r in rows for m in r["meta"] if m]
+    assert len(metas) == 1 and rows[-1]["meta"][0] == metas[0]
+    meta = TilingMeta.decode(metas[0])
+    assert meta.damaged == [30] and meta.reader == "tiff" and meta.dct_downscale is True
+    assert meta.damage is not None and "tile 6,6 of page 0" in meta.damage
+    assert meta.read_note is None
+    values = _read_values(meta)
+    assert values["damaged_tiles"] == 1 and values["damaged_tile_indices"] == [30]
+    used = _used(cfg, meta)
+    assert used["reader"] == "tiff" and used["dct_downscale"] is True
+    # the tile as the encoders get it: white
+    tile30 = rows[1]["tile"][30 - 16]
+    assert rows[1]["index"][30 - 16] == 30 and (tile30 == 255).all()
+
+    strict = cfg.model_copy(update={"max_damaged_fraction": 0.0})
+    (row,) = list(tiling_stage(_batch(bad, planned), tiling=strict, storage=StorageConfig()))
+    assert row["error_stage"][0] == "read"
+    assert "1 of 54 tiles" in row["error"][0] and "tiles 30;" in row["error"][0]
+
+
+def test_the_settings_used_say_when_the_reader_declined_the_dct(
+        clean192: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The config asks for reduced-size decoding; a slide whose check says no is read with the
+    # box filter, and its row must say so, not repeat the config's dct_downscale: true.
+    import pipeline.tiffread as tr
+    from pipeline.coordinator import _used
+    from pipeline.handoff import TilingMeta
+
+    monkeypatch.setattr(tr, "_check_dct", lambda *a: "modelled: differs from the box average")
+    _, _, chunks = _read(clean192)
+    rep = chunks.report
+    assert chunks.reader == "tiff" and rep.dct_downscale is False
+    assert rep.note == "box filter, not reduced-size decoding: modelled: differs from the " \
+                       "box average"
+    meta = TilingMeta(0.0, reader=chunks.reader, dct_downscale=rep.dct_downscale)
+    assert _used(TilingConfig(mpp=0.5, tile_size=224), meta)["dct_downscale"] is False
+
+
+def test_damaged_thumbnail_tiles_are_recorded(clean192: Path, tmp_path: Path) -> None:
+    from slidegen import write_damaged_tiles
+
+    bad = write_damaged_tiles(tmp_path / "bad.svs", clean192, [(1, 1)], "early_eoi", page=1)
+    for reader in ("tiff", "openslide"):
+        _, _, chunks = _read(bad, reader=reader)
+        rep = chunks.report
+        assert rep.thumbnail_damaged == 1 and rep.damaged == set()  # level 1: not a tile's
+        assert "1 file tiles of the thumbnail read as white" in (rep.damage_text() or "")
+
+
+@pytest.mark.parametrize("cut", ["header", "first_directory", "tag_values", "after_level0",
+                                 "level0_data", "last_level"])
+def test_a_file_cut_short_is_reported_as_truncated(clean192: Path, tmp_path: Path,
+                                                   cut: str) -> None:
+    # Wherever the copy stopped: OpenSlide says "unsupported or missing image file" for
+    # some cuts, "cannot hash TIFF tiles" for others, and opens a file cut right after
+    # level 0's pixels as a one-level slide. Each one must say truncated, with the sizes.
+    import tifffile
+
+    with tifffile.TiffFile(clean192) as tif:
+        p0, p1 = tif.pages[0], tif.pages[1]
+        at = {"header": 8, "first_directory": p0.offset + 40,
+              "tag_values": p0.tags[324].valueoffset + 8,  # type: ignore[union-attr]
+              "after_level0": p1.offset, "level0_data": p0.dataoffsets[100],  # type: ignore[union-attr]
+              "last_level": p1.dataoffsets[3] + 10}[cut]  # type: ignore[union-attr]
+    data = clean192.read_bytes()
+    path = tmp_path / "cut.svs"
+    path.write_bytes(data[:at])
+    with pytest.raises(SlideError) as info:
+        open_slide(path)
+    assert info.value.stage == "open"
+    assert re.match(rf"slide file is truncated: {at:,} bytes, but TIFF ", str(info.value)), \
+        str(info.value)

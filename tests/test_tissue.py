@@ -250,3 +250,28 @@ def test_end_to_end_through_tile_slide(tmp_path: Path) -> None:
     r = tg.rates(tg.counts(kept, tissue, artefact))
     assert r["recall"] >= 0.93 and r["precision"] >= 0.93, r
     assert r["on_artefact"] <= 0.02 and r["artefact_kept"] <= 0.02, r
+
+
+def test_tissue_colours_any_reaches_the_mask_from_the_job_config(tmp_path: Path) -> None:
+    """A blue-green special stain: marker ink to the default mask, tissue with
+    tiling.tissue_colours=any (the job-config knob reaches tissue_mask)."""
+    from slidegen import write_pyramid_svs
+
+    from pipeline.slides import SlideError
+
+    he = tmp_path / "he.svs"
+    write_pyramid_svs(he, width=2400, height=2000, mpp=0.5, seed=5)
+    with openslide.OpenSlide(str(he)) as s:
+        rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+    # the same tissue recoloured cyan-blue (alcian-blue-like): glass stays glass
+    od = -np.log(np.clip(rgb.astype(np.float32) / 240.0, 1e-3, 1.0)).mean(axis=2, keepdims=True)
+    teal = np.array([0.9, 0.25, 0.3], np.float32)  # absorbs red most
+    blue = (240.0 * np.exp(-od * teal / teal.mean())).clip(0, 255).astype(np.uint8)
+    path = write_pyramid_svs(tmp_path / "alcian.svs", rgb=blue, mpp=0.5)
+    spec = TilingConfig(mpp=0.5, tile_size=224)
+    with pytest.raises(SlideError, match="no tissue"):
+        tile_slide(str(path), mpp_override=None, cfg=spec)
+    plan, chunks = tile_slide(str(path), mpp_override=None,
+                              cfg=spec.model_copy(update={"tissue_colours": "any"}))
+    chunks.close()
+    assert plan.num_tiles > 0
