@@ -57,7 +57,7 @@ import simplejpeg
 import tifffile
 from PIL import Image
 
-from pipeline.slides import DamageLog, read_rgb
+from pipeline.slides import Box, DamageLog, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,6 @@ _EOI = b"\xff\xd9"
 # Frame markers other than baseline/extended Huffman (progressive, lossless, arithmetic).
 _OTHER_FRAMES = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
-Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in level pixels
 
 
 class TiffReadError(Exception):
