@@ -183,8 +183,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                      f"{px}px@{mpp:g}mpp->{spec.input_size}", spec.hub_repo or "-",
                      spec.licence))
     for s in SLIDE_MODELS.values():
-        rows.append((s.id, str(s.dim), f"{s.params:,}", "fp16", f"slide encoder of {s.input_model}",
-                     s.hub_repo, s.licence))
+        rows.append((s.id, str(s.dim), f"{s.params:,}", s.precision,
+                     f"slide encoder of {s.input_model}", s.hub_repo or "-", s.licence))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])

@@ -129,8 +129,14 @@ class SlideEncoderConfig(_Strict):
     sha256: str | None = None
     layers: list[int] = Field(default_factory=list,
                               description="extra layers to output besides the last, e.g. [11]")
-    global_pool: bool = Field(True, description="mean of tile tokens (the authors' advice) "
-                                                "instead of the untrained CLS token")
+    global_pool: bool = Field(True, description="gigapath-slide: mean of tile tokens (the "
+                              "authors' advice) instead of the untrained CLS token")
+    positions: Literal["level0/256", "level0/tile"] | None = Field(
+        None, description="gigapath-slide: how level-0 tile coordinates become grid "
+        "positions. level0/256 (default, the authors' coords_to_pos): px // 256 whatever the "
+        "tile size or scan, so on a 40x scan neighbouring tiles are 2 positions apart; "
+        "level0/tile: px / the tile's level-0 size, neighbours 1 apart (as TRIDENT and "
+        "slide2vec feed it). Recorded in every slide row's aggregation")
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
     _weights = field_validator("weights")(classmethod(lambda cls, v: _check_weights(v)))
@@ -144,6 +150,25 @@ class SlideEncoderConfig(_Strict):
         if v not in SLIDE_MODELS:
             raise ValueError(f"unknown slide encoder {v!r}; known: {', '.join(SLIDE_MODELS)}")
         return v
+
+    @model_validator(mode="after")
+    def _fits_the_encoder(self) -> SlideEncoderConfig:
+        """Settings only some encoders have are refused elsewhere, not silently ignored."""
+        from pipeline.models.specs import get_slide_model
+
+        spec = get_slide_model(self.id)
+        if self.layers and not spec.per_layer:
+            raise ValueError(f"layers: {spec.id} outputs its final embedding only (layer "
+                             f"{spec.depth}); per-layer outputs are gigapath-slide's")
+        if not spec.per_layer and "global_pool" in self.model_fields_set:
+            raise ValueError(f"global_pool: {spec.id} reads out by {spec.readout}; "
+                             f"global_pool is gigapath-slide's")
+        allowed = {spec.positions, *spec.other_positions} - {None}
+        if self.positions is not None and self.positions not in allowed:
+            what = (f"uses {spec.positions} only" if allowed
+                    else "does not use tile positions")
+            raise ValueError(f"positions: {spec.id} {what}")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -322,6 +347,27 @@ class JobConfig(_Strict):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"models: {', '.join(dup)} listed more than once")
+        return self
+
+    @model_validator(mode="after")
+    def _slide_encoder_tiles(self) -> JobConfig:
+        """A slide encoder reads the tile features its authors trained it on: the same tile
+        model (ModelConfig) at the same tile size and resolution (here, as the job tiles)."""
+        from pipeline.models import specs
+
+        for i, m in enumerate(self.models):
+            if m.slide_encoder is None:
+                continue
+            s = specs.get_slide_model(m.slide_encoder.id)
+            t = self.tiling.for_model(*specs.tiling_spec(specs.get(m.id)))
+            assert t.tile_size is not None and t.mpp is not None
+            if t.tile_size != s.tile_px or abs(t.mpp - s.mpp) > 1e-9 * s.mpp:
+                mag = f" ({s.magnification})" if s.magnification else ""
+                raise ValueError(
+                    f"models.{i}.slide_encoder: {s.id} was trained on {s.input_model} features "
+                    f"of {s.tile_px} px tiles at {s.mpp:g} mpp{mag}; this job tiles {m.id} at "
+                    f"{t.tile_size} px and {t.mpp:g} mpp: set tiling.tile_size: {s.tile_px} and "
+                    f"tiling.mpp: {s.mpp:g} (they apply to every model of the job)")
         return self
 
 

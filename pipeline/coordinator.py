@@ -27,7 +27,7 @@ from pipeline.models.precision import precision_label, run_precision
 from pipeline.placement import Placement
 from pipeline.plan import TILE_ORDER, Plan, SlideTask, code_version, error_row, slide_encoders
 from pipeline.sink import Lake, TilesFile, now, slides_table
-from pipeline.slide_encode import get_slide_model
+from pipeline.slide_encode import aggregation_label, get_slide_model
 from pipeline.writer import RESULT, SlideResult, unpack
 
 log = logging.getLogger("pipeline")
@@ -244,8 +244,7 @@ class Coordinator:
         ref = self.plan.weights[s.id]
         gpu = self.use_gpu[s.id]
         spec = get_slide_model(s.id)
-        pooling = "global-pool" if s.global_pool else "cls"
-        rows = [{**values, "aggregation": f"{s.id} ({pooling})", "layer": layer,
+        rows = [{**values, "aggregation": aggregation_label(s), "layer": layer,
                  "model_dim": spec.dim, "precision": run_precision(spec.precision, gpu),
                  "weights": ref.source, "weights_identity": ref.identity,
                  "weights_sha256": ref.sha256, "random_weights": ref.random,

@@ -15,22 +15,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import __version__
-from pipeline.config import JobConfig, SlideEncoderConfig, StorageConfig, TilingConfig
+from pipeline.config import JobConfig, SlideEncoderConfig, TilingConfig
 from pipeline.manifest import Manifest, SlideEntry, read_manifest
 from pipeline.models import specs
 from pipeline.models.specs import get_slide_model
 from pipeline.models.weights import (
     WeightsRef,
     check_checkpoint,
-    checkpoint_meta_state,
+    check_slide_checkpoint,
     resolve_weights,
 )
 from pipeline.sink import CommittedSlide, Lake, now
+from pipeline.slide_encode import work_key_settings
 from pipeline.storage import Fingerprint, fingerprints
 
 log = logging.getLogger("pipeline")
 
-RECIPE_VERSION = 1  # bump when an embedding recipe changes meaning: forces recomputation
+# bump when an embedding recipe changes meaning: forces recomputation
+# 2: the device resize reproduces PIL's integer arithmetic (tiles that are resized change by
+#    up to ~6e-4 relative)
+RECIPE_VERSION = 2
 TILE_ORDER = "row-major"
 
 
@@ -46,7 +50,8 @@ def work_key(fp: Fingerprint, model_id: str, weights: WeightsRef, tiling: Tiling
 
 def slide_work_key(tile_key: str, weights: WeightsRef, cfg: SlideEncoderConfig) -> str:
     """A slide encoder's output depends on its input tile embeddings and its own settings."""
-    parts = [tile_key, cfg.id, weights.identity, sorted(cfg.layers), cfg.global_pool]
+    parts = [tile_key, cfg.id, weights.identity, sorted(cfg.layers), cfg.global_pool,
+             *work_key_settings(cfg)]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
@@ -127,7 +132,8 @@ def resolve_all_weights(cfg: JobConfig) -> dict[str, WeightsRef]:
             s = m.slide_encoder
             refs[s.id] = resolve_weights(s, cfg.storage, spec=get_slide_model(s.id))
             if not refs[s.id].random:
-                checked(s.id, check_slide_checkpoint(refs[s.id], cfg.storage))
+                checked(s.id, check_slide_checkpoint(get_slide_model(s.id), refs[s.id],
+                                                     cfg.storage))
     for model_id, ref in refs.items():
         if ref.random:
             log.warning("=" * 78)
@@ -142,17 +148,6 @@ def checked(model_id: str, done: bool) -> None:
     if not done:
         log.info("%s: weights not in the driver's cache; their keys are checked when the "
                  "encoder actors load them", model_id)
-
-
-def check_slide_checkpoint(ref: WeightsRef, storage: StorageConfig) -> bool:
-    """The slide encoder's checkpoint, checked like a tile model's (names, shapes)."""
-    from pipeline.models.gigapath_slide import load_gigapath_slide_encoder
-
-    got = checkpoint_meta_state("slide encoder", ref, storage)
-    if got is None:
-        return False
-    load_gigapath_slide_encoder(got[0], device="meta")
-    return True
 
 
 def plan_job(cfg: JobConfig, lake: Lake, weights: dict[str, WeightsRef] | None = None,

@@ -194,7 +194,8 @@ class SinkWriter:
                 # Tiling order is the buffer's index order; coordinates are level-0 px.
                 coords = np.stack([buf.x, buf.y], axis=1)
                 try:
-                    layers[m] = ray.get(actor.__call__.remote(buf.emb[m], coords))
+                    layers[m] = ray.get(actor.__call__.remote(buf.emb[m], coords,
+                                                              buf.tiling.plan.tile_l0))
                 except Exception as err:  # noqa: BLE001 - this slide's failure, not the job's
                     layers[m] = f"{type(err).__name__}: {err}"
         return SlideResult(slide_id, buf.num_tiles, buf.tiling, files, means, layers,

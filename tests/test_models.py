@@ -23,7 +23,12 @@ except ImportError:  # pragma: no cover
 
 from pipeline.config import ModelConfig, StorageConfig
 from pipeline.models import registry, weights
-from pipeline.models.preprocess import denormalise, preprocess, reference_preprocess_pil
+from pipeline.models.preprocess import (
+    denormalise,
+    preprocess,
+    reference_preprocess_pil,
+    resize_like_pil,
+)
 from pipeline.models.weights import WeightsError, WeightsRef, load_model, resolve_weights
 
 TILES = Path(__file__).parent / "data" / "tiles"
@@ -138,20 +143,43 @@ def test_cls_patch_mean_recipe_plugs_in() -> None:
 
 
 @pytest.mark.parametrize("model_id", sorted(registry.MODELS))
-def test_device_preprocess_matches_model_card(model_id: str) -> None:
+def test_device_preprocess_gives_the_model_cards_pixels(model_id: str) -> None:
+    """PIL's bytes exactly, up-, down- and not resampled: only float normalisation differs."""
     spec = registry.get(model_id)
-    rows = []
+    sizes = set()
     for name, img in tile_images().items():
         dev = preprocess(torch.from_numpy(np.asarray(img).copy())[None], spec)[0]
         ref = reference_preprocess_pil(img, spec)
         assert dev.shape == ref.shape == (3, spec.input_size, spec.input_size)
-        diff = (denormalise(dev, spec) - denormalise(ref, spec)).abs()
-        rows.append((name, img.size[0], diff.mean().item(), diff.max().item()))
-    for name, size, mean, mx in rows:
-        print(f"{model_id:14s} {name:34s} {size:4d}px mean {mean * 255:.3f}/255 "
-              f"max {mx * 255:.2f}/255")
-        assert mean <= 1 / 255 and mx <= 8 / 255, (name, mean * 255, mx * 255)
-    assert {size for _, size, _, _ in rows} >= {128, 224, 256}  # up, none, down
+        pixels = (denormalise(dev, spec) * 255, denormalise(ref, spec) * 255)
+        assert torch.equal(*(p.round() for p in pixels)), name
+        torch.testing.assert_close(dev, ref, rtol=0, atol=1e-6)
+        sizes.add(img.size[0])
+    assert sizes >= {128, 224, 256}  # up, none, down
+
+
+@pytest.mark.parametrize("n_in, n_out", [(512, 448), (128, 224), (1024, 224), (37, 500)])
+@pytest.mark.parametrize("mode, pil_mode", [("bilinear", Image.BILINEAR),
+                                            ("bicubic", Image.BICUBIC)])
+@pytest.mark.parametrize("kernel", ["gemm", "taps"])
+def test_resize_is_pils_integer_arithmetic(n_in: int, n_out: int, mode: str, pil_mode: int,
+                                           kernel: str) -> None:
+    """Both exact kernels (float64 matmul; int32 taps for weak-FP64 GPUs) give PIL's bytes;
+    a float resize rounded once per pass does not (PIL's quantised weights decide ties)."""
+    rng = np.random.default_rng(n_in * n_out)
+    tiles = rng.integers(0, 256, (2, n_in, n_in, 3), dtype=np.uint8)
+    ref = np.stack([np.asarray(Image.fromarray(t).resize((n_out, n_out), pil_mode))
+                    for t in tiles])
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2)
+    got = resize_like_pil(x, (n_out, n_out), mode, kernel).permute(0, 2, 3, 1)
+    assert np.array_equal(got.numpy(), ref)
+    if (n_in, n_out) == (128, 224):  # 7/4: weights like 9/14 land values on ties
+        y = x.float()
+        for size in ((n_in, n_out), (n_out, n_out)):
+            y = torch.nn.functional.interpolate(y, size=size, mode=mode, antialias=True,
+                                                align_corners=False)
+            y = (y + 0.5).floor().clamp(0, 255)
+        assert not np.array_equal(y.permute(0, 2, 3, 1).numpy(), ref)
 
 
 def test_preprocess_without_resize_is_exact_normalisation() -> None:
@@ -443,8 +471,11 @@ def test_slide_encoder_facts_live_with_the_tile_models() -> None:
     from pipeline.models import specs
 
     assert slide_encode.get_slide_model is specs.get_slide_model
-    spec = specs.get_slide_model("gigapath-slide")
-    assert spec.input_model in specs.MODELS
-    assert specs.get(spec.input_model).dim == spec.input_dim
-    with pytest.raises(KeyError, match="known: gigapath-slide"):
+    assert registry.SLIDE_MODELS is specs.SLIDE_MODELS
+    for spec in specs.SLIDE_MODELS.values():
+        assert spec.input_model in specs.MODELS
+        assert specs.get(spec.input_model).dim == spec.input_dim
+        assert spec.family in registry.SLIDE_FAMILIES, spec.id
+        assert spec.positions in (None, *specs.POSITION_RULES), spec.id
+    with pytest.raises(KeyError, match="known: chief, gigapath-slide, madeleine, prism, titan"):
         specs.get_slide_model("nope")

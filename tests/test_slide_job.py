@@ -43,7 +43,8 @@ def test_gigapath_slide_embeddings_from_a_job(tmp_path: Path) -> None:
     assert enc.schema.field("embedding").type.list_size == 768
     assert sorted(zip(enc["slide_id"].to_pylist(), enc["layer"].to_pylist(), strict=True)) == [
         ("a", 11), ("a", 12), ("b", 11), ("b", 12)]
-    assert set(enc["aggregation"].to_pylist()) == {"gigapath-slide (global-pool)"}
+    assert set(enc["aggregation"].to_pylist()) == {
+        "gigapath-slide (global-pool, positions level0/256)"}
     assert set(enc["source_model"].to_pylist()) == {"gigapath"}
     assert all(enc["random_weights"].to_pylist())
 

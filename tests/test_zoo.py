@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pipeline.models import registry
-from pipeline.models.preprocess import preprocess_cpu, reference_preprocess_pil
+from pipeline.models.preprocess import preprocess, reference_preprocess_pil
 from pipeline.models.weights import WeightsError, _read_state_dict, load_state_dict_strict
 
 TILES = Path(__file__).parent / "data" / "tiles"
@@ -446,20 +446,19 @@ def test_cls_recipe_with_registers_takes_token_0(model_id: str) -> None:
         assert torch.equal(registry.embed(spec, model, x), model(x))  # the authors' model(x)
 
 
-# --- 4. preprocessing: exact CPU mode ---------------------------------------------------------
+# --- 4. preprocessing: the device path is the model card's transform ----------------------
 
 
 @pytest.mark.parametrize("model_id", ["conch", "gigapath", "h-optimus-0", "hibou-b", "gpfm",
                                       "genbio-pathfm"])
-def test_cpu_preprocess_is_the_model_card_transform(model_id: str) -> None:
+def test_device_preprocess_is_the_model_card_transform(model_id: str) -> None:
     spec = registry.get(model_id)
     imgs = [Image.open(TILES / n).convert("RGB") for n in
             ("gigapath_01581x_25327y.png", "gigapath_01581x_25583y.png")]
-    tiles = np.stack([np.asarray(im) for im in imgs])
-    got = preprocess_cpu(tiles, spec)
+    tiles = torch.from_numpy(np.stack([np.asarray(im) for im in imgs]))
+    got = preprocess(tiles, spec)
     expected = torch.stack([reference_preprocess_pil(im, spec) for im in imgs])
-    assert torch.equal(got, expected)
-    assert preprocess_cpu(tiles[:0], spec).shape == (0, 3, spec.input_size, spec.input_size)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 # --- 5/6. tiling spec, README table, CLI -------------------------------------------------------
@@ -502,7 +501,7 @@ def test_specs_record_licence_and_gating() -> None:
             continue
         assert spec.licence and spec.hub_repo and spec.hub_filename, spec.id
         assert spec.gated == ("HF_TOKEN" in spec.licence), spec.id
-        assert spec.preprocess_on in ("device", "cpu")
+        assert spec.preprocess_on == "device"
 
 
 # phikon (v1): transformers ViTModel names, written here from its module structure.

@@ -1,4 +1,4 @@
-"""Tile-encoder registry: the code that builds, adapts and runs each model family (torch).
+"""Model registry: the code that builds, adapts and runs each model family (torch).
 
 The facts of each model are data in ``specs`` (``MODELS``, torch-free, re-exported here). The
 code that builds a network (``BUILDERS``, keyed by ``family``) and turns its output into one
@@ -7,6 +7,8 @@ entry, plus a builder or recipe only when its construction or read-out differs f
 existing ones. ``ADAPTERS`` (by family) turn an authors' checkpoint layout into the built
 module's names (CONCH's whole-CoCa checkpoint, transformers Dinov2 names) before the strict
 load. Builders pass ``arch_kwargs(spec)``: the spec's kwargs with its ``Layer`` names resolved.
+Slide encoders (``SLIDE_MODELS``) work the same way: ``SLIDE_FAMILIES`` (by family) builds
+each network, adapts its authors' checkpoint and reads one slide out.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipeline.models.specs import (  # noqa: F401 - the facts, re-exported for the registry's users
     MODELS,
+    SLIDE_MODELS,
     Layer,
+    SlideModelSpec,
     TileModelSpec,
     choosing_table,
     get,
@@ -288,3 +293,138 @@ def flops_per_tile(model_id: str) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         embed(spec, model, x)
     return float(counter.get_total_flops())
+
+
+# --- slide encoders: one family per architecture ----------------------------------------
+
+
+@dataclass(frozen=True)
+class SlideInputs:
+    """What a slide encoder may read of one slide, in tiling order."""
+
+    embeddings: torch.Tensor  # (N, input_dim)
+    coords: torch.Tensor  # (N, 2) level-0 px (x, y) of the tiles' top-left corners, float64
+    positions: torch.Tensor | None  # (N, 2) grid positions under the job's rule, or None
+    tile_l0: float | None  # tile edge in level-0 px, where the encoder needs it
+    global_pool: bool = True  # Prov-GigaPath's read-out (mean of tile tokens, or its CLS)
+
+
+@dataclass(frozen=True)
+class SlideFamily:
+    """How to build one architecture, adapt its authors' checkpoint, and read it out."""
+
+    build: Callable[[SlideModelSpec], torch.nn.Module]
+    adapt: Callable[[StateDict], StateDict]
+    # -> {layer: (dim,)}: every layer for per-layer encoders, else {spec.depth: embedding}
+    run: Callable[[SlideModelSpec, torch.nn.Module, SlideInputs], dict[int, torch.Tensor]]
+
+
+def _build_gigapath(spec: SlideModelSpec) -> torch.nn.Module:
+    from pipeline.models.gigapath_slide import GigaPathSlideEncoder
+
+    return GigaPathSlideEncoder()
+
+
+def _run_gigapath(spec: SlideModelSpec, model: torch.nn.Module, s: SlideInputs
+                  ) -> dict[int, torch.Tensor]:
+    from pipeline.models.gigapath_slide import SLIDE_NGRIDS
+
+    assert s.positions is not None
+    p = s.positions
+    if p.numel() and (p.min() < 0 or p.max() >= SLIDE_NGRIDS):
+        raise ValueError(f"{spec.id}: grid positions {int(p.min())}..{int(p.max())} outside "
+                         f"its {SLIDE_NGRIDS} x {SLIDE_NGRIDS} grid: coords must be level-0 px "
+                         f">= 0 (with positions level0/256 the grid covers 256,000 level-0 px)")
+    # Positions are whole grid cells already (slide_encode.tile_positions): a unit of 1.
+    out = model(s.embeddings, p, 1.0, all_layers=True, global_pool=s.global_pool)
+    return {i: out[f"layer_{i}_embed"] for i in range(len(model.encoder.layers) + 1)}
+
+
+def _build_titan(spec: SlideModelSpec) -> torch.nn.Module:
+    from pipeline.models.titan import TitanSlideEncoder
+
+    return TitanSlideEncoder()
+
+
+def _adapt_titan(state: StateDict) -> StateDict:
+    from pipeline.models import titan
+
+    return titan.adapt(state)
+
+
+def _run_titan(spec: SlideModelSpec, model: torch.nn.Module, s: SlideInputs
+               ) -> dict[int, torch.Tensor]:
+    if s.tile_l0 is None:
+        raise ValueError(f"{spec.id} needs the tiles' level-0 size (tile_l0)")
+    return {spec.depth: model(s.embeddings, s.coords, s.tile_l0)}
+
+
+def _build_prism(spec: SlideModelSpec) -> torch.nn.Module:
+    from pipeline.models.prism import PrismSlideEncoder
+
+    return PrismSlideEncoder()
+
+
+def _adapt_prism(state: StateDict) -> StateDict:
+    from pipeline.models import prism
+
+    return prism.adapt(state)
+
+
+def _build_chief(spec: SlideModelSpec) -> torch.nn.Module:
+    from pipeline.models.chief import CHIEFSlideEncoder
+
+    return CHIEFSlideEncoder()
+
+
+def _build_madeleine(spec: SlideModelSpec) -> torch.nn.Module:
+    from pipeline.models.madeleine import MadeleineSlideEncoder
+
+    return MadeleineSlideEncoder()
+
+
+def _run_mil(spec: SlideModelSpec, model: torch.nn.Module, s: SlideInputs
+             ) -> dict[int, torch.Tensor]:
+    # Order- and position-free: attention pooling (CHIEF, MADELEINE), a Perceiver (PRISM).
+    return {spec.depth: model(s.embeddings)}
+
+
+def _same(state: StateDict) -> StateDict:
+    return state
+
+
+SLIDE_FAMILIES: dict[str, SlideFamily] = {
+    "gigapath": SlideFamily(_build_gigapath, _same, _run_gigapath),
+    "titan": SlideFamily(_build_titan, _adapt_titan, _run_titan),
+    "prism": SlideFamily(_build_prism, _adapt_prism, _run_mil),
+    "chief": SlideFamily(_build_chief, _same, _run_mil),
+    "madeleine": SlideFamily(_build_madeleine, _same, _run_mil),
+}
+
+
+def slide_family(spec: SlideModelSpec) -> SlideFamily:
+    try:
+        return SLIDE_FAMILIES[spec.family]
+    except KeyError:
+        raise KeyError(f"{spec.id}: no slide-encoder family {spec.family!r}") from None
+
+
+def build_slide(spec: SlideModelSpec, device: str | torch.device = "meta") -> torch.nn.Module:
+    """The slide encoder's architecture with random init, directly on ``device``."""
+    with torch.device(device):
+        return slide_family(spec).build(spec)
+
+
+def adapt_slide_checkpoint(spec: SlideModelSpec, state: StateDict) -> StateDict:
+    """The authors' checkpoint layout -> ``build_slide(spec)``'s names (load strictly after)."""
+    return slide_family(spec).adapt(state)
+
+
+def run_slide(spec: SlideModelSpec, model: torch.nn.Module, inputs: SlideInputs
+              ) -> dict[int, torch.Tensor]:
+    """One slide through the encoder: {layer: embedding (dim,)}."""
+    out = slide_family(spec).run(spec, model, inputs)
+    bad = {i: tuple(v.shape) for i, v in out.items() if tuple(v.shape) != (spec.dim,)}
+    if bad:
+        raise RuntimeError(f"{spec.id}: read-out gave shapes {bad}, expected ({spec.dim},)")
+    return out

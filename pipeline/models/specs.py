@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 Interpolation = Literal["bilinear", "bicubic"]
 Precision = Literal["fp16", "bf16", "fp32"]
-PreprocessOn = Literal["device", "cpu", "model"]
+PreprocessOn = Literal["device", "model"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,7 +68,7 @@ class TileModelSpec:
     licence: str  # shown to the user; uncertain facts are marked "(verify)"
     gated: bool = False
     native_magnification: str | None = None  # as published, when given as a magnification
-    # "cpu": the GPU resize cannot match the model card within tolerance; preprocess with PIL.
+    # "device": models/preprocess.py on the model's device (PIL's bytes exactly, see there);
     # "model": the module takes the uint8 (N, H, W, 3) tiles itself (bench-null).
     preprocess_on: PreprocessOn = "device"
     notes: str = ""
@@ -743,33 +743,120 @@ def choosing_table(reference: str = "kaiko-vits16") -> str:
 
 # --- slide encoders ----------------------------------------------------------------------
 
+# How a slide encoder turns level-0 tile coordinates into grid positions.
+# "level0/256": floor(px / 256), Prov-GigaPath's coords_to_pos whatever the tile size or scan
+#   (on a 40x scan, 256-px-at-20x tiles are 512 level-0 px: neighbours 2 positions apart).
+# "level0/tile": px / the tile's level-0 size (neighbours 1 apart): TITAN's patch_size_lv0,
+#   and TRIDENT's / slide2vec's way of feeding Prov-GigaPath.
+PositionRule = Literal["level0/256", "level0/tile"]
+POSITION_RULES: tuple[str, ...] = ("level0/256", "level0/tile")
+
 
 @dataclass(frozen=True)
 class SlideModelSpec:
-    """A published slide encoder, as plain data (its network: ``models/gigapath_slide.py``)."""
+    """A published slide encoder, as plain data; ``family`` selects its network, checkpoint
+    adapter and read-out in ``registry.SLIDE_FAMILIES``."""
 
     id: str
+    family: str
     input_model: str  # the tile encoder whose embeddings it reads
     input_dim: int  # width of the input model's embeddings (checked on every slide)
     dim: int
-    params: int
-    hub_repo: str
+    params: int  # counted on meta from the authors' construction (tests hold it)
+    # The tile spec the authors extracted its input features at: config validation refuses a
+    # job that tiles input_model otherwise (other tiles are another input distribution).
+    tile_px: int
+    mpp: float
+    hub_repo: str  # "" where the authors publish the weights elsewhere (CHIEF: Google Drive)
     hub_filename: str
     licence: str
-    # The authors' code turns level-0 pixel coordinates into grid positions by dividing by a
-    # fixed 256 whatever the tile size or scan resolution; the weights were trained that way.
-    position_unit_px: float = 256.0
-    precision: str = "fp16"  # autocast dtype on GPU (CPU runs fp32)
+    depth: int  # the layer its slide rows record (its last layer)
+    readout: str  # what its embedding is, for the rows' aggregation label
+    per_layer: bool = False  # outputs any layer's pooled state (``layers`` in the config)
+    positions: PositionRule | None = None  # default rule; None: positions are not used
+    other_positions: tuple[str, ...] = ()  # rules the config may choose instead
+    precision: Precision = "fp16"  # autocast dtype on GPU (CPU runs fp32)
+    magnification: str | None = None
+    source: str = ""  # where the architecture was read (repository, file, commit)
+    notes: str = ""
 
 
-SLIDE_MODELS: dict[str, SlideModelSpec] = {
-    "gigapath-slide": SlideModelSpec(
-        id="gigapath-slide", input_model="gigapath", input_dim=1536, dim=768,
-        params=86_330_880, hub_repo="prov-gigapath/prov-gigapath",
-        hub_filename="slide_encoder.pth",
+SLIDE_MODELS: dict[str, SlideModelSpec] = {s.id: s for s in (
+    SlideModelSpec(
+        id="gigapath-slide", family="gigapath", input_model="gigapath", input_dim=1536,
+        dim=768, params=86_330_880, tile_px=256, mpp=0.5,
+        hub_repo="prov-gigapath/prov-gigapath", hub_filename="slide_encoder.pth",
         licence="Apache-2.0 code; weights gated on the hub: accept the terms, set HF_TOKEN "
-                "(verify)"),
-}
+                "(verify)",
+        depth=12, readout="", per_layer=True,  # readout: global-pool or cls (config)
+        positions="level0/256", other_positions=("level0/tile",), precision="fp16",
+        source="prov-gigapath/prov-gigapath gigapath/slide_encoder.py + torchscale",
+    ),
+    SlideModelSpec(
+        id="titan", family="titan", input_model="conch-v1.5", input_dim=768, dim=768,
+        # Computed from the released vision_config (6 x 768, 12 heads, MLP 3072, attention
+        # poolers of 128 and 1 queries, proj 768 x 768): a snapshot, no published count.
+        params=48_539_904, tile_px=512, mpp=0.5, magnification="20x",
+        hub_repo="MahmoodLab/TITAN", hub_filename="model.safetensors",
+        licence="CC-BY-NC-ND-4.0, non-commercial academic research only (mahmoodlab/TITAN "
+                "README); gated: request access on the model page, then set HF_TOKEN",
+        depth=6, readout="attn-pool", positions="level0/tile", precision="fp16",
+        source="MahmoodLab/TITAN hub code (vision_transformer.py, config.json), read from "
+               "the verbatim copy in DIAGNijmegen/unicorn_baseline "
+               "src/unicorn_baseline/vision/pathology/titan/ (commit dec3809); the authors' "
+               "GitHub repository holds evaluation scripts only",
+        notes="2-D ALiBi over the tile grid (patch_size_lv0 = the tile's level-0 size); the "
+              "embedding is encode_slide_from_patch_features: the contrastive attention "
+              "pool, without proj; the text tower is not loaded",
+    ),
+    SlideModelSpec(
+        id="prism", family="prism", input_model="virchow", input_dim=2560, dim=1280,
+        # Computed: Perceiver (513 latents, 2 cross-attention + 1 shared 6-block
+        # transformer) + cls/img norms; a snapshot, no published count.
+        params=99_037_440, tile_px=224, mpp=0.5, magnification="20x",
+        hub_repo="paige-ai/Prism", hub_filename="model.safetensors",
+        licence="CC-BY-NC-ND-4.0, non-commercial academic research only (verify); gated: "
+                "accept the terms on the model page, then set HF_TOKEN",
+        depth=8, readout="perceiver-cls", precision="fp16",
+        source="paige-ai/Prism hub code (perceiver.py, modeling_prism.py, config.json), read "
+               "from the verbatim copy in DIAGNijmegen/unicorn_baseline "
+               "src/unicorn_baseline/vision_language/prism/ (commit dec3809)",
+        notes="slide_representations()['image_embedding']: the CLS latent, cls_norm'ed; "
+              "BioGPT decoder and contrastive heads are not loaded",
+    ),
+    SlideModelSpec(
+        id="chief", family="chief", input_model="ctranspath", input_dim=768, dim=768,
+        # Computed: CHIEF(size_arg="small", n_classes=2) as the authors build it, every
+        # module (classifier heads included, they are in the checkpoint); a snapshot.
+        params=1_185_032, tile_px=256, mpp=1.0, magnification="10x",
+        hub_repo="", hub_filename="CHIEF_pretraining.pth",
+        licence="AGPL-3.0 code (hms-dbmi/CHIEF LICENSE); weights on the authors' Google "
+                "Drive on request (terms: verify): stage CHIEF_pretraining.pth and set "
+                "weights: /path",
+        depth=1, readout="attention-mil", precision="fp32",
+        source="hms-dbmi/CHIEF models/CHIEF.py (commit 1abed33)",
+        notes="WSI_feature: softmax(gated attention) x the input tile features, without the "
+              "anatomical-site text embedding; trained on CHIEF's own CTransPath weights "
+              "(CHIEF_CTransPath.pth): set the ctranspath model's weights to that file",
+    ),
+    SlideModelSpec(
+        id="madeleine", family="madeleine", input_model="conch", input_dim=512, dim=512,
+        # Computed: MADELEINE (abmil, 4 heads, 512 wide, no stain encoding) as the authors'
+        # training script builds it; a snapshot.
+        params=4_996_740, tile_px=256, mpp=1.0, magnification="10x",
+        hub_repo="MahmoodLab/madeleine", hub_filename="model.pt",
+        licence="CC-BY-NC-ND-4.0, non-commercial academic research only (mahmoodlab/"
+                "MADELEINE LICENSE.md); gated (verify): request access on the model page, "
+                "then set HF_TOKEN",
+        depth=1, readout="4-head-attention-mil", precision="bf16",
+        source="mahmoodlab/MADELEINE madeleine/models/Model.py + abmil.py (commit 419287d); "
+               "n_heads 4, hidden 512, softmax: scripts/launch_pretrain_*.sh (the released "
+               "model_config.json was not readable here, verify)",
+        notes="encode_he: pre-attention MLP -> 4 gated-attention heads over interleaved "
+              "channels -> projector; bf16 autocast as the authors' training config "
+              "(precision from model_config.json, verify)",
+    ),
+)}
 
 
 def get_slide_model(model_id: str) -> SlideModelSpec:

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 from pipeline.config import ModelConfig, StorageConfig
 from pipeline.models import specs
-from pipeline.models.specs import TileModelSpec
+from pipeline.models.specs import SlideModelSpec, TileModelSpec
 from pipeline.storage import is_local, url_to_fs, with_retries
 
 if TYPE_CHECKING:
@@ -425,7 +425,7 @@ def _list(keys: list[str], n: int = 10) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_state_dict_strict(spec: TileModelSpec, model: torch.nn.Module,
+def load_state_dict_strict(spec: TileModelSpec | SlideModelSpec, model: torch.nn.Module,
                            state: dict[str, torch.Tensor], where: str) -> None:
     """Load every parameter or fail with the key differences (a wrong checkpoint is fatal)."""
     expected = model.state_dict()
@@ -433,8 +433,8 @@ def load_state_dict_strict(spec: TileModelSpec, model: torch.nn.Module,
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        parts = [f"{spec.id}: checkpoint {where} does not match {spec.timm_name} "
-                 f"({spec.family})"]
+        arch = getattr(spec, "timm_name", None) or "the slide encoder"
+        parts = [f"{spec.id}: checkpoint {where} does not match {arch} ({spec.family})"]
         if missing:
             parts.append(f"{len(missing)} missing keys: {_list(missing)}")
         if unexpected:
@@ -494,4 +494,47 @@ def load_model(spec: TileModelSpec, ref: WeightsRef, storage: StorageConfig,
             model = registry.build(spec, device="cpu")
             load_state_dict_strict(spec, model, state, repr(str(path)))
         model = model.float()  # fp32 master weights; reduced precision comes from autocast
+    return model.eval().to(device)
+
+
+# --- slide encoders --------------------------------------------------------------------------
+
+
+def check_slide_checkpoint(spec: SlideModelSpec, ref: WeightsRef, storage: StorageConfig
+                           ) -> bool:
+    """A slide encoder's checkpoint, checked on the driver like a tile model's (names and
+    shapes after the family's adapter, nothing read but the index); False if unseen."""
+    got = checkpoint_meta_state(spec.id, ref, storage)
+    if got is None:
+        return False
+    from pipeline.models import registry
+    state, where = got
+    model = registry.build_slide(spec, device="meta")
+    load_state_dict_strict(spec, model, registry.adapt_slide_checkpoint(spec, state), where)
+    return True
+
+
+def load_slide_model(spec: SlideModelSpec, ref: WeightsRef, storage: StorageConfig,
+                     device: torch.device) -> torch.nn.Module:
+    """Build the slide encoder and load ``ref`` strictly (random: the id's seed); eval mode,
+    fp32 master weights, on ``device``."""
+    import torch
+
+    from pipeline.models import registry
+
+    if ref.random:
+        match = _SEED_RE.match(ref.identity)
+        seed = int(match.group(1)) if match else random_seed(spec.id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = registry.build_slide(spec, device="cpu")
+    else:
+        path = local_weights_file(spec.id, ref, storage)
+        state = registry.adapt_slide_checkpoint(spec, _read_state_dict(path))
+        model = registry.build_slide(spec, device="meta")
+        load_state_dict_strict(spec, model, state, repr(str(path)))
+        if _has_meta(model):
+            model = registry.build_slide(spec, device="cpu")
+            load_state_dict_strict(spec, model, state, repr(str(path)))
+        model = model.float()
     return model.eval().to(device)
