@@ -273,7 +273,9 @@ def test_position_embedding_rows_match_formula() -> None:
 # --- (e) memory is linear in the number of tiles -----------------------------------------------
 
 
-class _LargestTensor(TorchDispatchMode):
+class LargestTensor(TorchDispatchMode):
+    """The largest tensor any op makes while it is on (also used by test_slide_encoders)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.largest = 0
@@ -294,7 +296,7 @@ def test_no_quadratic_tensor(impl: str, n: int, monkeypatch) -> None:
     model = GigaPathSlideEncoder(1, attn_impl=impl).eval()
     coords = torch.from_numpy(row_major_coords(n, cols=150, tile=256.0))
     x = torch.randn(n, 1536)
-    with torch.inference_mode(), _LargestTensor() as seen:
+    with torch.inference_mode(), LargestTensor() as seen:
         out = model(x, coords, 256.0)
     assert torch.isfinite(out).all()
     # Branches 4/5 attend over the whole sequence (one segment of L tokens, L/8 and L/16 of

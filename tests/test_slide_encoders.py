@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.utils._python_dispatch import TorchDispatchMode
+from test_gigapath_slide import LargestTensor
 
 from pipeline.config import ConfigError, SlideEncoderConfig, StorageConfig, build_config
 from pipeline.models import chief, madeleine, prism, registry, specs, titan
@@ -227,7 +227,7 @@ def test_titan_memory_is_linear_in_tiles(monkeypatch) -> None:
     model = titan.TitanSlideEncoder(depth).eval()
     feats, coords = titan_slide(n, seed=5, cols=90)
     x = torch.from_numpy(feats).float()
-    with torch.inference_mode(), _LargestTensor() as seen:
+    with torch.inference_mode(), LargestTensor() as seen:
         out = model(x, torch.from_numpy(coords), 512.0)
     assert torch.isfinite(out).all()
     length = n + 1
@@ -235,19 +235,6 @@ def test_titan_memory_is_linear_in_tiles(monkeypatch) -> None:
     bound = max(length * 3 * 768, titan.TOKEN_CHUNK * 3072, 2 * titan.MAX_LOGITS)
     print(f"largest tensor {seen.largest:,} elements; (n+1)^2 = {length ** 2:,}")
     assert seen.largest <= bound < length * length
-
-
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 # --- PRISM -------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ ORGANS = 19  # rows of the organ_embedding buffer (Text_emdding.pth)
 CHUNK = 16384  # tiles scored at once
 
 
-class _GatedAttention(nn.Module):
-    """Attn_Net_Gated(L=512, D=256, dropout=True, n_classes=1)."""
+class GatedAttention(nn.Module):
+    """Gated attention score of each tile (CLAM's Attn_Net_Gated with one class; Madeleine's
+    BatchedABMIL is the same network under the same key names): (N, dim) -> (N, 1)."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -50,7 +51,7 @@ class CHIEFSlideEncoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.attention_net = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.ReLU(), nn.Dropout(0.25),
-                                           _GatedAttention(HIDDEN, ATTN))
+                                           GatedAttention(HIDDEN, ATTN))
         self.classifiers = nn.Linear(HIDDEN, N_CLASSES)
         self.instance_classifiers = nn.ModuleList(nn.Linear(HIDDEN, 2) for _ in range(N_CLASSES))
         self.att_head = _AttHead(HIDDEN, ATTN)

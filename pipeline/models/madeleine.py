@@ -22,23 +22,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.models.chief import GatedAttention
+
 IN_DIM = 512  # CONCH v1 embeddings
 HIDDEN = 512  # wsi_encoder_hidden_dim; also BatchedABMIL's hidden_dim
 HEADS = 4
 TOKEN_DIM = 128
 CHUNK = 8192  # tiles through the pre-attention MLP at once
-
-
-class _BatchedABMIL(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.attention_a = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(0.25))
-        self.attention_b = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(),
-                                         nn.Dropout(0.25))
-        self.attention_c = nn.Linear(hidden, 1)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.attention_c(self.attention_a(h) * self.attention_b(h)).squeeze(-1)
 
 
 def _block(n_in: int, n_out: int) -> list[nn.Module]:
@@ -50,7 +40,7 @@ class _ABMILEmbedder(nn.Module):
         super().__init__()
         self.pre_attn = nn.Sequential(*_block(IN_DIM, HIDDEN), *_block(HIDDEN, HIDDEN),
                                       *_block(HIDDEN, HIDDEN * HEADS))
-        self.attn = nn.ModuleList(_BatchedABMIL(HIDDEN, HIDDEN) for _ in range(HEADS))
+        self.attn = nn.ModuleList(GatedAttention(HIDDEN, HIDDEN) for _ in range(HEADS))
 
 
 class MadeleineSlideEncoder(nn.Module):
@@ -74,8 +64,9 @@ class MadeleineSlideEncoder(nn.Module):
         for i in range(0, len(x), CHUNK):
             # (n, 512 * 4) -> (n, 512 e, 4 c): channel e * 4 + c, as einops '(e c)'.
             h = self.wsi_embedders.pre_attn(x[i:i + CHUNK]).view(-1, HIDDEN, HEADS)
-            s = torch.stack([net(h[:, :, c]) for c, net in enumerate(self.wsi_embedders.attn)],
-                            dim=1).float()  # (n, heads)
+            heads = self.wsi_embedders.attn
+            s = torch.cat([net(h[:, :, c]) for c, net in enumerate(heads)],
+                          dim=1).float()  # (n, heads)
             new_top = torch.maximum(top, s.max(dim=0).values)
             keep, p = torch.exp(top - new_top), torch.exp(s - new_top)
             total = total * keep + p.sum(dim=0)

@@ -19,6 +19,7 @@ import os
 import re
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ from pipeline.storage import is_local, url_to_fs, with_retries
 
 if TYPE_CHECKING:
     import torch
+
+    from pipeline.models.registry import StateDict
 
 log = logging.getLogger(__name__)
 
@@ -470,9 +473,16 @@ def local_weights_file(model_id: str, ref: WeightsRef, storage: StorageConfig) -
 def load_model(spec: TileModelSpec, ref: WeightsRef, storage: StorageConfig,
                device: torch.device) -> torch.nn.Module:
     """Build the architecture and load ``ref`` into it; eval mode, on ``device``."""
-    import torch
-
     from pipeline.models import registry
+
+    return _load(spec, ref, storage, device, registry.build, registry.adapt_checkpoint)
+
+
+def _load(spec: Any, ref: WeightsRef, storage: StorageConfig, device: torch.device,
+          build: Callable[..., torch.nn.Module],
+          adapt: Callable[[Any, StateDict], StateDict]) -> torch.nn.Module:
+    """One loading procedure for tile and slide encoders (``build``/``adapt`` are theirs)."""
+    import torch
 
     if ref.random:
         match = _SEED_RE.match(ref.identity)
@@ -480,18 +490,18 @@ def load_model(spec: TileModelSpec, ref: WeightsRef, storage: StorageConfig,
         # fork_rng: deterministic init without disturbing the caller's global RNG stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = registry.build(spec, device="cpu")
+            model = build(spec, device="cpu")
     else:
         path = local_weights_file(spec.id, ref, storage)
         # Authors' key layouts (CONCH's visual.*, transformers' Dinov2) -> the built module's.
-        state = registry.adapt_checkpoint(spec, _read_state_dict(path))
+        state = adapt(spec, _read_state_dict(path))
         # Build on meta and adopt the checkpoint tensors: skips a random init that would be
         # overwritten anyway (seconds for a 1B model). Fall back to a real build if the
         # architecture holds non-persistent buffers that a checkpoint cannot fill.
-        model = registry.build(spec, device="meta")
+        model = build(spec, device="meta")
         load_state_dict_strict(spec, model, state, repr(str(path)))
         if _has_meta(model):
-            model = registry.build(spec, device="cpu")
+            model = build(spec, device="cpu")
             load_state_dict_strict(spec, model, state, repr(str(path)))
         model = model.float()  # fp32 master weights; reduced precision comes from autocast
     return model.eval().to(device)
@@ -518,23 +528,7 @@ def load_slide_model(spec: SlideModelSpec, ref: WeightsRef, storage: StorageConf
                      device: torch.device) -> torch.nn.Module:
     """Build the slide encoder and load ``ref`` strictly (random: the id's seed); eval mode,
     fp32 master weights, on ``device``."""
-    import torch
-
     from pipeline.models import registry
 
-    if ref.random:
-        match = _SEED_RE.match(ref.identity)
-        seed = int(match.group(1)) if match else random_seed(spec.id)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = registry.build_slide(spec, device="cpu")
-    else:
-        path = local_weights_file(spec.id, ref, storage)
-        state = registry.adapt_slide_checkpoint(spec, _read_state_dict(path))
-        model = registry.build_slide(spec, device="meta")
-        load_state_dict_strict(spec, model, state, repr(str(path)))
-        if _has_meta(model):
-            model = registry.build_slide(spec, device="cpu")
-            load_state_dict_strict(spec, model, state, repr(str(path)))
-        model = model.float()
-    return model.eval().to(device)
+    return _load(spec, ref, storage, device, registry.build_slide,
+                 registry.adapt_slide_checkpoint)
