@@ -45,7 +45,7 @@ from PIL import Image  # noqa: E402
 from pipeline.config import TilingConfig  # noqa: E402
 from pipeline.preview import geojson_bytes, render_jpeg  # noqa: E402
 from pipeline.qc import tile_qc  # noqa: E402
-from pipeline.tiffread import open_tiff_reader  # noqa: E402
+from pipeline.readers.tiff import open_tiff_reader  # noqa: E402
 from pipeline.tiling import _plan, slide_geometry, tile_slide  # noqa: E402
 
 

@@ -62,13 +62,14 @@ class TilingConfig(_Strict):
     region_tiles: int = Field(8, ge=1, le=64,
                               description="tiles per edge of one region read from the slide")
     reader: Literal["auto", "openslide", "tiff"] = Field(
-        "auto", description="auto: decode JPEG tiles of TIFF-family slides directly, "
-        "OpenSlide otherwise; openslide: always OpenSlide; tiff: direct or fail")
+        "auto", description="auto: decode JPEG tiles directly where a fast reader recognises "
+        "the file (pipeline.readers), OpenSlide otherwise; openslide: always OpenSlide; "
+        "tiff: a fast reader or fail")
     threads: int = Field(1, ge=1, le=64, description="decode threads per tiling task")
     dct_downscale: bool = Field(
         True, description="fast TIFF path: halve (or quarter) JPEG tiles inside libjpeg-turbo's "
         "IDCT instead of decoding in full and box-averaging (~2x faster tiling of 40x slides; "
-        "pixels differ by ~1 level on average, see pipeline/tiffread.py)")
+        "pixels differ by ~1 level on average, see pipeline/readers/tiff.py)")
     mpp_tolerance: float = Field(
         0.02, ge=0, le=0.5, description="relative mpp difference treated as 'exactly the target'")
     previews: bool = Field(

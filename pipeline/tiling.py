@@ -12,13 +12,12 @@ resize, and it needs no margin so regions decode only their own file tiles. Othe
 resize once from the exact fractional source box with Pillow's BILINEAR filter (widened by the
 scale when downsampling: an antialiased triangle filter, no ringing at tissue/glass edges).
 
-Readers: plain-JPEG tiled TIFFs (Aperio SVS, generic tiled TIFF) are read by
-:mod:`pipeline.tiffread` (direct tile decode, tissue-free file tiles skipped); everything else,
-and any TIFF the fast path does not recognise, by OpenSlide. ``threads`` regions are read and
-resampled at once (JPEG decode, OpenSlide and Pillow release the GIL).
+Readers (:mod:`pipeline.readers`): a fast reader where one recognises the file (the direct
+JPEG-tile readers: tissue-free file tiles skipped), OpenSlide otherwise. ``threads`` regions
+are read and resampled at once (JPEG decode, OpenSlide and Pillow release the GIL).
 
-Damaged JPEG tiles: both readers deliver a file tile that does not decode cleanly as white and
-record it (:class:`pipeline.slides.DamageLog`); a region that read over one flags its tiles
+Damaged JPEG tiles: every reader delivers a file tile that does not decode cleanly as white and
+records it (:class:`pipeline.readers.DamageLog`); a region that read over one flags its tiles
 that overlap it, which are then emitted white (never the decoder's garbage) and listed in the
 slide's meta (``damaged``). The tile count stays the plan's: writers wait for exactly that
 many rows. Past ``tiling.max_damaged_fraction`` of the slide's tiles the slide fails
@@ -30,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import resource
 import time
 from collections import deque
@@ -64,16 +62,20 @@ from pipeline.handoff import (
 from pipeline.placement import ray_node_id
 from pipeline.preview import Preview, geojson_bytes, make_preview, render_jpeg
 from pipeline.qc import QC_COLUMNS, tile_qc
-from pipeline.sink import Lake
-from pipeline.slides import (
+from pipeline.readers import (
     DamageLog,
     OpenSlideReader,
-    RegionReader,
-    SlideError,
+    Reader,
+    ReadError,
+    choose_reader,
     integer_factor,
+    read_resampled,
+)
+from pipeline.sink import Lake
+from pipeline.slides import (
+    SlideError,
     objective_power,
     open_slide,
-    read_resampled,
     resolve_mpp,
     vendor,
 )
@@ -85,12 +87,6 @@ from pipeline.storage import (
     source_fingerprint,
     staged_slide,
 )
-from pipeline.tiffread import (
-    SEAM_CACHE_BYTES,
-    TiffJpegReader,
-    TiffReadError,
-    open_tiff_reader,
-)
 from pipeline.tissue import (
     TileGrid,
     plan_grid,
@@ -100,8 +96,6 @@ from pipeline.tissue import (
 
 log = logging.getLogger(__name__)
 RESAMPLE = Image.Resampling.BILINEAR
-READERS = ("auto", "openslide", "tiff")
-_fallbacks_logged: set[str] = set()
 # Kept tiles one band may buffer before it is split into shorter bands: row-major order needs
 # a whole band read before its first row is emitted, and a 100k px wide slide has ~220 tiles
 # per row. Shorter bands re-decode a few file tiles on their seams; memory stays flat.
@@ -250,16 +244,16 @@ def tile_slide(path: str, *, mpp_override: float | None,
         # The fast reader also serves the thumbnail level when it can: planning is serial
         # work in front of every slide, and OpenSlide is the slow part of it.
         dct = (geo.whole_scale or 1) if cfg.dct_downscale else 1
-        reader, name, note = _reader(slide, path, geo.level, cfg.reader, dct,
-                                     also=geo.thumb_level, backup=backup)
-        if isinstance(reader, TiffJpegReader):
+        reader = choose_reader(slide, path, geo.level, cfg.reader, dct_factor=dct,
+                               also=geo.thumb_level, backup=backup)
+        if reader is not backup:
             closers.insert(0, reader.close)
         threads = cfg.threads
         pool = ThreadPoolExecutor(threads, thread_name_prefix="tiling") if threads > 1 else None
         if pool is not None:
             closers.insert(0, lambda: pool.shutdown(wait=True, cancel_futures=True))
-        fast = [reader.damage] if isinstance(reader, TiffJpegReader) else []
-        report = ReadReport(note=note, logs=[*fast, backup.damage])
+        logs = [reader.damage] if reader is not backup else []
+        report = ReadReport(note=reader.note, logs=[*logs, backup.damage])
         plan, grid, preview = _plan(slide, path, geo, cfg, reader=reader, pool=pool,
                                     backup=backup, facts=facts, report=report)
     except BaseException:
@@ -267,69 +261,15 @@ def tile_slide(path: str, *, mpp_override: float | None,
             close()
         slide.close()
         raise
-    if isinstance(reader, TiffJpegReader):
-        reader.seam_budget = _seam_budget(grid, geo, reader.tile_shape(geo.level))
-        k = geo.whole_scale or 1
-        report.dct_downscale = k > 1 and reader.dct_ok(geo.level, k)
+    reader.prepare(grid, geo)
+    k = geo.whole_scale or 1
+    report.dct_downscale = k > 1 and reader.dct_ok(geo.level, k)
     gen = _chunks(reader, path, grid, geo.level, geo.scale, cfg, pool, report)
     chunks = TileChunks(slide, gen, tuple(closers))
-    chunks.reader = name
+    chunks.reader = reader.name
     chunks.preview = preview
     chunks.report = report
     return plan, chunks
-
-
-def _seam_budget(grid: TileGrid, geo: ReadGeometry, file_tile: tuple[int, int]) -> int:
-    """Seam-cache bytes this slide needs, at most ``SEAM_CACHE_BYTES``.
-
-    A band leaves the file tiles on its lower edge for the next band: one row of file tiles
-    under the widest row of kept tiles, half again for the regions in flight and the
-    vertical seams between regions. A fixed 24 MB would hold a full 100k px wide row of
-    tissue; most slides need half of that, and it is a good part of a worker's peak RSS.
-    """
-    if grid.num_tiles == 0:
-        return SEAM_CACHE_BYTES
-    tw, th = file_tile
-    k = geo.whole_scale or 1  # cached tiles are reduced by k
-    span = geo.tile_px * geo.scale  # level px per grid column
-    c0 = np.floor(grid.col * span / tw).astype(np.int64)  # file columns under each kept tile
-    c1 = np.floor(((grid.col + 1) * span - 1) / tw).astype(np.int64)
-    same_row = np.r_[False, grid.row[1:] == grid.row[:-1]]
-    shared = np.where(same_row, np.maximum(0, np.r_[0, c1[:-1]] - c0 + 1), 0)
-    per_row = np.bincount(grid.row, weights=(c1 - c0 + 1 - shared).astype(np.float64))
-    need = 1.5 * float(per_row.max()) * (tw // k) * (th // k) * 3
-    return int(min(SEAM_CACHE_BYTES, max(4 << 20, need)))
-
-
-def _reader(slide: openslide.OpenSlide, path: str, level: int, choice: str,
-            dct_factor: int = 1, also: int | None = None,
-            backup: OpenSlideReader | None = None) -> tuple[RegionReader, str, str]:
-    """The fast TIFF reader when allowed and it recognises the file, else OpenSlide
-    (``backup`` when given), with the name of the one chosen and why not a faster way.
-
-    ``also``: a second level the fast reader should serve if it can (the thumbnail's).
-    """
-    if choice not in READERS:
-        raise ValueError(f"tiling.reader must be one of {READERS}, got {choice!r}")
-    fallback = backup if backup is not None else OpenSlideReader(slide, path)
-    if choice == "openslide":
-        return fallback, "openslide", ""
-    reader, why = None, ""
-    if also is not None and also != level:
-        reader, why = open_tiff_reader(path, slide, [level, also], dct_factor=dct_factor)
-    if reader is None:
-        reader, why = open_tiff_reader(path, slide, [level], dct_factor=dct_factor)
-    if reader is not None:
-        note = f"box filter, not reduced-size decoding: {reader.dct_note}" \
-            if reader.dct_note else ""
-        return reader, "tiff", note
-    if choice == "tiff":
-        raise SlideError("open", f"tiling.reader=tiff cannot read {path!r}: {why}")
-    kind = re.sub(r"[\d.]+", "#", why)  # once per kind of reason per process, not per slide
-    if kind not in _fallbacks_logged:
-        _fallbacks_logged.add(kind)
-        log.info("reading with OpenSlide, not the TIFF fast path: %s (e.g. %s)", why, path)
-    return fallback, "openslide", f"OpenSlide, not the TIFF fast path: {why}" if why else ""
 
 
 def slide_geometry(slide: openslide.OpenSlide, mpp_override: float | None,
@@ -342,7 +282,7 @@ def slide_geometry(slide: openslide.OpenSlide, mpp_override: float | None,
 
 
 def _plan(slide: openslide.OpenSlide, path: str, geo: ReadGeometry, cfg: TilingConfig, *,
-          reader: RegionReader | None = None, pool: ThreadPoolExecutor | None = None,
+          reader: Reader | None = None, pool: ThreadPoolExecutor | None = None,
           backup: OpenSlideReader | None = None,
           facts: tuple[str | None, float | None] | None = None,
           report: ReadReport | None = None) -> tuple[SlidePlan, TileGrid, Preview | None]:
@@ -350,24 +290,23 @@ def _plan(slide: openslide.OpenSlide, path: str, geo: ReadGeometry, cfg: TilingC
     does not serve its level (the bare ``slide`` otherwise: strict, a damaged tile fails);
     ``facts``: vendor and objective power, read before any pixel; ``report`` learns how many
     thumbnail tiles were damaged."""
-    has_level = getattr(reader, "has_level", None)
-    if has_level is None or not has_level(geo.thumb_level):
+    if reader is None or not reader.has_level(geo.thumb_level):
         reader = backup  # OpenSlide reads the thumbnail
     if facts is None:
         facts = vendor(slide), objective_power(slide)
-    damage: DamageLog | None = getattr(reader, "damage", None)
+    damage = reader.damage if reader is not None else None
     before = damage.count([geo.thumb_level]) if damage is not None else 0
     try:
         # a self-check OpenSlide failed spoils ``slide``: the backup's handle is good
         thumb = read_thumbnail(backup.healthy() if backup is not None else slide,
                                geo.thumb_size, path=path, reader=reader, pool=pool,
                                level=geo.thumb_level)
-    except TiffReadError as err:
+    except ReadError as err:
         raise SlideError("read", f"failed reading the thumbnail of {path!r}: the file is "
                                  f"corrupt or truncated ({err})") from None
     finally:
-        if isinstance(reader, TiffJpegReader):
-            reader.clear_seams()
+        if reader is not None:
+            reader.clear_caches()
     if damage is not None and report is not None:
         report.thumbnail_damaged = damage.count([geo.thumb_level]) - before
     mask, threshold = tissue_mask(thumb, colours=cfg.tissue_colours)
@@ -452,7 +391,7 @@ def _regions(grid: TileGrid, scale: float, cfg: TilingConfig) -> Iterator[tuple[
         yield b, lo, hi, regions
 
 
-def _read_region(reader: RegionReader, path: str, level: int, reg: _Region, rows: np.ndarray,
+def _read_region(reader: Reader, path: str, level: int, reg: _Region, rows: np.ndarray,
                  cols: np.ndarray, t: int, store: dict[int, np.ndarray], lo: int,
                  per_chunk: int, scale: float = 1.0) -> list[int]:
     """Cut the kept tiles of one region straight into their chunk slots (disjoint per region,
@@ -464,7 +403,7 @@ def _read_region(reader: RegionReader, path: str, level: int, reg: _Region, rows
     try:
         pixels = read_resampled(reader, level, reg.box, reg.size, RESAMPLE, path=path,
                                 need=reg.need, scratch=True)
-    except TiffReadError as err:
+    except ReadError as err:
         raise SlideError(
             "read", f"failed reading pixels of level {level} from {path!r}: the file is corrupt "
                     f"or truncated ({err})") from None
@@ -484,8 +423,8 @@ def _read_region(reader: RegionReader, path: str, level: int, reg: _Region, rows
             j += 1
         store[chunk][slot:slot + j - i] = grid[rr[i], :, cc[i]:cc[i] + j - i].transpose(1, 0, 2, 3)
         i = j
-    damage: DamageLog | None = getattr(reader, "damage", None)
-    if damage is None or not len(damage):  # the whole cost on a clean slide
+    damage = reader.damage
+    if not len(damage):  # the whole cost on a clean slide
         return []
     bad = damage.boxes(level)
     if not len(bad):
@@ -502,7 +441,7 @@ def _read_region(reader: RegionReader, path: str, level: int, reg: _Region, rows
     return flagged
 
 
-def _chunks(reader: RegionReader, path: str, grid: TileGrid, level: int, scale: float,
+def _chunks(reader: Reader, path: str, grid: TileGrid, level: int, scale: float,
             cfg: TilingConfig, pool: ThreadPoolExecutor | None,
             report: ReadReport | None = None) -> Iterator[TileChunk]:
     """Read bands of ``region_tiles`` grid rows, region by region, and emit chunks in order.

@@ -17,7 +17,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from pipeline.slides import RegionReader, read_resampled
+from pipeline.readers import Reader, read_resampled
 
 # ---- the tissue mask (tissue_mask). Its thresholds apply to the white-balanced thumbnail:
 # each pixel divided by the glass colour around it (glass = 1 in every channel). There,
@@ -148,7 +148,7 @@ def thumbnail_level(slide: openslide.OpenSlide, size: tuple[int, int]) -> int:
 
 
 def read_thumbnail(slide: openslide.OpenSlide, size: tuple[int, int], *, path: str = "",
-                   reader: RegionReader | None = None,
+                   reader: Reader | None = None,
                    pool: Executor | None = None, level: int | None = None) -> np.ndarray:
     """RGB thumbnail of the whole slide at exactly ``size`` (w, h), in bounded memory.
 
@@ -168,7 +168,7 @@ def read_thumbnail(slide: openslide.OpenSlide, size: tuple[int, int], *, path: s
     bw = max(1, int(THUMBNAIL_BLOCK // gx))
     bh = max(1, int(THUMBNAIL_BLOCK // gy))
     out = np.empty((th, tw, 3), np.uint8)
-    source: openslide.OpenSlide | RegionReader = reader if reader is not None else slide
+    source: openslide.OpenSlide | Reader = reader if reader is not None else slide
 
     def block(corner: tuple[int, int]) -> None:
         tx, ty = corner

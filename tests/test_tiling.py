@@ -286,7 +286,7 @@ def test_chunks_are_contiguous_row_major(generated_slides: dict[str, Path]) -> N
 
 
 def test_resampled_tiles_match_reference(generated_slides: dict[str, Path]) -> None:
-    # the exact box filter (the default halves inside the JPEG IDCT: test_tiffread bounds it)
+    # the exact box filter (the default halves inside the JPEG IDCT: test_readers_tiff bounds it)
     cfg = TilingConfig(mpp=0.5, tile_size=128, chunk_tiles=64, region_tiles=4,
                        dct_downscale=False)
     plan, chunks = _all(generated_slides["pyramid_025"], cfg)
@@ -617,11 +617,12 @@ def test_the_settings_used_say_when_the_reader_declined_the_dct(
         clean192: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The config asks for reduced-size decoding; a slide whose check says no is read with the
     # box filter, and its row must say so, not repeat the config's dct_downscale: true.
-    import pipeline.tiffread as tr
+    import pipeline.readers.tiff as tr
     from pipeline.coordinator import _used
     from pipeline.handoff import TilingMeta
 
-    monkeypatch.setattr(tr, "_check_dct", lambda *a: "modelled: differs from the box average")
+    monkeypatch.setattr(tr.TiffJpegReader, "_check_dct",
+                        lambda *a: "modelled: differs from the box average")
     _, _, chunks = _read(clean192)
     rep = chunks.report
     assert chunks.reader == "tiff" and rep.dct_downscale is False

@@ -24,8 +24,9 @@ from slidegen import BOXES_GENERIC, CMU_SMALL, write_pyramid_svs
 
 import pipeline.tiling as tiling
 from pipeline.config import TilingConfig
-from pipeline.slides import SlideError, read_rgb
-from pipeline.tiffread import CHECK_MAX, CHECK_MEAN, _check, open_tiff_reader
+from pipeline.readers import read_rgb
+from pipeline.readers.tiff import CHECK_MAX, CHECK_MEAN, open_tiff_reader
+from pipeline.slides import SlideError
 from pipeline.tiling import tile_slide
 
 # Reduced-size decoding against decode + box average: mean, 99th percentile of abs diff.
@@ -122,7 +123,7 @@ def test_dct_check_keeps_box_filter_when_decoding_differs(
     # slides row then records instead of the dct_downscale the config asked for
     import simplejpeg
 
-    import pipeline.tiffread as tr
+    import pipeline.readers.tiff as tr
 
     real = simplejpeg.decode_jpeg
 
@@ -153,7 +154,7 @@ def test_stacked_decoding_equals_tile_by_tile(slide240: Path,
     # header to decode alone, and stay off where upsampling would blend across tile edges.
     import simplejpeg
 
-    from pipeline.tiffread import TiffJpegReader
+    from pipeline.readers.tiff import TiffJpegReader
 
     stacked: list[int] = []
     real = TiffJpegReader._decode_stack
@@ -242,7 +243,7 @@ def test_wrong_colour_space_is_caught() -> None:
     # CMU-1's raw-RGB streams decoded as YCbCr (a JFIF marker in the rebuilt header instead
     # of Adobe's: the generic-TIFF rule applied to an Aperio file) are ~48 levels off: the
     # self-check must fail, so such a file falls back to OpenSlide instead of bad colour.
-    from pipeline.tiffread import _JFIF
+    from pipeline.readers.tiff import _JFIF
 
     with openslide.OpenSlide(str(CMU_SMALL)) as slide:
         reader, _ = open_tiff_reader(str(CMU_SMALL), slide, [0])
@@ -250,9 +251,9 @@ def test_wrong_colour_space_is_caught() -> None:
         with reader:
             lv = reader._levels[0]
             assert lv is not None and lv.colorspace == "RGB" and lv.tables is not None
-            assert _check(reader, slide, 0) == ""
+            assert reader._check_against(slide, 0) == ""
             object.__setattr__(lv, "header", b"\xff\xd8" + _JFIF + lv.tables[2:-2])
-            assert "decodes differently from OpenSlide" in _check(reader, slide, 0)
+            assert "decodes differently from OpenSlide" in reader._check_against(slide, 0)
 
 
 def test_corrupt_tile_is_a_read_error(tmp_path: Path, slide240: Path) -> None:
@@ -283,7 +284,7 @@ def test_every_decoder_call_treats_a_warning_as_damage(slide256: Path, tmp_path:
     # tile white and records it, with every other file tile decoded as in the clean file.
     from slidegen import write_damaged_tiles
 
-    from pipeline.tiffread import TiffReadError
+    from pipeline.readers.tiff import TiffReadError
 
     bad = write_damaged_tiles(tmp_path / "bad.svs", slide256, [(3, 2)], "extraneous_bytes")
     with openslide.OpenSlide(str(bad)) as slide:
@@ -316,20 +317,19 @@ def test_the_self_check_picks_a_clean_tile(slide256: Path, tmp_path: Path, kind:
     # path) or turn reduced-size decoding off; now the checks skip it.
     from slidegen import write_damaged_tiles
 
-    from pipeline.tiffread import _check_tiles
 
     with openslide.OpenSlide(str(slide256)) as slide:
         reader, _ = open_tiff_reader(str(slide256), slide, [0], dct_factor=2)
     assert reader is not None
     with reader:
-        centre = _check_tiles(reader, 0).clean[0]
+        centre = reader._clean_tiles(0).clean[0]
     assert centre == (8, 6)
     bad = write_damaged_tiles(tmp_path / "bad.svs", slide256, [centre], kind)
     with openslide.OpenSlide(str(bad)) as slide:
         reader, why = open_tiff_reader(str(bad), slide, [0], dct_factor=2)
         assert reader is not None, why
         with reader:
-            picked = _check_tiles(reader, 0)
+            picked = reader._clean_tiles(0)
             assert centre not in picked.clean and len(picked.clean) == 4
             assert len(picked.damaged) == 1 and "tile 8,6 of page 0" in picked.damaged[0]
             assert reader.dct_downscale and reader.dct_note == ""

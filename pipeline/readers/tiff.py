@@ -15,7 +15,7 @@ Halving 40x tiles (0.25 -> 0.5 um/px) is done by default inside libjpeg-turbo's 
 the high-frequency coefficients and the colour conversion of pixels that would be averaged
 away, about twice as fast as a full decode followed by a 2x2 box average. It is a low-pass
 too, but not the same one: against the box average it differs by ~1 level on average and up
-to ~45 at sharp edges (tests/test_tiffread.py bounds it). ``dct_downscale=False`` restores
+to ~45 at sharp edges (tests/test_readers_tiff.py bounds it). ``dct_downscale=False`` restores
 the exact box filter, bit-identical to the OpenSlide path.
 
 Decoder calls: tiles that share one header (tables, frame, scan) are decoded a run at a time
@@ -50,6 +50,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import openslide
@@ -57,7 +58,12 @@ import simplejpeg
 import tifffile
 from PIL import Image
 
-from pipeline.slides import Box, DamageLog, read_rgb
+from pipeline.readers.base import Box, Reader, ReadError
+from pipeline.readers.openslide_reader import read_rgb
+
+if TYPE_CHECKING:
+    from pipeline.geometry import ReadGeometry
+    from pipeline.tissue import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ _OTHER_FRAMES = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
 
 
 
-class TiffReadError(Exception):
+class TiffReadError(ReadError):
     """A tile that does not decode (corrupt or truncated file)."""
 
 
@@ -193,66 +199,27 @@ def _segments(stream: bytes) -> list[tuple[int, int]] | None:
     return None
 
 
-def _stack_for(reader: TiffJpegReader, level: int, step: int) -> _Stack | None:
-    """Build and verify the stacking recipe of one level decoded at 1/``step``."""
-    lv = reader._lv(level)  # noqa: SLF001
-    if step not in (1, *DCT_FACTORS):
-        return None
-    picks = [ty * lv.across + tx for tx, ty in _check_tiles(reader, level).clean]
-    if len(picks) < 2:
-        return None
-    try:
-        # bytes(): each fetch reuses the thread's read buffer
-        datas = [bytes(reader._fetch(lv, i // lv.across, [i % lv.across])[0])  # type: ignore[arg-type]  # noqa: SLF001
-                 for i in picks]  # picked among filled tiles: never None
-        first = datas[0]
-        stream = lv.header + first[2:]
-        segs = _segments(stream)
-        if segs is None or any(m == 0xDD or m in _OTHER_FRAMES for m, _ in segs):
-            return None  # restart markers of its own, or not a Huffman sequential frame
-        sof = [o for m, o in segs if m in (0xC0, 0xC1)]
-        if len(sof) != 1:
-            return None
-        s = sof[0]
-        comps = stream[s + 9]
-        hs = [stream[s + 11 + 3 * c] >> 4 for c in range(comps)]
-        vs = [stream[s + 11 + 3 * c] & 15 for c in range(comps)]
-        mcu_w, mcu_h = 8 * max(hs), 8 * max(vs)
-        if lv.tile_w % mcu_w or lv.tile_h % mcu_h:
-            return None
-        interval = (lv.tile_w // mcu_w) * (lv.tile_h // mcu_h)
-        sos = segs[-1][1]
-        end = sos + 2 + int.from_bytes(stream[sos + 2:sos + 4], "big")
-        dri = b"\xff\xdd\x00\x04" + interval.to_bytes(2, "big")
-        rh, rw = lv.tile_h // step, lv.tile_w // step
-        info = _Stack(head=first[:end - len(lv.header) + 2], before_height=stream[:s + 5],
-                      after_height=stream[s + 7:sos] + dri + stream[sos:end],
-                      tile_h=lv.tile_h,
-                      most=max(2, min(STACK_BYTES // (rh * rw * 3), 65535 // lv.tile_h)))
-        if not all(info.fits(memoryview(d)) for d in datas):
-            return None
-        stacked = np.empty((len(datas), rh, rw, 3), np.uint8)
-        reader._decode_stack(lv, [memoryview(d) for d in datas], step, info, stacked)  # noqa: SLF001
-        for i, d, tile in zip(picks, datas, stacked, strict=True):
-            alone = reader._decode(lv, d, i % lv.across, i // lv.across, step)  # noqa: SLF001
-            if not np.array_equal(alone, tile):
-                log.debug("no stacked decoding of level %d at 1/%d: pixels differ", level, step)
-                return None
-        reader.tiles_decoded -= 2 * len(datas)  # checking is not reading
-    except (TiffReadError, ValueError) as err:
-        log.debug("no stacked decoding of level %d: %s", level, err)
-        return None
-    return info
+@dataclass(frozen=True)
+class _Clean:
+    """File tiles of a level for the self-checks: ones that decode cleanly, nearest the
+    centre first, and what was wrong with the damaged ones tried before them."""
+
+    clean: list[tuple[int, int]]
+    filled: int  # non-empty file tiles in the level
+    damaged: list[str]
 
 
-class TiffJpegReader:
+class TiffJpegReader(Reader):
     """Integer boxes of a pyramid level, assembled from directly decoded JPEG tiles.
 
     Thread-safe: tiles are read with ``os.pread`` on one descriptor, no shared cursor.
     """
 
+    name = "tiff"
+
     def __init__(self, path: str, levels: Sequence[_Level | None], *,
                  dct_downscale: bool = False) -> None:
+        super().__init__()
         self.path = path
         self.dct_downscale = dct_downscale  # reduce by 2/4/8 inside the IDCT (see module doc)
         self._levels = list(levels)
@@ -262,11 +229,9 @@ class TiffJpegReader:
         self._local = threading.local()  # per-thread scratch region buffer
         self._seams: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
         self._seam_bytes = 0
-        self.seam_budget = SEAM_CACHE_BYTES  # tiling lowers it to what the slide needs
+        self.seam_budget = SEAM_CACHE_BYTES  # lowered to what the slide needs by prepare()
         self._stacks: dict[tuple[int, int], _Stack | None] = {}  # see _stack_info
-        self._clean: dict[int, _Clean] = {}  # see _check_tiles
-        # File tiles that did not decode cleanly: delivered white, recorded here.
-        self.damage = DamageLog()
+        self._clean: dict[int, _Clean] = {}  # see _clean_tiles
         # Why reduced-size decoding was asked for but is not used ("": used or not asked).
         self.dct_note = ""
 
@@ -467,7 +432,7 @@ class TiffJpegReader:
         with self._lock:
             if key in self._stacks:
                 return self._stacks[key]
-        info = _stack_for(self, level, step)
+        info = self._build_stack(level, step)
         with self._lock:
             self._stacks[key] = info
         return info
@@ -578,11 +543,159 @@ class TiffJpegReader:
             while self._seam_bytes > self.seam_budget:
                 self._seam_bytes -= self._seams.popitem(last=False)[1].nbytes
 
-    def clear_seams(self) -> None:
+    def prepare(self, grid: TileGrid, geo: ReadGeometry) -> None:
+        """Size the seam cache to what this slide needs, at most ``SEAM_CACHE_BYTES``.
+
+        A band leaves the file tiles on its lower edge for the next band: one row of file tiles
+        under the widest row of kept tiles, half again for the regions in flight and the
+        vertical seams between regions. A fixed 24 MB would hold a full 100k px wide row of
+        tissue; most slides need half of that, and it is a good part of a worker's peak RSS.
+        """
+        if grid.num_tiles == 0:
+            return
+        tw, th = self.tile_shape(geo.level)
+        k = geo.whole_scale or 1  # cached tiles are reduced by k
+        span = geo.tile_px * geo.scale  # level px per grid column
+        c0 = np.floor(grid.col * span / tw).astype(np.int64)  # file columns under each kept tile
+        c1 = np.floor(((grid.col + 1) * span - 1) / tw).astype(np.int64)
+        same_row = np.r_[False, grid.row[1:] == grid.row[:-1]]
+        shared = np.where(same_row, np.maximum(0, np.r_[0, c1[:-1]] - c0 + 1), 0)
+        per_row = np.bincount(grid.row, weights=(c1 - c0 + 1 - shared).astype(np.float64))
+        need = 1.5 * float(per_row.max()) * (tw // k) * (th // k) * 3
+        self.seam_budget = int(min(SEAM_CACHE_BYTES, max(4 << 20, need)))
+
+    def clear_caches(self) -> None:
         """Drop cached seam tiles (after the thumbnail: its level's tiles are not needed again)."""
         with self._lock:
             self._seams.clear()
             self._seam_bytes = 0
+
+    def _build_stack(self, level: int, step: int) -> _Stack | None:
+        """Build and verify the stacking recipe of one level decoded at 1/``step``."""
+        lv = self._lv(level)
+        if step not in (1, *DCT_FACTORS):
+            return None
+        picks = [ty * lv.across + tx for tx, ty in self._clean_tiles(level).clean]
+        if len(picks) < 2:
+            return None
+        try:
+            # bytes(): each fetch reuses the thread's read buffer
+            datas = [bytes(self._fetch(lv, i // lv.across, [i % lv.across])[0])  # type: ignore[arg-type]
+                     for i in picks]  # picked among filled tiles: never None
+            first = datas[0]
+            stream = lv.header + first[2:]
+            segs = _segments(stream)
+            if segs is None or any(m == 0xDD or m in _OTHER_FRAMES for m, _ in segs):
+                return None  # restart markers of its own, or not a Huffman sequential frame
+            sof = [o for m, o in segs if m in (0xC0, 0xC1)]
+            if len(sof) != 1:
+                return None
+            s = sof[0]
+            comps = stream[s + 9]
+            hs = [stream[s + 11 + 3 * c] >> 4 for c in range(comps)]
+            vs = [stream[s + 11 + 3 * c] & 15 for c in range(comps)]
+            mcu_w, mcu_h = 8 * max(hs), 8 * max(vs)
+            if lv.tile_w % mcu_w or lv.tile_h % mcu_h:
+                return None
+            interval = (lv.tile_w // mcu_w) * (lv.tile_h // mcu_h)
+            sos = segs[-1][1]
+            end = sos + 2 + int.from_bytes(stream[sos + 2:sos + 4], "big")
+            dri = b"\xff\xdd\x00\x04" + interval.to_bytes(2, "big")
+            rh, rw = lv.tile_h // step, lv.tile_w // step
+            info = _Stack(head=first[:end - len(lv.header) + 2], before_height=stream[:s + 5],
+                          after_height=stream[s + 7:sos] + dri + stream[sos:end],
+                          tile_h=lv.tile_h,
+                          most=max(2, min(STACK_BYTES // (rh * rw * 3), 65535 // lv.tile_h)))
+            if not all(info.fits(memoryview(d)) for d in datas):
+                return None
+            stacked = np.empty((len(datas), rh, rw, 3), np.uint8)
+            self._decode_stack(lv, [memoryview(d) for d in datas], step, info, stacked)
+            for i, d, tile in zip(picks, datas, stacked, strict=True):
+                alone = self._decode(lv, d, i % lv.across, i // lv.across, step)
+                if not np.array_equal(alone, tile):
+                    log.debug("no stacked decoding of level %d at 1/%d: pixels differ", level, step)
+                    return None
+            self.tiles_decoded -= 2 * len(datas)  # checking is not reading
+        except (TiffReadError, ValueError) as err:
+            log.debug("no stacked decoding of level %d: %s", level, err)
+            return None
+        return info
+
+    def _clean_tiles(self, level: int) -> _Clean:
+        """Up to ``CHECK_TILES`` non-empty file tiles nearest the level's centre (tissue, not
+        glass, most likely) that decode cleanly, trying at most ``CHECK_TRIES``.
+
+        The checks compare pixels: a damaged tile proves nothing about the reader (OpenSlide
+        fails on it, or both decode the same garbage), so it is skipped, not held against the
+        level. Cached per level; decoding here is not counted as reading.
+        """
+        with self._lock:
+            done = self._clean.get(level)
+        if done is not None:
+            return done
+        lv = self._lv(level)
+        filled = np.nonzero(lv.counts > 0)[0]
+        down = len(lv.counts) // lv.across
+        rows, cols = filled // lv.across, filled % lv.across
+        order = filled[np.argsort(np.abs(rows - down // 2) + np.abs(cols - lv.across // 2),
+                                  kind="stable")]
+        clean: list[tuple[int, int]] = []
+        damaged: list[str] = []
+        before = self.tiles_decoded
+        for i in order[:CHECK_TRIES].tolist():
+            tx, ty = i % lv.across, i // lv.across
+            try:
+                self.decode_tile(level, tx, ty)
+            except TiffReadError as err:
+                damaged.append(str(err))
+                continue
+            clean.append((tx, ty))
+            if len(clean) == CHECK_TILES:
+                break
+        self.tiles_decoded = before
+        done = _Clean(clean, len(filled), damaged)
+        with self._lock:
+            self._clean[level] = done
+        return done
+
+
+    def _check_against(self, slide: openslide.OpenSlide, level: int) -> str:
+        """Empty when a clean tile near the level's centre decodes to OpenSlide's pixels; else
+        why not."""
+        lv = self._lv(level)
+        tiles = self._clean_tiles(level)
+        if not tiles.filled:
+            return ""  # an entirely sparse level reads as glass on both paths
+        if not tiles.clean:
+            return (f"none of the {len(tiles.damaged)} file tiles tried near the centre of "
+                    f"level {level} decodes cleanly (first: {tiles.damaged[0]})")
+        tx, ty = tiles.clean[0]
+        x, y = tx * lv.tile_w, ty * lv.tile_h
+        w, h = min(lv.tile_w, lv.width - x), min(lv.tile_h, lv.height - y)
+        ours = self.read_rgb(level, x, y, w, h).astype(np.int16)
+        theirs = read_rgb(slide, level, x, y, w, h).astype(np.int16)
+        diff = np.abs(ours - theirs)
+        if diff.mean() > CHECK_MEAN or diff.max() > CHECK_MAX:
+            return (f"level {level} tile {tx},{ty} decodes differently from OpenSlide "
+                    f"(mean abs diff {diff.mean():.2f}, max {int(diff.max())}; colour space "
+                    f"{lv.colorspace or 'from markers'})")
+        return ""
+
+
+    def _check_dct(self, level: int, k: int) -> str:
+        """Empty when reduced-size decoding of a clean check tile matches decode + box average."""
+        tiles = self._clean_tiles(level)
+        if not tiles.clean:
+            return ""
+        full = self.decode_tile(level, *tiles.clean[0])
+        scaled = self.decode_tile(level, *tiles.clean[0], scale=k)
+        assert full is not None and scaled is not None
+        box = np.asarray(Image.fromarray(full).reduce(k)).astype(np.int16)
+        diff = float(np.abs(scaled.astype(np.int16) - box).mean())
+        if diff > DCT_CHECK_MEAN:
+            return (f"reduced-size decoding of level {level} differs from the box average "
+                    f"(mean abs diff {diff:.2f})")
+        return ""
 
     def close(self) -> None:
         """Release the file descriptor; safe to call more than once."""
@@ -617,93 +730,6 @@ def _wanted(need: Sequence[Box] | None, x: int, y: int, w: int, h: int, tw: int,
     return (in_row.T.astype(np.int32) @ in_col.astype(np.int32)) > 0
 
 
-@dataclass(frozen=True)
-class _Clean:
-    """File tiles of a level for the self-checks: ones that decode cleanly, nearest the
-    centre first, and what was wrong with the damaged ones tried before them."""
-
-    clean: list[tuple[int, int]]
-    filled: int  # non-empty file tiles in the level
-    damaged: list[str]
-
-
-def _check_tiles(reader: TiffJpegReader, level: int) -> _Clean:
-    """Up to ``CHECK_TILES`` non-empty file tiles nearest the level's centre (tissue, not
-    glass, most likely) that decode cleanly, trying at most ``CHECK_TRIES``.
-
-    The checks compare pixels: a damaged tile proves nothing about the reader (OpenSlide
-    fails on it, or both decode the same garbage), so it is skipped, not held against the
-    level. Cached per level; decoding here is not counted as reading.
-    """
-    with reader._lock:  # noqa: SLF001
-        done = reader._clean.get(level)  # noqa: SLF001
-    if done is not None:
-        return done
-    lv = reader._lv(level)  # noqa: SLF001
-    filled = np.nonzero(lv.counts > 0)[0]
-    down = len(lv.counts) // lv.across
-    rows, cols = filled // lv.across, filled % lv.across
-    order = filled[np.argsort(np.abs(rows - down // 2) + np.abs(cols - lv.across // 2),
-                              kind="stable")]
-    clean: list[tuple[int, int]] = []
-    damaged: list[str] = []
-    before = reader.tiles_decoded
-    for i in order[:CHECK_TRIES].tolist():
-        tx, ty = i % lv.across, i // lv.across
-        try:
-            reader.decode_tile(level, tx, ty)
-        except TiffReadError as err:
-            damaged.append(str(err))
-            continue
-        clean.append((tx, ty))
-        if len(clean) == CHECK_TILES:
-            break
-    reader.tiles_decoded = before
-    done = _Clean(clean, len(filled), damaged)
-    with reader._lock:  # noqa: SLF001
-        reader._clean[level] = done  # noqa: SLF001
-    return done
-
-
-def _check(reader: TiffJpegReader, slide: openslide.OpenSlide, level: int) -> str:
-    """Empty when a clean tile near the level's centre decodes to OpenSlide's pixels; else
-    why not."""
-    lv = reader._lv(level)
-    tiles = _check_tiles(reader, level)
-    if not tiles.filled:
-        return ""  # an entirely sparse level reads as glass on both paths
-    if not tiles.clean:
-        return (f"none of the {len(tiles.damaged)} file tiles tried near the centre of "
-                f"level {level} decodes cleanly (first: {tiles.damaged[0]})")
-    tx, ty = tiles.clean[0]
-    x, y = tx * lv.tile_w, ty * lv.tile_h
-    w, h = min(lv.tile_w, lv.width - x), min(lv.tile_h, lv.height - y)
-    ours = reader.read_rgb(level, x, y, w, h).astype(np.int16)
-    theirs = read_rgb(slide, level, x, y, w, h).astype(np.int16)
-    diff = np.abs(ours - theirs)
-    if diff.mean() > CHECK_MEAN or diff.max() > CHECK_MAX:
-        return (f"level {level} tile {tx},{ty} decodes differently from OpenSlide "
-                f"(mean abs diff {diff.mean():.2f}, max {int(diff.max())}; colour space "
-                f"{lv.colorspace or 'from markers'})")
-    return ""
-
-
-def _check_dct(reader: TiffJpegReader, level: int, k: int) -> str:
-    """Empty when reduced-size decoding of a clean check tile matches decode + box average."""
-    tiles = _check_tiles(reader, level)
-    if not tiles.clean:
-        return ""
-    full = reader.decode_tile(level, *tiles.clean[0])
-    scaled = reader.decode_tile(level, *tiles.clean[0], scale=k)
-    assert full is not None and scaled is not None
-    box = np.asarray(Image.fromarray(full).reduce(k)).astype(np.int16)
-    diff = float(np.abs(scaled.astype(np.int16) - box).mean())
-    if diff > DCT_CHECK_MEAN:
-        return (f"reduced-size decoding of level {level} differs from the box average "
-                f"(mean abs diff {diff:.2f})")
-    return ""
-
-
 def open_tiff_reader(path: str, slide: openslide.OpenSlide, levels: Sequence[int], *,
                      dct_factor: int = 1) -> tuple[TiffJpegReader | None, str]:
     """A fast reader for ``levels`` of an OpenSlide-opened slide, or (None, why not).
@@ -736,7 +762,7 @@ def open_tiff_reader(path: str, slide: openslide.OpenSlide, levels: Sequence[int
     reader = TiffJpegReader(path, found)
     try:
         for level in levels:
-            why = _check(reader, slide, level)
+            why = reader._check_against(slide, level)  # noqa: SLF001
             if why:
                 reader.close()
                 return None, why
@@ -746,12 +772,13 @@ def open_tiff_reader(path: str, slide: openslide.OpenSlide, levels: Sequence[int
     if dct_factor > 1:
         reader.dct_downscale = True
         try:
-            why = (_check_dct(reader, levels[0], dct_factor)
+            why = (reader._check_dct(levels[0], dct_factor)  # noqa: SLF001
                    if reader.dct_ok(levels[0], dct_factor) else "tiles not aligned")
         except Exception as err:  # noqa: BLE001 - e.g. a stream simplejpeg rejects
             why = f"{type(err).__name__}: {err}"
         if why:
             reader.dct_downscale = False
             reader.dct_note = why
+            reader.note = f"box filter, not reduced-size decoding: {why}"
             log.info("box-averaging, not reduced-size decoding, for %s: %s", path, why)
     return reader, ""
