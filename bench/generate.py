@@ -37,6 +37,7 @@ class Preset:
     tile: int = 240
     quality: int = 85
     levels: tuple[int, ...] = (1, 4, 16)
+    fmt: str = "svs"  # "ndpi": Hamamatsu layout (tests/wsigen_formats.write_ndpi)
 
 
 PRESETS = {
@@ -44,6 +45,8 @@ PRESETS = {
     "20x_10k": Preset(10_000, 8_000, 0.5),  # throughput: level 0 read as is
     "40x_10k": Preset(10_000, 10_000, 0.25),  # worker RSS, small
     "40x_100k": Preset(100_000, 80_000, 0.25),  # worker RSS, large
+    # the NDPI fast path: 40x, 256 x 8 px restart intervals (width rounded to 20480)
+    "40x_ndpi_20k": Preset(20_000, 16_000, 0.25, fmt="ndpi"),
 }
 
 MARGIN = 0.06  # glass border, fraction of each side
@@ -82,7 +85,7 @@ def mirrored_renderer(width: int, height: int) -> slidegen.Renderer:
 
 
 def path_of(name: str) -> Path:
-    return DATA / f"{name}.svs"
+    return DATA / f"{name}.{PRESETS[name].fmt}"
 
 
 def ensure(name: str) -> Path:
@@ -92,11 +95,18 @@ def ensure(name: str) -> Path:
         return path
     p = PRESETS[name]
     DATA.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".svs.part")
+    tmp = path.with_suffix(f".{p.fmt}.part")
     started = time.time()
-    slidegen.write_slide(tmp, mirrored_renderer(p.width, p.height), width=p.width,
-                         height=p.height, mpp=p.mpp, levels=p.levels, tile=p.tile,
-                         quality=p.quality)
+    if p.fmt == "ndpi":
+        import wsigen_formats
+
+        wsigen_formats.write_ndpi(tmp, mirrored_renderer(p.width, p.height), width=p.width,
+                                  height=p.height, mpp=p.mpp, levels=p.levels,
+                                  quality=p.quality, stripe=256)
+    else:
+        slidegen.write_slide(tmp, mirrored_renderer(p.width, p.height), width=p.width,
+                             height=p.height, mpp=p.mpp, levels=p.levels, tile=p.tile,
+                             quality=p.quality)
     tmp.rename(path)
     print(f"generated {path} ({path.stat().st_size / 1e6:.0f} MB) "
           f"in {time.time() - started:.0f} s", flush=True)

@@ -347,6 +347,58 @@ def bench_scaling(name: str, threads: int, repeats: int) -> dict[str, Any]:
             "scaling_median_of_pairs": float(np.median(pairs)), "runs": runs}
 
 
+def run_fast_format(path: Path, cfg: TilingConfig, name: str) -> int:
+    """``tile_slide`` with the reader chosen as in a job ("auto"), checking which one it was."""
+    plan, chunks = tile_slide(str(path), mpp_override=None, cfg=cfg)
+    n = 0
+    with chunks:
+        if chunks.reader != name:
+            raise RuntimeError(f"expected the {name} reader, got {chunks.reader}: "
+                               f"{chunks.report.note}")
+        for c in chunks:
+            n += len(c.tiles)
+    assert n == plan.num_tiles
+    return n
+
+
+FAST_READERS = {"ndpi": "ndpi"}  # preset format -> the reader that should serve it
+
+
+def bench_format(name: str, threads: int, repeats: int, baseline_tiles: int) -> dict[str, Any]:
+    """A non-Aperio format's fast reader vs OpenSlide vs the per-tile ``read_region`` baseline,
+    interleaved per round, on one generated slide (bench/generate.py preset ``name``)."""
+    path = ensure(name)
+    fast = FAST_READERS[path.suffix.lstrip(".")]
+    base_cfg = TilingConfig(mpp=0.5, tile_size=224)
+    plan, xs, ys = tissue_grid(path, base_cfg)
+    runs: dict[str, list[dict[str, float]]] = {}
+    for _ in range(repeats):
+        for t in (1, threads):
+            cfg = base_cfg.model_copy(update={"threads": t})
+            runs.setdefault(f"{fast}_{t}t", []).append(
+                _timed(lambda cfg=cfg: run_fast_format(path, cfg, fast)))
+            cfg = base_cfg.model_copy(update={"threads": t, "reader": "openslide"})
+            runs.setdefault(f"openslide_{t}t", []).append(
+                _timed(lambda cfg=cfg: run_tile_slide(path, cfg)))
+        runs.setdefault("read_region_baseline", []).append(_timed(
+            lambda: run_baseline(path, plan, xs, ys, baseline_tiles)))
+    per_core = {k: max(r["tiles_per_cpu_s"] for r in v) for k, v in runs.items()}
+    wall = {k: max(r["tiles_per_s"] for r in v) for k, v in runs.items()}
+    ratios = {
+        f"{fast}_vs_baseline_per_core": per_core[f"{fast}_1t"] / per_core["read_region_baseline"],
+        "openslide_vs_baseline_per_core": (per_core["openslide_1t"]
+                                           / per_core["read_region_baseline"]),
+        f"{fast}_vs_openslide_per_core": per_core[f"{fast}_1t"] / per_core["openslide_1t"],
+        f"{fast}_scaling_{threads}t_wall": wall[f"{fast}_{threads}t"] / wall[f"{fast}_1t"],
+    }
+    with openslide.OpenSlide(str(path)) as slide:
+        dims, vendor = list(slide.dimensions), slide.properties.get("openslide.vendor")
+    return {"slide": name, "path": str(path.relative_to(ROOT)), "vendor": vendor,
+            "dimensions": dims, "mpp": plan.mpp, "target_mpp": 0.5, "tile_px": plan.tile_px,
+            "tile_l0": plan.tile_l0, "tissue_tiles": plan.num_tiles,
+            "per_core_tiles_per_s": per_core, "ratios": ratios, "runs": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -362,6 +414,8 @@ def main() -> None:
     ap.add_argument("--qc", nargs="*", default=["40x_20k", "20x_10k"],
                     help="slides for the cost of tiling.qc + tiling.previews (none: skip)")
     ap.add_argument("--only-qc", action="store_true", help="run the QC comparison alone")
+    ap.add_argument("--formats", nargs="*", default=["40x_ndpi_20k"],
+                    help="non-Aperio slides for their fast reader vs OpenSlide vs baseline")
     args = ap.parse_args()
     out: dict[str, Any] = {"machine": machine(), "threads": args.threads, "slides": []}
     out["qc"] = []
@@ -381,6 +435,16 @@ def main() -> None:
         res = bench_slide(name, args.threads, args.repeats, args.baseline_tiles)
         out["slides"].append(res)
         print(f"\n{name}: {res['tissue_tiles']} tissue tiles, per core (tiles/CPU-s):")
+        for k, v in res["per_core_tiles_per_s"].items():
+            print(f"  {k:24s} {v:8.1f}", flush=True)
+        for k, v in res["ratios"].items():
+            print(f"  {k:36s} {v:6.2f}x", flush=True)
+    out["formats"] = []
+    for name in args.formats:
+        res = bench_format(name, args.threads, args.repeats, args.baseline_tiles)
+        out["formats"].append(res)
+        print(f"\n{name} ({res['vendor']}): {res['tissue_tiles']} tissue tiles, per core "
+              f"(tiles/CPU-s):")
         for k, v in res["per_core_tiles_per_s"].items():
             print(f"  {k:24s} {v:8.1f}", flush=True)
         for k, v in res["ratios"].items():
@@ -416,7 +480,9 @@ def main() -> None:
         print("rss big/small:", {k: round(v, 2) for k, v in out["rss_ratio"].items()})
     out["machine"]["loadavg_end"] = os.getloadavg()
     out["machine"]["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    dest = write_results("tiling", out)
+    # the formats alone (--slides --rss --scaling '' --qc) keep their own file
+    dest = write_results("tiling" if args.slides or args.rss or args.scaling
+                         else "tiling_formats", out)
     print(f"\nwrote {dest.relative_to(ROOT)}")
 
 

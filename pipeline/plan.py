@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.config import JobConfig, SlideEncoderConfig, TilingConfig
+from pipeline.fileset import FileSetError
 from pipeline.manifest import Manifest, SlideEntry, read_manifest
 from pipeline.models import specs
 from pipeline.models.specs import get_slide_model
@@ -170,9 +171,13 @@ def plan_job(cfg: JobConfig, lake: Lake, weights: dict[str, WeightsRef] | None =
                                     row=e.row))
             continue
         if isinstance(fp, BaseException):  # any storage failure is this slide's error
+            reason = str(fp) if isinstance(fp, FileSetError) else \
+                f"cannot stat slide: {type(fp).__name__}: {fp}"  # members missing: it says
+            if isinstance(fp, IsADirectoryError):
+                reason = (f"slide uri names a folder that holds no .dcm files: {e.uri}; name "
+                          "the slide file, or a folder of DICOM WSI instances")
             errors.append(error_row(slide_id=e.slide_id, uri=e.uri, cohort=e.cohort,
-                                    stage="stage", row=e.row,
-                                    reason=f"cannot stat slide: {type(fp).__name__}: {fp}"))
+                                    stage="stage", row=e.row, reason=reason))
             continue
         keys = {m.id: work_key(fp, m.id, weights[m.id], tiling_of[m.id]) for m in cfg.models}
         for m, s in slides_of.items():

@@ -51,10 +51,16 @@ def open_slide(path: str | os.PathLike[str]) -> openslide.OpenSlide:
         raise SlideError("open", f"slide path is not a regular file: {str(p)!r}")
     if p.stat().st_size == 0:
         raise SlideError("open", f"slide file is empty (0 bytes): {str(p)!r}")
+    if p.suffix.lower() == ".vsi":
+        # OpenSlide does not read VSI; as a TIFF it would open the overview image alone.
+        raise SlideError("open", f"Olympus VSI ({p.name}) is not read by OpenSlide, so not by "
+                         "this pipeline: convert it to OME-TIFF (e.g. bfconvert or QuPath) and "
+                         "give that file's uri")
     try:
         slide = openslide.OpenSlide(str(p))
     except openslide.OpenSlideUnsupportedFormatError as err:
         _raise_if_truncated(p, deep=True)
+        _raise_if_not_wsi(p)
         plain = _plain_image(p)
         if plain is not None:
             return plain
@@ -63,6 +69,7 @@ def open_slide(path: str | os.PathLike[str]) -> openslide.OpenSlide:
                          "JPEG images (give their mpp in the manifest)") from None
     except openslide.OpenSlideError as err:
         _raise_if_truncated(p, deep=True)
+        _raise_if_not_wsi(p)
         raise SlideError(
             "open", f"slide file is corrupt or truncated ({type(err).__name__}: {err})"
         ) from None
@@ -78,6 +85,41 @@ def open_slide(path: str | os.PathLike[str]) -> openslide.OpenSlide:
         slide.close()
         raise
     return slide
+
+
+VL_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+
+
+def _raise_if_not_wsi(p: Path) -> None:
+    """``SlideError('open')`` saying why a DICOM file OpenSlide refused is no slide: not a
+    whole-slide image, or a series without its pyramid (no VOLUME image flavor beside it)."""
+    with open(p, "rb") as fh:
+        if fh.read(132)[128:] != b"DICM":
+            return
+    import pydicom
+
+    def flavors(f: Path) -> tuple[str, str] | None:  # (SOP class, image flavor)
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - not DICOM, or damaged: says nothing here
+            return None
+        kind = list(ds.get("ImageType") or [])
+        return str(ds.get("SOPClassUID", "")), (str(kind[2]) if len(kind) > 2 else "")
+
+    mine = flavors(p)
+    if mine is None:
+        return
+    if mine[0] != VL_WSI:
+        name = getattr(pydicom.uid.UID(mine[0]), "name", mine[0]) if mine[0] else "none"
+        raise SlideError("open", f"DICOM file is not a WSI (SOP class {name}, not VL Whole "
+                         f"Slide Microscopy; no image flavor): {p.name}; a slide uri names a "
+                         "DICOM WSI series (its folder or one .dcm of it)")
+    found = {f for f in (flavors(q) for q in p.parent.glob("*.dcm")) if f and f[0] == VL_WSI}
+    kinds = sorted({k for _, k in found | {mine}})
+    if "VOLUME" not in kinds:
+        raise SlideError("open", f"DICOM WSI series of {p.name} has no image flavor VOLUME (its "
+                         f"folder holds {', '.join(kinds) or 'no flavor'} only): put the "
+                         "pyramid levels' instances in the same folder")
 
 
 def _raise_if_truncated(p: Path, *, deep: bool = False) -> None:
@@ -253,6 +295,11 @@ def resolve_mpp(slide: openslide.OpenSlide, override: float | None) -> tuple[flo
             )
         return value, "manifest"
     mpp_x = _float_prop(slide, openslide.PROPERTY_NAME_MPP_X)
+    if mpp_x is None and isinstance(slide, openslide.ImageSlide):
+        raise SlideError(
+            "mpp",
+            "plain image (not a slide format: no pyramid, no microns-per-pixel): add an `mpp` "
+            "column for this slide in the manifest (microns per pixel, e.g. 0.5 for 20x)")
     if mpp_x is None:
         raise SlideError(
             "mpp",

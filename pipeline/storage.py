@@ -12,7 +12,9 @@ import fcntl
 import logging
 import math
 import os
+import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +26,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline import fileset
 from pipeline.config import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -128,14 +131,21 @@ def fingerprints(uris: Sequence[str], storage: StorageConfig, *, max_workers: in
     - the same ``Fingerprint`` as ``fingerprint(*url_to_fs(uri, storage))``;
     - ``FileNotFoundError(uri)`` if the URI is not in its parent's listing (or the parent does
       not exist);
-    - ``IsADirectoryError(uri)`` if the URI names a directory (an S3 common prefix);
+    - ``IsADirectoryError(uri)`` if the URI names a directory (an S3 common prefix) that is
+      not a DICOM series (a folder of .dcm instances);
+    - for a multi-file slide (MRXS, VMS, VSI, DICOM: see pipeline.fileset) the fingerprint of
+      its whole file set (:func:`set_fingerprints`: one listing of its data folder more), or
+      a ``FileSetError`` naming the members that are missing;
     - the listing's (or HEAD's) exception, for every URI of that parent, if listing failed
       after ``storage.retries`` retries of transient errors (see ``is_transient``);
     - the exception of ``url_to_fs`` for a URI it cannot parse.
     """
     out: dict[str, Fingerprint | BaseException] = {}
     groups: dict[tuple[fsspec.AbstractFileSystem, str], dict[str, list[str]]] = {}
+    sets = [u for u in dict.fromkeys(uris) if fileset.format_of(u) is not None]
     for uri in dict.fromkeys(uris):
+        if fileset.format_of(uri) is not None:
+            continue  # a multi-file slide: its set's fingerprint, below
         try:
             fs, path = url_to_fs(uri, storage)
         except Exception as err:  # noqa: BLE001 - reported as this URI's result
@@ -207,7 +217,163 @@ def fingerprints(uris: Sequence[str], storage: StorageConfig, *, max_workers: in
                 futures.append(pool.submit(listed, fs, parent_path, wanted))
         for f in futures:
             out.update(f.result())
-    log.debug("fingerprints: %d uris, %d parents", len(out), len(groups))
+    # Multi-file slides, and folders (a DICOM series: its .dcm instances), get their set's
+    # fingerprint; a folder that is no series stays an IsADirectoryError.
+    folders = [u for u, r in out.items() if isinstance(r, IsADirectoryError)]
+    if sets or folders:
+        out.update(set_fingerprints(sets, storage, folders=folders, max_workers=max_workers))
+    log.debug("fingerprints: %d uris, %d parents, %d file sets", len(out), len(groups),
+              len(sets) + len(folders))
+    return out
+
+
+class _Lister:
+    """Listings, HEADs and small reads for resolving file sets, each done once per call
+    (several DICOM instances or VMS slides share a folder), with retries, and bypassing
+    fsspec's listing cache as :func:`fingerprints` does."""
+
+    def __init__(self, storage: StorageConfig,
+                 prefer_listing: frozenset[tuple[int, str]] = frozenset()) -> None:
+        self.storage = storage
+        self.prefer_listing = prefer_listing  # (id(fs), folder): list it rather than HEAD
+        self._memo: dict[tuple[int, str, bool], list[fileset.Entry]] = {}
+        self._locks: dict[tuple[int, str, bool], threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def files(self, fs: fsspec.AbstractFileSystem, folder: str, recursive: bool
+              ) -> list[fileset.Entry]:
+        """The files in ``folder`` (``recursive``: in its whole tree); none if it is absent."""
+        key = (id(fs), folder, recursive)
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._memo:
+                self._memo[key] = self._list(fs, folder, recursive)
+            return self._memo[key]
+
+    def _list(self, fs: fsspec.AbstractFileSystem, folder: str, recursive: bool
+              ) -> list[fileset.Entry]:
+        def ls() -> list[dict[str, Any]]:
+            fs.invalidate_cache(folder)
+            try:
+                if recursive:
+                    return list(fs.find(folder, detail=True).values())
+                return fs.ls(folder, detail=True)
+            finally:
+                fs.invalidate_cache(folder)
+
+        try:
+            infos = with_retries(ls, self.storage, what=f"list {folder}")
+        except FileNotFoundError:
+            return []
+        out = []
+        for info in infos:
+            if info.get("type") == "directory":
+                continue
+            name = fs._strip_protocol(info["name"]).rstrip("/")
+            if info.get("islink"):
+                info = with_retries(lambda n=name: fs.info(n), self.storage,
+                                    what=f"stat {name}")
+            out.append(_entry(info, name))
+        return out
+
+    def main(self, fs: fsspec.AbstractFileSystem, path: str, need: fileset.Need
+             ) -> list[fileset.Entry]:
+        """The main file's entry: from its folder's listing when that is listed anyway (or
+        preferred: many set slides in one folder), else one HEAD."""
+        parent_path = fileset._parent(path)
+        if need.main_listed or (id(fs), parent_path) in self.prefer_listing:
+            return [e for e in self.files(fs, parent_path, False) if e.path == path]
+
+        def stat() -> dict[str, Any]:
+            fs.invalidate_cache(path)
+            return fs.info(path)
+
+        info = with_retries(stat, self.storage, what=f"stat {path}")
+        if info.get("type") == "directory":
+            raise IsADirectoryError(path)
+        return [_entry(info, path)]
+
+    def text(self, fs: fsspec.AbstractFileSystem, path: str) -> str:
+        def cat() -> bytes:
+            with fs.open(path, "rb") as fh:
+                return fh.read(fileset.INDEX_TEXT_MAX)
+
+        return with_retries(cat, self.storage, what=f"read {path}").decode("utf-8", "replace")
+
+
+def _entry(info: dict[str, Any], path: str) -> fileset.Entry:
+    fp = fingerprint_from_info(info, path)
+    return fileset.Entry(path, fp.size, fp.version)
+
+
+def file_set(fs: fsspec.AbstractFileSystem, path: str, storage: StorageConfig, *,
+             folder: bool = False, lister: _Lister | None = None,
+             read_index: bool = False) -> fileset.FileSet:
+    """The :class:`pipeline.fileset.FileSet` of a multi-file slide (``folder``: a DICOM
+    series folder), from listings: one LIST of its data folder (MRXS, VSI) or of the folder
+    it sits in (DICOM, VMS: shared by the slides of that folder), plus a HEAD of the main
+    file (MRXS, VSI) and a read of the .vms index (VMS). ``read_index``: also read an MRXS
+    Slidedat.ini, to name the data files it lists that are missing (staging does).
+
+    Raises ``FileNotFoundError`` (no main file), ``FileSetError`` (members missing)."""
+    lister = lister or _Lister(storage)
+    path = path.rstrip("/")
+    need = fileset.neighbourhood(path, folder=folder)
+    entries = [] if folder else lister.main(fs, path, need)
+    if not folder and not entries:
+        raise FileNotFoundError(path)
+    for sub, recursive in need.folders:
+        entries += [e for e in lister.files(fs, sub, recursive) if e.path != path]
+    texts = {t: lister.text(fs, t) for t in need.texts}
+    if read_index and fileset.format_of(path) == "mrxs":
+        ini = f"{fileset.mrxs_folder(path)}/Slidedat.ini"
+        if any(e.path == ini for e in entries):
+            texts[ini] = lister.text(fs, ini)
+    return fileset.resolve(path, entries, texts, folder=folder)
+
+
+def set_fingerprint(fset: fileset.FileSet) -> Fingerprint:
+    """A set's fingerprint: its total size and one version over all members."""
+    return Fingerprint(fset.size, fset.version)
+
+
+def set_fingerprints(uris: Sequence[str], storage: StorageConfig, *, folders: Sequence[str] = (),
+                     max_workers: int = 16) -> dict[str, Fingerprint | BaseException]:
+    """Fingerprints of multi-file slides (``uris``: main files; ``folders``: DICOM series
+    folders) from listings, in parallel; one entry per URI, never raising for one URI's
+    problem (``FileNotFoundError(uri)``, ``FileSetError`` naming what is missing, or the
+    storage error). A folder holding no .dcm files is an ``IsADirectoryError``."""
+    out: dict[str, Fingerprint | BaseException] = {}
+    jobs: list[tuple[str, fsspec.AbstractFileSystem, str, bool]] = []
+    per_parent: dict[tuple[int, str], int] = {}
+    for uri, is_folder in [*((u, False) for u in uris), *((u, True) for u in folders)]:
+        try:
+            fs, path = url_to_fs(uri, storage)
+        except Exception as err:  # noqa: BLE001 - reported as this URI's result
+            out[uri] = err
+            continue
+        jobs.append((uri, fs, path, is_folder))
+        key = (id(fs), fileset._parent(path.rstrip("/")))
+        per_parent[key] = per_parent.get(key, 0) + 1
+    lister = _Lister(storage, frozenset(k for k, n in per_parent.items() if n > HEAD_AT_MOST))
+
+    def one(uri: str, fs: fsspec.AbstractFileSystem, path: str, is_folder: bool
+            ) -> Fingerprint | BaseException:
+        try:
+            return set_fingerprint(file_set(fs, path, storage, folder=is_folder, lister=lister))
+        except FileNotFoundError:
+            return FileNotFoundError(uri)
+        except fileset.FileSetError as err:
+            if is_folder:  # as before file sets: the uri names a folder (plan.py words it)
+                return IsADirectoryError(uri)
+            return err
+        except Exception as err:  # noqa: BLE001 - reported as this URI's result
+            return err
+
+    with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+        futures = {uri: pool.submit(one, uri, fs, path, f) for uri, fs, path, f in jobs}
+        out.update({uri: f.result() for uri, f in futures.items()})
     return out
 
 
@@ -380,11 +546,19 @@ def check_unchanged(uri: str, expected: str | None, found: Fingerprint, when: st
 
 
 def source_fingerprint(uri: str, storage: StorageConfig) -> Fingerprint:
+    """The slide's fingerprint now: its file's, or its file set's (multi-file formats)."""
     fs, path = url_to_fs(uri, storage)
     try:
-        return with_retries(lambda: fingerprint(fs, path), storage, what=f"stat {uri}")
+        if fileset.format_of(path) is not None:
+            return set_fingerprint(file_set(fs, path, storage))
+        try:
+            return with_retries(lambda: fingerprint(fs, path), storage, what=f"stat {uri}")
+        except IsADirectoryError:
+            return set_fingerprint(file_set(fs, path, storage, folder=True))
     except FileNotFoundError:
         raise StagingError(f"slide not found: {uri} (removed during the run?)") from None
+    except fileset.FileSetError as err:
+        raise StagingError(str(err)) from None
 
 
 @contextlib.contextmanager
@@ -393,7 +567,17 @@ def staged_slide(uri: str, storage: StorageConfig, expected: str | None = None
     """Local path of a slide for the duration of the block; remote files are copied and removed.
 
     ``expected``: the fingerprint planned; the bytes handed over are checked to be those (a
-    local file when opened, a remote one before and after its download)."""
+    local file when opened, a remote one before and after its download).
+
+    A multi-file slide (pipeline.fileset: MRXS, VMS, VSI, a DICOM series folder or one .dcm
+    of it) is staged as a unit: local sets are used in place, remote ones are downloaded into
+    one scratch folder keeping their layout (the budget reserves the whole set), and the path
+    given is the file OpenSlide opens."""
+    if fileset.format_of(uri) is not None or (is_local(uri) and os.path.isdir(
+            uri.split("://", 1)[-1])):
+        with _staged_set(uri, storage, expected) as local:
+            yield local
+        return
     if is_local(uri):
         path = uri.split("://", 1)[-1]
         if not os.path.isfile(path):
@@ -408,6 +592,10 @@ def staged_slide(uri: str, storage: StorageConfig, expected: str | None = None
         raise StagingError(f"slide not found in object storage: {uri}") from None
     except PermissionError as err:
         raise StagingError(f"access denied reading {uri}: check credentials ({err})") from None
+    if info.get("type") == "directory":  # a DICOM series folder (prefix)
+        with _staged_set(uri, storage, expected) as local:
+            yield local
+        return
     check_unchanged(uri, expected, fingerprint_from_info(info, rpath), "before download")
     size = int(info["size"])
     scratch = storage.scratch_dir or default_scratch_dir()
@@ -433,3 +621,64 @@ def staged_slide(uri: str, storage: StorageConfig, expected: str | None = None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(local)
+
+
+@contextlib.contextmanager
+def _staged_set(uri: str, storage: StorageConfig, expected: str | None) -> Iterator[str]:
+    """:func:`staged_slide` of a multi-file slide: the path of its opener, in place (local)
+    or in one scratch folder holding every member at its relative path (remote)."""
+    fs, rpath = url_to_fs(uri, storage)
+    rpath = rpath.rstrip("/")
+    local_uri = is_local(uri)
+    folder = fileset.format_of(rpath) is None
+
+    def resolve(read_index: bool) -> fileset.FileSet:
+        try:
+            return file_set(fs, rpath, storage, folder=folder, read_index=read_index)
+        except FileNotFoundError:
+            where = "" if local_uri else " in object storage"
+            raise StagingError(f"slide not found{where}: {uri}") from None
+        except PermissionError as err:
+            raise StagingError(f"access denied reading {uri}: check credentials "
+                               f"({err})") from None
+        except fileset.FileSetError as err:
+            raise StagingError(str(err)) from None
+
+    fset = resolve(read_index=True)
+    when = "before tiling" if local_uri else "before download"
+    check_unchanged(uri, expected, set_fingerprint(fset), when)
+    if local_uri:
+        yield os.path.join(fset.root, fset.opener)
+        return
+    scratch = storage.scratch_dir or default_scratch_dir()
+    budget = ScratchBudget(scratch, int(storage.scratch_limit_gb * 2**30))
+    with budget.reserve(fset.size):
+        local = os.path.join(scratch, f"{uuid.uuid4().hex}.set")
+        try:
+            def fetch(rel: str, entry: fileset.Entry) -> None:
+                target = os.path.join(local, *rel.split("/"))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+
+                def get() -> None:
+                    fs.get_file(entry.path, target)
+                    got = os.path.getsize(target)
+                    if got != entry.size:
+                        raise ConnectionError(f"short read of {rel}: {got} of {entry.size} "
+                                              "bytes")
+
+                with_retries(get, storage, what=f"download {uri} ({rel})")
+
+            os.makedirs(local)
+            try:
+                with ThreadPoolExecutor(min(4, len(fset.members))) as pool:
+                    for f in [pool.submit(fetch, rel, e) for rel, e in fset.members]:
+                        f.result()
+            except Exception as err:  # noqa: BLE001 - reported as a slide error
+                raise StagingError(
+                    f"could not download {uri}: {type(err).__name__}: {err}") from err
+            after = resolve(read_index=False)
+            check_unchanged(uri, str(set_fingerprint(fset)), set_fingerprint(after),
+                            "during download")
+            yield os.path.join(local, *fset.opener.split("/"))
+        finally:
+            shutil.rmtree(local, ignore_errors=True)

@@ -60,6 +60,20 @@ def test_fingerprint_changes_when_file_is_rewritten(s3_endpoint: str, s3_bucket:
     assert a.size == b.size == 3 and a != b and "etag" in a.version
 
 
+def test_a_folder_that_is_no_slide_is_a_clear_staging_error(s3_endpoint: str, s3_bucket: str,
+                                                             tmp_path: Path) -> None:
+    """A uri naming a folder is a DICOM series only if it holds .dcm files; otherwise staging
+    says so (it used to end as an unexpected IsADirectoryError)."""
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.put_object(Bucket=s3_bucket, Key="d/readme.txt", Body=b"x")
+    (tmp_path / "d").mkdir()
+    storage = StorageConfig(endpoint_url=s3_endpoint, scratch_dir=str(tmp_path / "scratch"))
+    for uri in (f"s3://{s3_bucket}/d", str(tmp_path / "d")):
+        with pytest.raises(StagingError, match=r"holds no \.dcm files"):
+            with staged_slide(uri, storage):
+                pass
+
+
 def test_retries_transient_but_not_permanent_errors() -> None:
     calls = []
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import openslide
 
 from pipeline.readers.base import Box, DamageLog, Reader, ReadError
+from pipeline.readers.formats import fast_format_openers
 from pipeline.readers.openslide_reader import OpenSlideReader, read_rgb
 from pipeline.readers.resample import integer_factor, read_resampled
 from pipeline.readers.tiff import open_tiff_reader
@@ -34,6 +35,7 @@ Opener = Callable[[str, openslide.AbstractSlide, Sequence[int], int], tuple[Read
 # Fast readers, tried in turn; each says quickly when a file is not its format.
 OPENERS: list[Opener] = [
     lambda path, slide, levels, k: open_tiff_reader(path, slide, levels, dct_factor=k),
+    *fast_format_openers(),  # NDPI, Philips, OME-TIFF, DICOM (pipeline.readers.formats)
 ]
 # tiling.reader: auto (a fast reader where one recognises the file, else OpenSlide),
 # openslide (always), tiff (a fast reader or fail the slide: benchmarks and tests)
