@@ -235,6 +235,11 @@ class StorageConfig(_Strict):
         300.0, ge=0, description="time one storage call (a read, a write, a commit) may spend "
         "retrying throttling, 5xx, resets and outages before its slide fails")
     retry_max_backoff_s: float = Field(15.0, gt=0, description="longest wait between retries")
+    range_reads: bool = Field(
+        True, description="read Aperio .svs and tiled .tif/.tiff slides in object storage (s3, "
+        "gs, az) by ranged GETs of their directory and of the tiles under tissue instead of "
+        "downloading them whole (pipeline.remote); slides the direct TIFF reader does not take "
+        "are staged whole as before. The slides row's read_note says which way was used")
 
     @field_validator("endpoint_url")
     @classmethod

@@ -71,6 +71,7 @@ from pipeline.readers import (
     integer_factor,
     read_resampled,
 )
+from pipeline.remote import slide_bytes
 from pipeline.sink import Lake
 from pipeline.slides import (
     SlideError,
@@ -85,7 +86,6 @@ from pipeline.storage import (
     check_unchanged,
     is_local,
     source_fingerprint,
-    staged_slide,
 )
 from pipeline.tissue import (
     TileGrid,
@@ -612,9 +612,13 @@ def tiling_stage(batch: dict[str, np.ndarray], *, tiling: TilingConfig,
                 shown.update(_write_preview(lake, spec, str(cohort), str(slide_id), preview))
 
         try:
-            with staged_slide(str(uri), store, expected) as local:
+            # staged whole, or read by ranges where the slide allows (pipeline.remote)
+            with slide_bytes(str(uri), store, expected, cfg, mpp_override) as got:
+                # a skeleton holds only what the direct TIFF reader needs: no falling back
+                # to OpenSlide, which would read its holes (zeros) as pixels
+                use = cfg.model_copy(update={"reader": "tiff"}) if got.ranged else cfg
                 try:
-                    plan, chunks = tile_slide(local, mpp_override=mpp_override, cfg=cfg)
+                    plan, chunks = tile_slide(got.path, mpp_override=mpp_override, cfg=use)
                 except SlideError as err:
                     show(err.preview)
                     raise
@@ -632,12 +636,13 @@ def tiling_stage(batch: dict[str, np.ndarray], *, tiling: TilingConfig,
                 if is_local(str(uri)):  # a staged copy cannot change; a local file can
                     check_unchanged(str(uri), expected, source_fingerprint(str(uri), store),
                                     "while it was tiled")
+                got.verify()  # range reads: the object is still the one read
                 if held is not None:
                     # the meta rides on the last chunk: only now is it known what was damaged
                     rep = chunks.report
                     held[META][0] = TilingMeta(
                         started, plan, node, pid, chunks.reader, **shown,
-                        dct_downscale=rep.dct_downscale, read_note=rep.note or None,
+                        dct_downscale=rep.dct_downscale, read_note=got.read_note(rep.note),
                         damaged=sorted(rep.damaged), damage=rep.damage_text()).encode()
                     yield held
         except SlideChanged as err:

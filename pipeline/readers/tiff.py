@@ -50,7 +50,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import openslide
@@ -102,6 +102,33 @@ _OTHER_FRAMES = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
 
 class TiffReadError(ReadError):
     """A tile that does not decode (corrupt or truncated file)."""
+
+
+class ByteSource(Protocol):
+    """Where a reader's tile bytes come from when not from its local file (``os.pread``):
+    e.g. ranged GETs of the slide in object storage (:mod:`pipeline.remote`)."""
+
+    def get(self, offsets: list[int], counts: list[int]) -> list[memoryview | None]:
+        """The bytes of each (offset, count) range (count 0: None); thread-safe."""
+        ...
+
+    def plan(self, offsets: np.ndarray, counts: np.ndarray) -> None:
+        """The file tiles about to be read, in reading order (to fetch them ahead)."""
+        ...
+
+
+# Byte sources by the real path of the local file a reader opens (a sparse skeleton of a
+# remote slide): set by pipeline.remote around tile_slide, read by TiffJpegReader.
+_SOURCES: dict[str, ByteSource] = {}
+
+
+def register_source(path: str, source: ByteSource | None) -> None:
+    """Readers opened on ``path`` take its tile bytes from ``source`` (None: unregister)."""
+    key = os.path.realpath(path)
+    if source is None:
+        _SOURCES.pop(key, None)
+    else:
+        _SOURCES[key] = source
 
 
 @dataclass(frozen=True)
@@ -224,6 +251,8 @@ class TiffJpegReader(Reader):
         self.dct_downscale = dct_downscale  # reduce by 2/4/8 inside the IDCT (see module doc)
         self._levels = list(levels)
         self._fd: int | None = os.open(path, os.O_RDONLY)
+        # Tile bytes from elsewhere (ranged GETs of a remote slide), or None: pread of path.
+        self._source: ByteSource | None = _SOURCES.get(os.path.realpath(path))
         self.tiles_decoded = 0  # for benchmarks: file tiles decoded so far
         self._lock = threading.Lock()
         self._local = threading.local()  # per-thread scratch region buffer
@@ -465,6 +494,8 @@ class TiffJpegReader(Reader):
         filled = [(o, c) for o, c in zip(offs, counts, strict=True) if c > 0]
         if not filled:
             return [None] * len(txs)
+        if self._source is not None:
+            return self._source.get(offs, counts)
         lo, hi = min(o for o, _ in filled), max(o + c for o, c in filled)
         spans = [(lo, hi)]
         if hi - lo > 2 * sum(c for _, c in filled) + (64 << 10):  # far apart: read each
@@ -563,6 +594,30 @@ class TiffJpegReader(Reader):
         per_row = np.bincount(grid.row, weights=(c1 - c0 + 1 - shared).astype(np.float64))
         need = 1.5 * float(per_row.max()) * (tw // k) * (th // k) * 3
         self.seam_budget = int(min(SEAM_CACHE_BYTES, max(4 << 20, need)))
+        if self._source is not None:
+            tiles = self.planned_tiles(grid, geo)
+            lv = self._lv(geo.level)
+            self._source.plan(lv.offsets[tiles], lv.counts[tiles])
+
+    def planned_tiles(self, grid: TileGrid, geo: ReadGeometry) -> np.ndarray:
+        """Indices of the non-empty file tiles of ``geo.level`` under the kept tiles, in the
+        order tiling reads them (row of file tiles by row): what a byte source fetches ahead.
+        A resize (non-integer scale) reads a margin around each tile, as read_resampled."""
+        lv = self._lv(geo.level)
+        span = geo.tile_px * geo.scale
+        pad = 0 if geo.whole_scale else math.ceil(max(geo.scale, 1.0)) + 1
+        x0, x1 = grid.col * span - pad, (grid.col + 1) * span + pad
+        y0, y1 = grid.row * span - pad, (grid.row + 1) * span + pad
+        down = -(-lv.height // lv.tile_h)
+        c0 = np.clip(np.floor(x0 / lv.tile_w), 0, lv.across - 1).astype(np.int64)
+        c1 = np.clip(np.ceil(x1 / lv.tile_w) - 1, 0, lv.across - 1).astype(np.int64)
+        r0 = np.clip(np.floor(y0 / lv.tile_h), 0, down - 1).astype(np.int64)
+        r1 = np.clip(np.ceil(y1 / lv.tile_h) - 1, 0, down - 1).astype(np.int64)
+        hit = np.zeros((down, lv.across), bool)
+        for a, b, c, d in zip(r0.tolist(), r1.tolist(), c0.tolist(), c1.tolist(), strict=True):
+            hit[a:b + 1, c:d + 1] = True
+        tiles = np.flatnonzero(hit.ravel())
+        return tiles[lv.counts[tiles] > 0]
 
     def clear_caches(self) -> None:
         """Drop cached seam tiles (after the thumbnail: its level's tiles are not needed again)."""
