@@ -39,6 +39,7 @@ from pipeline.readers.tiff import (
     TiffJpegReader,
     TiffReadError,
     _Level,
+    verified,
 )
 
 log = logging.getLogger(__name__)
@@ -232,33 +233,6 @@ def _level(p: tifffile.TiffPage, index: int, f: int, lw: int, lh: int
                     stripes=stripes, mcu_rows=rows, rows_per_tile=rows_per_tile, mcu_h=mh,
                     page_w=sw, sof_at=sof + 5, jpeg_header=bytes(header))
     return lv, ""
-
-
-def verified(reader: TiffJpegReader, slide: openslide.AbstractSlide, levels: Sequence[int],
-             dct_factor: int, check: bool = True) -> tuple[TiffJpegReader | None, str]:
-    """``reader`` once every level's clean check tile gives ``slide``'s pixels (``check``),
-    with reduced-size decoding on when asked for and verified; else (None, why not)."""
-    try:
-        for level in levels if check else ():
-            why = reader._check_against(slide, level)  # noqa: SLF001
-            if why:
-                reader.close()
-                return None, why
-    except Exception as err:  # noqa: BLE001 - a tile we cannot decode: let OpenSlide judge
-        reader.close()
-        return None, f"self-check failed ({type(err).__name__}: {err})"
-    if dct_factor > 1:
-        reader.dct_downscale = True
-        try:
-            why = (reader._check_dct(levels[0], dct_factor)  # noqa: SLF001
-                   if reader.dct_ok(levels[0], dct_factor) else "tiles not aligned")
-        except Exception as err:  # noqa: BLE001 - e.g. a stream simplejpeg rejects
-            why = f"{type(err).__name__}: {err}"
-        if why:
-            reader.dct_downscale = False
-            reader.dct_note = why
-            reader.note = f"box filter, not reduced-size decoding: {why}"
-    return reader, ""
 
 
 def open_ndpi_reader(path: str, slide: openslide.AbstractSlide, levels: Sequence[int], *,

@@ -814,9 +814,16 @@ def open_tiff_reader(path: str, slide: openslide.OpenSlide, levels: Sequence[int
             found[level] = lv
     finally:
         tif.close()
-    reader = TiffJpegReader(path, found)
+    return verified(TiffJpegReader(path, found), slide, levels, dct_factor)
+
+
+def verified(reader: TiffJpegReader, slide: openslide.AbstractSlide, levels: Sequence[int],
+             dct_factor: int, check: bool = True) -> tuple[TiffJpegReader | None, str]:
+    """``reader`` once every level's clean check tile gives ``slide``'s pixels (``check``),
+    with reduced-size decoding on when asked for and verified; else (None, why not), the
+    reader closed. Every direct JPEG reader's opener ends here."""
     try:
-        for level in levels:
+        for level in levels if check else ():
             why = reader._check_against(slide, level)  # noqa: SLF001
             if why:
                 reader.close()
@@ -835,5 +842,5 @@ def open_tiff_reader(path: str, slide: openslide.OpenSlide, levels: Sequence[int
             reader.dct_downscale = False
             reader.dct_note = why
             reader.note = f"box filter, not reduced-size decoding: {why}"
-            log.info("box-averaging, not reduced-size decoding, for %s: %s", path, why)
+            log.info("box-averaging, not reduced-size decoding, for %s: %s", reader.path, why)
     return reader, ""
