@@ -41,7 +41,6 @@ import bisect
 import contextlib
 import logging
 import os
-import struct
 import threading
 import uuid
 from collections import deque
@@ -53,6 +52,7 @@ from typing import Any
 import numpy as np
 import openslide
 
+from pipeline import tiffdir
 from pipeline.config import StorageConfig, TilingConfig
 from pipeline.geometry import read_geometry
 from pipeline.readers import tiff
@@ -88,9 +88,6 @@ BLOCK_BYTES = 64 << 10  # directory reads: one block per GET (kept in the skelet
 CHECK_TILES = 8  # tiles nearest a page's centre kept for the reader's self-check
 THUMB_MAX_BYTES = 64 << 20  # a thumbnail level larger than this: stage the file instead
 LAG_CHUNKS = 64  # chunks this far behind the reading are dropped when the window is full
-_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8,
-          13: 4, 16: 8, 17: 8, 18: 8}  # TIFF field type -> bytes per value
-_MAX_PAGES = 10_000
 
 
 class Decline(Exception):
@@ -197,77 +194,27 @@ class _Page:
 
 
 def _walk(blocks: _Blocks) -> tuple[list[_Page], list[tuple[int, int]]]:
-    """The main IFD chain's pages and the byte ranges of the directory (IFDs and out-of-line
-    tag values); raises Decline for a file that is not a TIFF we can walk."""
-    size = blocks.remote.size
-    head = blocks.read(0, 16)
-    order = {b"II": "<", b"MM": ">"}.get(head[:2])
-    if order is None or len(head) < 8:
+    """The main IFD chain's pages and the byte ranges of the directory (header, IFDs and
+    out-of-line tag values); raises Decline for a file that is not a TIFF we can walk."""
+    try:
+        dirs = tiffdir.walk(blocks.read, blocks.remote.size)
+    except tiffdir.PastTheEnd as cut:
+        raise Decline(f"truncated: {cut}") from None
+    if dirs is None:
         raise Decline("not a TIFF file")
-    magic = struct.unpack(order + "H", head[2:4])[0]
-    if magic == 42:
-        count_fmt, entry, off_fmt = "H", 12, "I"
-        ifd = struct.unpack(order + "I", head[4:8])[0]
-    elif magic == 43 and len(head) >= 16:
-        count_fmt, entry, off_fmt = "Q", 20, "Q"
-        ifd = struct.unpack(order + "Q", head[8:16])[0]
-    else:
-        raise Decline("not a TIFF file")
-    count_len, off_len = struct.calcsize(count_fmt), struct.calcsize(off_fmt)
-    extents = [(0, len(head))]
+    extents = [(0, 16)]
     pages: list[_Page] = []
-    seen: set[int] = set()
-    while ifd and ifd not in seen and len(pages) < _MAX_PAGES:
-        seen.add(ifd)
-        if ifd + count_len > size:
-            raise Decline(f"TIFF directory {len(pages)} lies past the end")
-        n = struct.unpack(order + count_fmt, blocks.read(ifd, count_len))[0]
-        raw = blocks.read(ifd + count_len, n * entry + off_len)
-        if len(raw) != n * entry + off_len:
-            raise Decline(f"TIFF directory {len(pages)} lies past the end")
-        extents.append((ifd, ifd + count_len + n * entry + off_len))
+    for d in dirs:
+        extents.append((d.start, d.end))
+        extents += d.out_of_line
         page = _Page()
-        values: dict[int, tuple[int, int, bytes]] = {}
-        for i in range(n):
-            e = raw[i * entry:(i + 1) * entry]
-            tag, typ = struct.unpack(order + "HH", e[:4])
-            cnt = struct.unpack(order + off_fmt, e[4:4 + off_len])[0]
-            nbytes = _SIZES.get(typ, 1) * cnt
-            if nbytes > off_len:
-                at = struct.unpack(order + off_fmt, e[4 + off_len:4 + 2 * off_len])[0]
-                if at + nbytes > size:
-                    raise Decline(f"TIFF tag {tag} lies past the end")
-                extents.append((at, at + nbytes))
-                if tag in (273, 279, 324, 325):  # data offsets and counts: needed here
-                    values[tag] = (typ, cnt, blocks.read(at, nbytes))
-            else:
-                values[tag] = (typ, cnt, e[4 + off_len:4 + off_len + nbytes])
-        ints = {t: _ints(order, *v) for t, v in values.items()}
-
-        def one(tag: int, ints: dict[int, np.ndarray] = ints) -> int:
-            v = ints.get(tag)
-            return int(v[0]) if v is not None and len(v) else 0
-
-        page.width, page.length = one(256), one(257)
-        page.tile_w, page.tile_h = one(322), one(323)
-        offs, counts = (324, 325) if page.tile_w else (273, 279)
-        if offs in ints and counts in ints and len(ints[offs]) == len(ints[counts]):
-            page.offsets, page.counts = ints[offs], ints[counts]
-            ends = page.offsets + page.counts
-            if len(ends) and int(ends[page.counts > 0].max(initial=0)) > size:
-                raise Decline(f"TIFF page {len(pages)} data lies past the end (truncated)")
+        page.width, page.length = d.first(256, blocks.read), d.first(257, blocks.read)
+        page.tile_w, page.tile_h = d.first(322, blocks.read), d.first(323, blocks.read)
+        found = d.data(blocks.read)
+        if found is not None and (page.tile_w > 0) == (tiffdir.TILE_OFFSETS in d.tags):
+            page.offsets, page.counts = found
         pages.append(page)
-        ifd = struct.unpack(order + off_fmt, raw[n * entry:n * entry + off_len])[0]
     return pages, extents
-
-
-def _ints(order: str, typ: int, count: int, raw: bytes) -> np.ndarray:
-    """A SHORT, LONG or LONG8 tag's values (first ``count``), else an empty array."""
-    code = {3: "u2", 4: "u4", 16: "u8"}.get(typ)
-    if code is None:
-        return np.zeros(0, np.int64)
-    dt = np.dtype(code).newbyteorder(order)
-    return np.frombuffer(raw[:count * dt.itemsize], dt).astype(np.int64)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
