@@ -37,7 +37,7 @@ class Preset:
     tile: int = 240
     quality: int = 85
     levels: tuple[int, ...] = (1, 4, 16)
-    fmt: str = "svs"  # "ndpi": Hamamatsu layout (tests/wsigen_formats.write_ndpi)
+    fmt: str = "svs"  # "ndpi", "ome.tif", "dcm": other layouts (see ensure)
 
 
 PRESETS = {
@@ -47,6 +47,10 @@ PRESETS = {
     "40x_100k": Preset(100_000, 80_000, 0.25),  # worker RSS, large
     # the NDPI fast path: 40x, 256 x 8 px restart intervals (width rounded to 20480)
     "40x_ndpi_20k": Preset(20_000, 16_000, 0.25, fmt="ndpi"),
+    # the OME-TIFF fast path: SubIFD pyramid, 512 px JPEG tiles (QuPath's export default)
+    "40x_ome_20k": Preset(20_480, 16_000, 0.25, tile=512, fmt="ome.tif"),
+    # the DICOM WSI fast path: a series folder (wsidicomizer from an SVS), 256 px frames
+    "40x_dicom_20k": Preset(20_480, 16_000, 0.25, tile=256, fmt="dcm"),
 }
 
 MARGIN = 0.06  # glass border, fraction of each side
@@ -85,7 +89,31 @@ def mirrored_renderer(width: int, height: int) -> slidegen.Renderer:
 
 
 def path_of(name: str) -> Path:
+    """The file tiling opens: for DICOM, the level-0 instance of the series folder."""
+    if PRESETS[name].fmt == "dcm":
+        return DATA / name / "level0.dcm"
     return DATA / f"{name}.{PRESETS[name].fmt}"
+
+
+def _write_dicom(folder: Path, p: Preset) -> None:
+    """A DICOM WSI series as tests/wsigen_dicom.py makes one (wsidicomizer from a generated
+    SVS, read through OpenSlide), of the bench renderer; level 0 renamed level0.dcm."""
+    from wsidicomizer import WsiDicomizer
+    from wsidicomizer.wsidicomizer import SourceIdentifier
+
+    folder.mkdir(parents=True)
+    src = folder.with_suffix(".src.svs")
+    slidegen.write_slide(src, mirrored_renderer(p.width, p.height), width=p.width,
+                         height=p.height, mpp=p.mpp, levels=p.levels, tile=p.tile,
+                         quality=p.quality)
+    try:
+        files = WsiDicomizer.convert(
+            src, folder, include_label=False, include_overview=False, include_thumbnail=False,
+            workers=2, tile_size=p.tile, preferred_source=SourceIdentifier.OPENSLIDE)
+    finally:
+        src.unlink()
+    biggest = max((Path(f) for f in files), key=lambda f: f.stat().st_size)
+    biggest.rename(folder / "level0.dcm")
 
 
 def ensure(name: str) -> Path:
@@ -97,7 +125,26 @@ def ensure(name: str) -> Path:
     DATA.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{p.fmt}.part")
     started = time.time()
-    if p.fmt == "ndpi":
+    if p.fmt == "dcm":
+        tmp = path.parent.with_suffix(".part")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        _write_dicom(tmp, p)
+        tmp.rename(path.parent)
+        size = sum(f.stat().st_size for f in path.parent.iterdir())
+        print(f"generated {path.parent} ({size / 1e6:.0f} MB) in {time.time() - started:.0f} s",
+              flush=True)
+        return path
+    if p.fmt == "ome.tif":
+        import wsigen_formats
+
+        tmp = path.with_name(f"{name}.part.ome.tif")
+        wsigen_formats.write_ome_tiff(tmp, mirrored_renderer(p.width, p.height),
+                                      width=p.width, height=p.height, mpp=p.mpp,
+                                      levels=p.levels, tile=p.tile, quality=p.quality)
+    elif p.fmt == "ndpi":
         import wsigen_formats
 
         wsigen_formats.write_ndpi(tmp, mirrored_renderer(p.width, p.height), width=p.width,

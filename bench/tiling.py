@@ -39,13 +39,14 @@ import openslide  # noqa: E402
 import simplejpeg  # noqa: E402
 import tifffile  # noqa: E402
 from benchkit import ROOT, cpu_model, write_results  # noqa: E402
-from generate import ensure  # noqa: E402
+from generate import PRESETS, ensure  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import TilingConfig  # noqa: E402
 from pipeline.preview import geojson_bytes, render_jpeg  # noqa: E402
 from pipeline.qc import tile_qc  # noqa: E402
 from pipeline.readers.tiff import open_tiff_reader  # noqa: E402
+from pipeline.slides import open_slide  # noqa: E402
 from pipeline.tiling import _plan, slide_geometry, tile_slide  # noqa: E402
 
 
@@ -116,7 +117,7 @@ def bench_qc(name: str, repeats: int) -> dict[str, Any]:
 
 def tissue_grid(path: Path, cfg: TilingConfig) -> tuple[Any, np.ndarray, np.ndarray]:
     """The plan and level-0 corners of the kept tiles, without reading tile pixels."""
-    with openslide.OpenSlide(str(path)) as slide:
+    with open_slide(str(path)) as slide:  # OME-TIFF: its pyramid, which OpenSlide cannot see
         plan, grid, _ = _plan(slide, str(path), slide_geometry(slide, None, cfg), cfg)
     return plan, grid.x, grid.y
 
@@ -361,14 +362,20 @@ def run_fast_format(path: Path, cfg: TilingConfig, name: str) -> int:
     return n
 
 
-FAST_READERS = {"ndpi": "ndpi"}  # preset format -> the reader that should serve it
+# preset format -> the reader that should serve it
+FAST_READERS = {"ndpi": "ndpi", "ome.tif": "ome-tiff", "dcm": "dicom"}
 
 
 def bench_format(name: str, threads: int, repeats: int, baseline_tiles: int) -> dict[str, Any]:
     """A non-Aperio format's fast reader vs OpenSlide vs the per-tile ``read_region`` baseline,
-    interleaved per round, on one generated slide (bench/generate.py preset ``name``)."""
+    interleaved per round, on one generated slide (bench/generate.py preset ``name``).
+
+    "openslide" is tiling with ``reader: openslide``: OpenSlide's C reader, except for
+    OME-TIFF, whose pyramid OpenSlide does not read: there it is pipeline.readers.ome.OmeSlide
+    under the same OpenSlide reader. The baseline is OpenSlide's ``read_region`` at level 0
+    (for OME-TIFF, OpenSlide reads level 0 as a generic TIFF)."""
     path = ensure(name)
-    fast = FAST_READERS[path.suffix.lstrip(".")]
+    fast = FAST_READERS[PRESETS[name].fmt]
     base_cfg = TilingConfig(mpp=0.5, tile_size=224)
     plan, xs, ys = tissue_grid(path, base_cfg)
     runs: dict[str, list[dict[str, float]]] = {}
@@ -391,7 +398,7 @@ def bench_format(name: str, threads: int, repeats: int, baseline_tiles: int) -> 
         f"{fast}_vs_openslide_per_core": per_core[f"{fast}_1t"] / per_core["openslide_1t"],
         f"{fast}_scaling_{threads}t_wall": wall[f"{fast}_{threads}t"] / wall[f"{fast}_1t"],
     }
-    with openslide.OpenSlide(str(path)) as slide:
+    with open_slide(str(path)) as slide:
         dims, vendor = list(slide.dimensions), slide.properties.get("openslide.vendor")
     return {"slide": name, "path": str(path.relative_to(ROOT)), "vendor": vendor,
             "dimensions": dims, "mpp": plan.mpp, "target_mpp": 0.5, "tile_px": plan.tile_px,
@@ -414,7 +421,8 @@ def main() -> None:
     ap.add_argument("--qc", nargs="*", default=["40x_20k", "20x_10k"],
                     help="slides for the cost of tiling.qc + tiling.previews (none: skip)")
     ap.add_argument("--only-qc", action="store_true", help="run the QC comparison alone")
-    ap.add_argument("--formats", nargs="*", default=["40x_ndpi_20k"],
+    ap.add_argument("--formats", nargs="*",
+                    default=["40x_ndpi_20k", "40x_ome_20k", "40x_dicom_20k"],
                     help="non-Aperio slides for their fast reader vs OpenSlide vs baseline")
     args = ap.parse_args()
     out: dict[str, Any] = {"machine": machine(), "threads": args.threads, "slides": []}

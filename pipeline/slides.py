@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import openslide
 from PIL import Image
+
+from pipeline.tiffdir import PastTheEnd, walk
 
 # Microscope scans sit between ~0.1 (100x) and ~10 (1x macro) microns per pixel. A file value
 # far outside is a default resolution tag (72 dpi = 352.8 um/px), not a calibration.
@@ -56,6 +56,9 @@ def open_slide(path: str | os.PathLike[str]) -> openslide.OpenSlide:
         raise SlideError("open", f"Olympus VSI ({p.name}) is not read by OpenSlide, so not by "
                          "this pipeline: convert it to OME-TIFF (e.g. bfconvert or QuPath) and "
                          "give that file's uri")
+    ome = _ome_slide(p)
+    if ome is not None:
+        return ome
     try:
         slide = openslide.OpenSlide(str(p))
     except openslide.OpenSlideUnsupportedFormatError as err:
@@ -131,89 +134,21 @@ def _raise_if_truncated(p: Path, *, deep: bool = False) -> None:
                          "(an interrupted upload or download)") from None
 
 
-# TIFF field types -> bytes per value (BYTE, ASCII, SHORT, LONG, RATIONAL, SBYTE, UNDEFINED,
-# SSHORT, SLONG, SRATIONAL, FLOAT, DOUBLE, IFD, LONG8, SLONG8, IFD8)
-_TIFF_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8,
-               13: 4, 16: 8, 17: 8, 18: 8}
-_DATA_TAGS = ((273, 279), (324, 325))  # (Strip|Tile)Offsets, (Strip|Tile)ByteCounts
-_MAX_PAGES = 100_000  # a directory chain longer than this is a loop
-
-
 def _tiff_cut(p: Path, *, data: bool = True) -> str | None:
-    """Where a TIFF (classic or BigTIFF) points past its end, or None (also for non-TIFF).
-
-    Walks the directory chain with plain reads: each directory, each out-of-line tag value
-    and, with ``data``, each page's pixel data (its offsets and byte counts) must lie inside
-    the file. Only "past the end" is reported, never a guess about a structure it does not
-    know (NDPI's 64-bit offset extension reads as smaller offsets, never as larger ones).
-    """
+    """Where a TIFF (classic or BigTIFF) points past its end, or None (also for non-TIFF):
+    each directory, each out-of-line tag value and, with ``data``, each page's pixel data
+    must lie inside the file (:func:`pipeline.tiffdir.walk`)."""
     size = p.stat().st_size
     with open(p, "rb") as fh:
-        head = fh.read(16)
-        order = {b"II": "<", b"MM": ">"}.get(head[:2])
-        if order is None or len(head) < 8:
-            return None if order is None else f"{size:,} bytes, less than a TIFF header"
-        magic = struct.unpack(order + "H", head[2:4])[0]
-        if magic == 42:
-            count_fmt, entry, off_fmt = "H", 12, "I"
-            ifd = struct.unpack(order + "I", head[4:8])[0]
-        elif magic == 43 and len(head) >= 16:
-            count_fmt, entry, off_fmt = "Q", 20, "Q"
-            ifd = struct.unpack(order + "Q", head[8:16])[0]
-        else:
-            return None
-        count_len, off_len = struct.calcsize(count_fmt), struct.calcsize(off_fmt)
-        seen: set[int] = set()
-        page = 0
-        while ifd and ifd not in seen and page < _MAX_PAGES:
-            seen.add(ifd)
-            if ifd + count_len > size:
-                return f"{size:,} bytes, but TIFF directory {page} starts at byte {ifd:,}"
-            fh.seek(ifd)
-            n = struct.unpack(order + count_fmt, fh.read(count_len))[0]
-            end = ifd + count_len + n * entry + off_len
-            if end > size:
-                return (f"{size:,} bytes, but TIFF directory {page} (at byte {ifd:,}) ends "
-                        f"at byte {end:,}")
-            raw = fh.read(n * entry + off_len)
-            arrays: dict[int, tuple[int, int, int]] = {}  # tag -> (type, count, offset)
-            for i in range(n):
-                e = raw[i * entry:(i + 1) * entry]
-                tag, typ = struct.unpack(order + "HH", e[:4])
-                cnt = struct.unpack(order + off_fmt, e[4:4 + off_len])[0]
-                nbytes = _TIFF_SIZES.get(typ, 1) * cnt
-                at = -1  # the value sits in the entry itself
-                if nbytes > off_len:
-                    at = struct.unpack(order + off_fmt, e[4 + off_len:4 + 2 * off_len])[0]
-                    if at + nbytes > size:
-                        return (f"{size:,} bytes, but TIFF directory {page} places tag {tag} "
-                                f"up to byte {at + nbytes:,}")
-                arrays[tag] = (typ, cnt, at if at >= 0 else ifd + count_len + i * entry
-                               + 4 + off_len)
-            if data:
-                for offs_tag, counts_tag in _DATA_TAGS:
-                    if offs_tag in arrays and counts_tag in arrays:
-                        offs = _tiff_values(fh, order, *arrays[offs_tag])
-                        counts = _tiff_values(fh, order, *arrays[counts_tag])
-                        if len(offs) == len(counts) and (counts > 0).any():
-                            # empty (sparse) tiles may carry any offset
-                            last = int((offs + counts)[counts > 0].max())
-                            if last > size:
-                                return (f"{size:,} bytes, but TIFF page {page} places image "
-                                        f"data up to byte {last:,}")
-            ifd = struct.unpack(order + off_fmt, raw[n * entry:n * entry + off_len])[0]
-            page += 1
+        def read(at: int, n: int) -> bytes:
+            fh.seek(at)
+            return fh.read(n)
+
+        try:
+            walk(read, size, data=data)
+        except PastTheEnd as cut:
+            return str(cut)
     return None
-
-
-def _tiff_values(fh: Any, order: str, typ: int, count: int, at: int) -> np.ndarray:
-    """A SHORT, LONG or LONG8 tag's values as int64 (empty for another type)."""
-    code = {3: "u2", 4: "u4", 16: "u8"}.get(typ)
-    if code is None:
-        return np.zeros(0, np.int64)
-    fh.seek(at)
-    dtype = np.dtype(code).newbyteorder(order)
-    return np.frombuffer(fh.read(count * dtype.itemsize), dtype).astype(np.int64)
 
 
 def _truncated_tiff(p: Path) -> str | None:
@@ -240,6 +175,22 @@ def _truncated_tiff(p: Path) -> str | None:
     except Exception as err:  # noqa: BLE001 - a directory cut in half fails to parse
         return f"its TIFF directory cannot be read ({type(err).__name__}: {err})"
     return None
+
+
+def _ome_slide(p: Path) -> openslide.AbstractSlide | None:
+    """An OME-TIFF pyramid (SubIFDs, which OpenSlide does not read) as a slide
+    (:class:`pipeline.readers.ome.OmeSlide`), after the same truncation check as any TIFF;
+    None for every other file."""
+    from pipeline.readers.ome import open_ome_slide
+
+    slide = open_ome_slide(p)
+    if slide is not None:
+        try:
+            _raise_if_truncated(p, deep=True)
+        except BaseException:
+            slide.close()
+            raise
+    return slide
 
 
 PLAIN_IMAGE_MAX_PIXELS = 1_000_000_000  # decoded whole into memory (3 bytes a pixel)

@@ -158,3 +158,252 @@ def test_ndpi_self_check_failure_falls_back_to_openslide(ndpi_slides: dict[str, 
     with chunks:
         assert chunks.reader == "openslide"
         assert "decodes cleanly" in chunks.report.note
+
+
+# --- OME-TIFF, Philips TIFF, DICOM WSI ------------------------------------------------------
+# One generated slide per format and variant: clean; damaged (one level-0 tile with an early
+# end-of-image marker); wrecked (every level-0 tile within 4 tiles of the centre damaged, so no
+# self-check tile decodes cleanly). 2048 x 1536 at 0.5 um/px (read at level 0 by the 0.5 um/px
+# tiling below), levels 1 and 1/4, 128 px tiles (16 x 12 at level 0).
+
+FW, FH, FT = 2048, 1536, 128
+ACROSS, DOWN = FW // FT, FH // FT
+DAMAGED = 2 * ACROSS + 10  # tile 10,2: tissue (seed 5)
+WRECKED = [r * ACROSS + c for r in range(DOWN) for c in range(ACROSS)
+           if abs(r - DOWN // 2) + abs(c - ACROSS // 2) <= 4]
+FORMATS = ("ome", "philips", "dicom")
+READER = {"ome": "ome-tiff", "philips": "philips", "dicom": "dicom"}
+
+
+def _write(fmt: str, d: Path, name: str, damage: list[int]) -> Path:
+    from wsigen_formats import damage_dicom_frames, write_ome_tiff, write_philips_tiff
+
+    kw = {"width": FW, "height": FH, "mpp": 0.5, "levels": (1, 4), "tile": FT, "seed": 5}
+    if fmt == "ome":
+        return write_ome_tiff(d / f"{name}.ome.tif", damage=[(0, k) for k in damage], **kw)
+    if fmt == "philips":
+        return write_philips_tiff(d / f"{name}.tiff", damage=[(0, k) for k in damage], **kw)
+    from wsigen_dicom import write_dicom_wsi
+
+    first = write_dicom_wsi(d / name, **kw)[0]  # type: ignore[arg-type]
+    if damage:
+        damage_dicom_frames(first, damage)
+    return first
+
+
+@pytest.fixture(scope="session")
+def format_slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """Built on first use per format: {fmt: {clean, damaged, wrecked: path tiling opens}}."""
+    return {}
+
+
+@pytest.fixture(params=FORMATS)
+def slides(request: pytest.FixtureRequest, format_slides: dict[str, dict[str, Path]],
+           tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Path]]:
+    fmt = request.param
+    if fmt not in format_slides:
+        d = tmp_path_factory.mktemp(fmt)
+        format_slides[fmt] = {name: _write(fmt, d, name, damage) for name, damage in
+                              (("clean", []), ("damaged", [DAMAGED]), ("wrecked", WRECKED))}
+    return fmt, format_slides[fmt]
+
+
+def _open_fast(fmt: str, path: Path, slide: openslide.AbstractSlide, levels: list[int]
+               ) -> tuple[object, str]:
+    from pipeline.readers.dicom import open_dicom_reader
+    from pipeline.readers.formats import open_philips_reader
+    from pipeline.readers.ome import open_ome_reader
+
+    opener = {"ome": open_ome_reader, "philips": open_philips_reader,
+              "dicom": open_dicom_reader}[fmt]
+    return opener(str(path), slide, levels)  # type: ignore[operator]
+
+
+def _reference(fmt: str, path: Path, slide: openslide.AbstractSlide, level: int,
+               rows: int | None = None) -> np.ndarray:
+    """The level's first ``rows`` (all: None) from the format's reader of record: OpenSlide
+    for Philips and DICOM, tifffile's decoder (imagecodecs' libjpeg, not our path) for
+    OME-TIFF."""
+    w, h = slide.level_dimensions[level]
+    if fmt == "ome":
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            return tif.series[0].levels[level].asarray()[:rows or h]
+    return read_rgb(slide, level, 0, 0, w, rows or h)
+
+
+def test_ome_tiff_is_a_slide_with_its_pyramid_and_mpp(tmp_path: Path) -> None:
+    """OpenSlide sees one level and no mpp; open_slide gives the SubIFD pyramid, the
+    OME-XML mpp converted from its unit, the objective."""
+    from wsigen_formats import write_ome_tiff
+
+    from pipeline.readers.ome import OmeSlide
+    from pipeline.slides import open_slide, resolve_mpp
+
+    path = write_ome_tiff(tmp_path / "nm.ome.tif", width=1024, height=768, mpp=0.25,
+                          unit="nm", levels=(1, 4, 16), tile=128)
+    with openslide.OpenSlide(str(path)) as plain:
+        assert plain.properties[openslide.PROPERTY_NAME_VENDOR] == "generic-tiff"
+        assert plain.level_count == 1
+    with open_slide(path) as slide:
+        assert isinstance(slide, OmeSlide)
+        assert slide.properties[openslide.PROPERTY_NAME_VENDOR] == "ome-tiff"
+        assert slide.level_dimensions == ((1024, 768), (256, 192), (64, 48))
+        assert slide.level_downsamples == (1.0, 4.0, 16.0)
+        assert slide.properties["ome-tiff.PhysicalSizeXUnit"] == "nm"
+        assert resolve_mpp(slide, None) == (pytest.approx(0.25), "file")
+        assert float(slide.properties[openslide.PROPERTY_NAME_OBJECTIVE_POWER]) == 40
+        assert slide.get_best_level_for_downsample(5) == 1
+        # a region across tiles and past the right edge: transparent outside, as OpenSlide
+        rgba = np.asarray(slide.read_region((960, 0), 0, (128, 64)))
+        assert (rgba[:, :64, 3] == 255).all() and (rgba[:, 64:, 3] == 0).all()
+
+
+def test_format_geometry(slides: tuple[str, dict[str, Path]]) -> None:
+    """The level geometry the fast reader relies on, as OpenSlide (or OmeSlide) reports it."""
+    from pipeline.slides import open_slide
+
+    fmt, paths = slides
+    path = paths["clean"]
+    with open_slide(path) as slide:
+        assert slide.properties[openslide.PROPERTY_NAME_VENDOR] == {
+            "ome": "ome-tiff", "philips": "philips", "dicom": "dicom"}[fmt]
+        assert slide.level_dimensions[:2] == ((FW, FH), (FW // 4, FH // 4))
+        assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.5)
+    if fmt == "philips":  # pages padded to whole tiles; OpenSlide clips to level 0 / 4
+        import tifffile
+        from wsigen_formats import write_philips_tiff
+
+        from pipeline.readers.formats import open_philips_reader
+
+        padded = write_philips_tiff(path.with_name("padded.tiff"), width=2000, height=1500,
+                                    levels=(1, 4), tile=256)
+        with tifffile.TiffFile(padded) as tif:
+            assert [(p.imagewidth, p.imagelength) for p in tif.pages] == [  # type: ignore[union-attr]
+                (2048, 1536), (512, 512)]
+        with openslide.OpenSlide(str(padded)) as slide:
+            assert slide.level_dimensions == ((2048, 1536), (512, 384))
+            reader, why = open_philips_reader(str(padded), slide, [1])
+            assert reader is not None, why
+            with reader:
+                _assert_close(reader.read_rgb(1, 0, 0, 512, 384),
+                              read_rgb(slide, 1, 0, 0, 512, 384))
+    if fmt == "dicom":  # the reader's item walk finds the frames pydicom's parser finds
+        import pydicom
+        from wsigen_formats import dicom_frame_ranges
+
+        from pipeline.readers.dicom import frame_ranges
+
+        raw = pydicom.dcmread(path, defer_size=256).get_item(0x7FE00010, keep_deferred=True)
+        offs, counts = frame_ranges(path, raw.value_tell, ACROSS * DOWN)
+        assert list(zip(offs.tolist(), counts.tolist(), strict=True)) == \
+            dicom_frame_ranges(path)
+
+
+def test_format_fast_reader_gives_the_reference_pixels(
+        slides: tuple[str, dict[str, Path]]) -> None:
+    from pipeline.slides import open_slide
+
+    fmt, paths = slides
+    path = paths["clean"]
+    with open_slide(path) as slide:
+        reader, why = _open_fast(fmt, path, slide, [0, 1])
+        assert reader is not None, why
+        with reader:  # type: ignore[attr-defined]
+            assert reader.name == READER[fmt]  # type: ignore[attr-defined]
+            for level in (0, 1):
+                w, h = slide.level_dimensions[level]
+                ref = _reference(fmt, path, slide, level)
+                _assert_close(reader.read_rgb(level, 0, 0, w, h), ref)  # type: ignore[attr-defined]
+                x, y = w // 3 + 5, h // 3 + 3  # across file-tile seams, not aligned to them
+                _assert_close(reader.read_rgb(level, x, y, w // 3, h // 3),  # type: ignore[attr-defined]
+                              ref[y:y + h // 3, x:x + w // 3])
+
+
+def test_dicom_fast_reader_agrees_with_wsidicom(
+        format_slides: dict[str, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory
+        ) -> None:
+    """A second, independent DICOM reader (wsidicom, pydicom underneath) of the same frames."""
+    wsidicom = pytest.importorskip("wsidicom")
+    if "dicom" not in format_slides:
+        d = tmp_path_factory.mktemp("dicom")
+        format_slides["dicom"] = {n: _write("dicom", d, n, dmg) for n, dmg in
+                                  (("clean", []), ("damaged", [DAMAGED]),
+                                   ("wrecked", WRECKED))}
+    from pipeline.readers.dicom import open_dicom_reader
+
+    path = format_slides["dicom"]["clean"]
+    with openslide.OpenSlide(str(path)) as slide:
+        reader, why = open_dicom_reader(str(path), slide, [0])
+    assert reader is not None, why
+    with reader, wsidicom.WsiDicom.open(path.parent) as wsi:
+        theirs = np.asarray(wsi.read_region((600, 400), 0, (500, 300)).convert("RGB"))
+        _assert_close(reader.read_rgb(0, 600, 400, 500, 300), theirs)
+
+
+def test_tiling_picks_the_format_reader(slides: tuple[str, dict[str, Path]]) -> None:
+    fmt, paths = slides
+    path = str(paths["clean"])
+    plan, fast = tile_slide(path, mpp_override=None, cfg=_cfg())
+    with fast:
+        assert fast.reader == READER[fmt], fast.report.note
+        ours = np.concatenate([c.tiles for c in fast])
+    plan2, slow = tile_slide(path, mpp_override=None, cfg=_cfg(reader="openslide"))
+    with slow:
+        assert slow.reader == "openslide"
+        theirs = np.concatenate([c.tiles for c in slow])
+    assert plan.num_tiles == plan2.num_tiles > 0
+    assert plan.mpp == pytest.approx(0.5) and plan.vendor == {
+        "ome": "ome-tiff", "philips": "philips", "dicom": "dicom"}[fmt]
+    _assert_close(ours, theirs)
+
+
+def test_format_damaged_tile_is_white_and_recorded(slides: tuple[str, dict[str, Path]]) -> None:
+    from pipeline.slides import open_slide
+
+    fmt, paths = slides
+    path = paths["damaged"]
+    x0, y0 = (DAMAGED % ACROSS) * FT, (DAMAGED // ACROSS) * FT
+    with open_slide(path) as slide:
+        reader, why = _open_fast(fmt, path, slide, [0])
+        assert reader is not None, why  # the self-check picks a clean tile
+        with reader:  # type: ignore[attr-defined]
+            img = reader.read_rgb(0, 0, 0, FW, FH)  # type: ignore[attr-defined]
+            assert len(reader.damage) == 1  # type: ignore[attr-defined]
+            assert reader.damage.boxes(0).tolist() == [[x0, y0, x0 + FT, y0 + FT]]  # type: ignore[attr-defined]
+            note, = reader.damage.notes()  # type: ignore[attr-defined]
+        assert "premature end" in note.lower(), note
+        assert (img[y0:y0 + FT, x0:x0 + FT] == 255).all()
+        _assert_close(img[:y0], _reference(fmt, path, slide, 0, y0))
+    plan, chunks = tile_slide(str(path), mpp_override=None, cfg=_cfg(max_damaged_fraction=0.5))
+    with chunks:
+        assert chunks.reader == READER[fmt]
+        tiles = np.concatenate([c.tiles for c in chunks])
+    assert chunks.report.damaged, "the tissue tiles over the damaged file tile are flagged"
+    for i in chunks.report.damaged:
+        assert (tiles[i] == 255).all()
+    assert "premature end" in (chunks.report.damage_text() or "").lower()
+
+
+def test_format_self_check_failure_falls_back_to_openslide(
+        slides: tuple[str, dict[str, Path]]) -> None:
+    from pipeline.slides import open_slide
+
+    fmt, paths = slides
+    path = paths["wrecked"]
+    with open_slide(path) as slide:
+        reader, why = _open_fast(fmt, path, slide, [0])
+    assert reader is None
+    assert "decodes cleanly" in why
+    plan, chunks = tile_slide(str(path), mpp_override=None,
+                              cfg=_cfg(reader="auto", max_damaged_fraction=0.9))
+    with chunks:
+        assert chunks.reader == "openslide"
+        assert "decodes cleanly" in chunks.report.note
+        tiles = np.concatenate([c.tiles for c in chunks])
+    # OpenSlide (OmeSlide for OME-TIFF) fails on the damaged tiles too: they come back white,
+    # recorded, the rest of the slide read
+    assert chunks.report.damaged and len(tiles) == plan.num_tiles
+    for i in chunks.report.damaged:
+        assert (tiles[i] == 255).all()

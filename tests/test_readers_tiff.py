@@ -20,7 +20,7 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
-from slidegen import BOXES_GENERIC, CMU_SMALL, write_pyramid_svs
+from slidegen import BOXES_GENERIC, CMU_SMALL, array_renderer, write_pyramid_svs, write_slide
 
 import pipeline.tiling as tiling
 from pipeline.config import TilingConfig
@@ -198,6 +198,26 @@ def test_stacked_decoding_equals_tile_by_tile(slide240: Path,
             ours = reader.read_rgb(0, 0, 0, w, h)
             assert sum(stacked) > 0.5 * reader._levels[0].counts.size  # type: ignore[union-attr]
             _bounded(ours, read_rgb(slide, 0, 0, 0, w, h))
+
+
+def test_no_full_size_stacking_of_subsampled_chroma_even_with_glass_at_the_centre(
+        tmp_path: Path) -> None:
+    # The stacking check decodes tiles near the centre both ways; on flat glass there the
+    # chroma blend across tile edges is invisible, so 4:2:0 is ruled out by its sampling
+    # factors, and every tile of a region equals its own decode.
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (1536, 1536, 3), np.uint8)
+    rgb[256:1280, 256:1280] = (236, 232, 240)  # flat glass under the check tiles
+    path = write_slide(tmp_path / "glass-centre.tif", array_renderer(rgb), width=1536,
+                       height=1536, mpp=None, levels=(1, 4), tile=256)
+    with openslide.OpenSlide(str(path)) as slide:
+        reader, why = open_tiff_reader(str(path), slide, [0])
+    assert reader is not None, why
+    with reader:
+        assert reader._stack_info(0, 1) is None
+        region = reader.read_rgb(0, 0, 0, 1536, 256)
+        alone = np.concatenate([reader.decode_tile(0, tx, 0) for tx in range(6)], axis=1)
+        assert np.array_equal(region, alone)
 
 
 def test_threads_and_short_bands_do_not_change_pixels(slide240: Path,

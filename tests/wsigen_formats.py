@@ -1,4 +1,5 @@
-"""Generated slides in other vendors' JPEG layouts (so far Hamamatsu NDPI).
+"""Generated slides in other vendors' JPEG layouts: Hamamatsu NDPI, OME-TIFF, Philips TIFF
+(DICOM WSI: tests/wsigen_dicom.py; here only the frame damage).
 
 Content is :mod:`slidegen`'s (a renderer: real H&E tissue pieces on glass); only the file
 layout differs, and each layout is what the vendor's reader in OpenSlide 4 and opentile 0.22
@@ -227,3 +228,156 @@ def ndpi_stripe_offsets(path: str | Path, level_page: int = 0) -> tuple[np.ndarr
         page = tif.pages[level_page]
         return (np.asarray(page.dataoffsets, np.int64),  # type: ignore[union-attr]
                 np.asarray(page.databytecounts, np.int64))  # type: ignore[union-attr]
+
+
+def _tiles(render: Renderer, ds: int, lw: int, lh: int, tile: int):  # noqa: ANN202
+    for ty in range(0, lh, tile):
+        for tx in range(0, lw, tile):
+            yield render(tx * ds, ty * ds, tile, tile, ds)
+
+
+def _hurt(path: Path, ranges: Sequence[tuple[int, int]]) -> None:
+    """An end-of-image marker in the middle of each (offset, count) JPEG stream, in place
+    (same length: every offset stays valid; libjpeg warns "premature end")."""
+    with open(path, "r+b") as f:
+        for off, n in ranges:
+            f.seek(off)
+            stream = f.read(n)
+            _, sos_end = _segment_end(stream, 0xDA)  # the entropy-coded data's middle
+            f.seek(off + (sos_end + n - 2) // 2)
+            f.write(b"\xff\xd9")
+
+
+def write_ome_tiff(path: str | Path, render: Renderer | None = None, *, width: int,
+                   height: int, mpp: float = 0.25, unit: str = "µm",
+                   levels: Sequence[int] = (1, 4, 16), tile: int = 256, quality: int = 85,
+                   seed: int = 0, magnification: float | None = 40.0,
+                   damage: Sequence[tuple[int, int]] = ()) -> Path:
+    """An OME-TIFF pyramid as Bio-Formats/QuPath write it: full resolution in the main IFD,
+    reduced levels in its SubIFDs (tifffile's writer), JPEG tiles, OME-XML with PhysicalSizeX/Y
+    in ``unit`` (``mpp`` is in microns, converted). ``damage``: (level, tile index) pairs whose
+    JPEG stream gets an early end-of-image marker."""
+    path = Path(path)
+    if render is None:
+        render = tissue_renderer(width, height, seed=seed)
+    per_um = {"µm": 1.0, "nm": 1e3, "mm": 1e-3}[unit]
+    md: dict[str, object] = {"axes": "YXS", "PhysicalSizeX": mpp * per_um,
+                             "PhysicalSizeXUnit": unit, "PhysicalSizeY": mpp * per_um,
+                             "PhysicalSizeYUnit": unit}
+    ox = tifffile.OmeXml()
+    ox.addimage(np.uint8, (height, width, 3), (1, 1, 1, height, width, 3), **md)
+    xml = ox.tostring()
+    if magnification is not None:  # tifffile's OmeXml writes no Instrument: added here
+        inst = (f'<Instrument ID="Instrument:0"><Objective ID="Objective:0" '
+                f'NominalMagnification="{magnification:g}"/></Instrument>')
+        xml = xml.replace("<Image ", inst + "<Image ", 1)
+    bigtiff = width * height * 3 > 2**31
+    with tifffile.TiffWriter(path, bigtiff=bigtiff, ome=False) as tw:
+        for i, ds in enumerate(levels):
+            lw, lh = math.ceil(width / ds), math.ceil(height / ds)
+            extra: dict[str, object] = {"subfiletype": 1, "metadata": None}
+            if i == 0:  # tifffile's own OME writer would add no Instrument
+                extra = {"subifds": len(levels) - 1, "description": xml.encode(),
+                         "metadata": None}
+            tw.write(_tiles(render, ds, lw, lh, tile), shape=(lh, lw, 3), dtype=np.uint8,
+                     tile=(tile, tile), photometric="rgb", compression="jpeg",
+                     compressionargs={"level": quality}, **extra)  # type: ignore[arg-type]
+    if damage:
+        with tifffile.TiffFile(path) as tif:
+            pages = [lv.keyframe for lv in tif.series[0].levels]
+            _hurt(path, [(int(pages[lv].dataoffsets[k]), int(pages[lv].databytecounts[k]))
+                         for lv, k in damage])
+    return path
+
+
+PHILIPS_XML = """<?xml version="1.0" encoding="UTF-8" ?>
+<DataObject ObjectType="DPUfsImport">
+<Attribute Name="DICOM_MANUFACTURER" Group="0x0008" Element="0x0070" PMSVR="IString">\
+PHILIPS</Attribute>
+<Attribute Name="PIM_DP_UFS_BARCODE" Group="0x301D" Element="0x1002" PMSVR="IString">\
+Z2VuZXJhdGVk</Attribute>
+<Attribute Name="PIM_DP_SCANNED_IMAGES" Group="0x301D" Element="0x1003" \
+PMSVR="IDataObjectArray"><Array>
+<DataObject ObjectType="DPScannedImage">
+<Attribute Name="PIM_DP_IMAGE_TYPE" Group="0x301D" Element="0x1004" PMSVR="IString">WSI\
+</Attribute>
+<Attribute Name="DICOM_DERIVATION_DESCRIPTION" Group="0x0008" Element="0x2111" \
+PMSVR="IString">tiff-useBigTIFF=1-useRgb=0-levels={levels}-processing=0-q80-\
+sourceFilename="generated"</Attribute>
+<Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" Element="0x0030" PMSVR="IDoubleArray">\
+&quot;{s0:.6g}&quot; &quot;{s0:.6g}&quot;</Attribute>
+<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" Group="0x1001" Element="0x8B01" \
+PMSVR="IDataObjectArray"><Array>
+{reps}
+</Array></Attribute>
+</DataObject>
+</Array></Attribute>
+</DataObject>
+"""
+PHILIPS_REP = """<DataObject ObjectType="PixelDataRepresentation">
+<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_NUMBER" Group="0x1001" Element="0x8B02" \
+PMSVR="IUInt16">{i}</Attribute>
+<Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" Element="0x0030" PMSVR="IDoubleArray">\
+&quot;{s:.6g}&quot; &quot;{s:.6g}&quot;</Attribute>
+</DataObject>"""
+
+
+def write_philips_tiff(path: str | Path, render: Renderer | None = None, *, width: int,
+                       height: int, mpp: float = 0.25, levels: Sequence[int] = (1, 4, 16),
+                       tile: int = 256, quality: int = 85, seed: int = 0,
+                       damage: Sequence[tuple[int, int]] = ()) -> Path:
+    """A Philips TIFF export as OpenSlide's philips driver reads it: Software "Philips...",
+    the DPUfsImport XML (pixel spacing in mm of the slide and of every level) as the first
+    page's ImageDescription, tiled JPEG pages of successive levels, every page padded to
+    whole tiles (OpenSlide clips the levels below the first to level 0 / downsample).
+    ``damage``: (level, tile index) pairs whose JPEG stream gets an early end-of-image marker.
+    """
+    path = Path(path)
+    if render is None:
+        render = tissue_renderer(width, height, seed=seed)
+    s0 = mpp / 1000.0  # mm
+    reps = "\n".join(PHILIPS_REP.format(i=i, s=s0 * ds) for i, ds in enumerate(levels))
+    xml = PHILIPS_XML.format(levels=",".join(str(round(40 / ds)) for ds in levels), s0=s0,
+                             reps=reps)
+    with tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2**31) as tw:
+        for i, ds in enumerate(levels):
+            lw = math.ceil(math.ceil(width / ds) / tile) * tile  # padded to whole tiles
+            lh = math.ceil(math.ceil(height / ds) / tile) * tile
+            tw.write(_tiles(render, ds, lw, lh, tile), shape=(lh, lw, 3), dtype=np.uint8,
+                     tile=(tile, tile), photometric="rgb", compression="jpeg",
+                     compressionargs={"level": quality}, metadata=None,
+                     software="Philips DP v1.0", description=xml if i == 0 else None,
+                     subfiletype=0 if i == 0 else 1)
+    if damage:
+        with tifffile.TiffFile(path) as tif:
+            pages = list(tif.pages)
+            _hurt(path, [(int(pages[lv].dataoffsets[k]), int(pages[lv].databytecounts[k]))  # type: ignore[union-attr]
+                         for lv, k in damage])
+    return path
+
+
+def dicom_frame_ranges(path: str | Path) -> list[tuple[int, int]]:
+    """(file offset, bytes) of each JPEG frame of a DICOM WSI instance, found with pydicom's
+    own frame parser (independent of the reader's item walk): each frame's bytes located in
+    the file."""
+    import pydicom
+    from pydicom.encaps import generate_fragmented_frames
+
+    ds = pydicom.dcmread(path)
+    blob = Path(path).read_bytes()
+    out, at = [], 0
+    for parts in generate_fragmented_frames(ds.PixelData,
+                                            number_of_frames=int(ds.NumberOfFrames)):
+        frame = b"".join(parts)
+        at = blob.index(frame, at)
+        out.append((at, len(frame)))
+        at += len(frame)
+    return out
+
+
+def damage_dicom_frames(path: str | Path, frames: Sequence[int]) -> Path:
+    """Give frames ``frames`` of a DICOM instance an early end-of-image marker, in place."""
+    path = Path(path)
+    ranges = dicom_frame_ranges(path)
+    _hurt(path, [ranges[i] for i in frames])
+    return path

@@ -224,8 +224,9 @@ class OpenSlideReader(Reader):
         return self.slide
 
     def _open(self) -> openslide.AbstractSlide:
+        reopen = getattr(self.slide, "reopen", None)  # a slide class of ours (OME-TIFF)
         try:
-            return openslide.open_slide(self.path)
+            return reopen() if reopen is not None else openslide.open_slide(self.path)
         except (openslide.OpenSlideError, OSError) as err:
             raise SlideError("read", f"cannot open {self.path!r} again after a failed read "
                              f"({type(err).__name__}: {err})") from None

@@ -652,6 +652,12 @@ class TiffJpegReader(Reader):
             mcu_w, mcu_h = 8 * max(hs), 8 * max(vs)
             if lv.tile_w % mcu_w or lv.tile_h % mcu_h:
                 return None
+            if step == 1 and len(set(vs)) > 1:
+                # Chroma subsampled vertically (4:2:0) and upsampled at full size: libjpeg's
+                # upsampling reads the chroma rows of the tile above across the restart
+                # marker (up to ~24 levels off along tile edges). The pixel check below can
+                # miss it when its tiles are flat (glass), so it is ruled out by structure.
+                return None
             interval = (lv.tile_w // mcu_w) * (lv.tile_h // mcu_h)
             sos = segs[-1][1]
             end = sos + 2 + int.from_bytes(stream[sos + 2:sos + 4], "big")
