@@ -58,7 +58,7 @@ def one(uri: str, storage: StorageConfig, cfg: TilingConfig, proxy: FaultProxy
     n = 0
     with slide_bytes(uri, storage, None, cfg) as got:
         opened = time.perf_counter() - t0
-        plan, chunks = tile_slide(got.path, mpp_override=None, cfg=cfg)
+        plan, chunks = tile_slide(got.path, mpp_override=None, cfg=cfg, source=got.source)
         with chunks:
             for c in chunks:
                 if first is None:

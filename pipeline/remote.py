@@ -570,8 +570,6 @@ def _skeleton(uri: str, storage: StorageConfig, expected: str | None, tiling: Ti
         raise Decline(why)
     source = RangeSource(remote, path, extents)
     stack.callback(source.close)
-    tiff.register_source(path, source)
-    stack.callback(lambda: tiff.register_source(path, None))
     why = _check(path, pages, extents, remote, blocks, budget, stack, tiling, mpp_override,
                  fill=False)[1]
     if why:

@@ -63,6 +63,7 @@ from pipeline.placement import ray_node_id
 from pipeline.preview import Preview, geojson_bytes, make_preview, render_jpeg
 from pipeline.qc import QC_COLUMNS, tile_qc
 from pipeline.readers import (
+    ByteSource,
     DamageLog,
     OpenSlideReader,
     Reader,
@@ -225,9 +226,12 @@ def tune_worker_malloc() -> None:
         pass
 
 
-def tile_slide(path: str, *, mpp_override: float | None,
-               cfg: TilingConfig) -> tuple[SlidePlan, TileChunks]:
+def tile_slide(path: str, *, mpp_override: float | None, cfg: TilingConfig,
+               source: ByteSource | None = None) -> tuple[SlidePlan, TileChunks]:
     """Plan a slide and return its chunks iterator; raises ``SlideError`` before any tile read.
+
+    ``source``: where the file's bytes come from when ``path`` is only a skeleton of them
+    (range reads of a remote slide, :mod:`pipeline.remote`); the chosen reader must take it.
 
     ``cfg.reader`` ("auto", "openslide", "tiff") and ``cfg.threads`` choose how pixels are
     read; "tiff" fails the slide instead of falling back, for benchmarks and tests.
@@ -248,6 +252,11 @@ def tile_slide(path: str, *, mpp_override: float | None,
                                also=geo.thumb_level, backup=backup)
         if reader is not backup:
             closers.insert(0, reader.close)
+        if source is not None:
+            try:
+                reader.read_from(source)
+            except ReadError as err:
+                raise SlideError("open", f"{path!r}: {err}") from None
         threads = cfg.threads
         pool = ThreadPoolExecutor(threads, thread_name_prefix="tiling") if threads > 1 else None
         if pool is not None:
@@ -614,11 +623,11 @@ def tiling_stage(batch: dict[str, np.ndarray], *, tiling: TilingConfig,
         try:
             # staged whole, or read by ranges where the slide allows (pipeline.remote)
             with slide_bytes(str(uri), store, expected, cfg, mpp_override) as got:
-                # a skeleton holds only what the direct TIFF reader needs: no falling back
-                # to OpenSlide, which would read its holes (zeros) as pixels
-                use = cfg.model_copy(update={"reader": "tiff"}) if got.ranged else cfg
+                # a skeleton's holes are filled by its source: only a reader that takes it
+                # reads the slide (never OpenSlide, which would read the holes as pixels)
                 try:
-                    plan, chunks = tile_slide(got.path, mpp_override=mpp_override, cfg=use)
+                    plan, chunks = tile_slide(got.path, mpp_override=mpp_override, cfg=cfg,
+                                              source=got.source)
                 except SlideError as err:
                     show(err.preview)
                     raise

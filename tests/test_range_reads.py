@@ -216,9 +216,23 @@ def test_a_read_failing_after_planning_fails_the_slide(
     storage = _storage(proxy, tmp_path, retries=2, retry_budget_s=1.0, retry_max_backoff_s=0.05)
     with remote.slide_bytes(uri, storage, None, CFG) as got:
         assert got.ranged
-        plan, chunks = tile_slide(got.path, mpp_override=None, cfg=CFG)
+        plan, chunks = tile_slide(got.path, mpp_override=None, cfg=CFG, source=got.source)
         proxy.set(outage_s=600, methods=["GET"])
         with chunks, pytest.raises(StagingError, match=r"could not read .* \(range reads\)"):
             for _ in chunks:
                 pass
     assert plan.num_tiles > 4 and _left(tmp_path) == []
+
+
+def test_only_a_reader_that_takes_the_source_reads_a_skeleton(
+        s3_endpoint: str, s3_bucket: str, proxy: FaultProxy, slide: Path,
+        tmp_path: Path) -> None:
+    """OpenSlide would read the skeleton's holes as pixels: asked to, the slide fails."""
+    from pipeline.slides import SlideError
+
+    uri = _upload(s3_endpoint, s3_bucket, "o.svs", slide.read_bytes())
+    with remote.slide_bytes(uri, _storage(proxy, tmp_path), None, CFG) as got:
+        assert got.ranged and got.source is not None
+        with pytest.raises(SlideError, match="openslide reader reads local files only"):
+            tile_slide(got.path, mpp_override=None,
+                       cfg=CFG.model_copy(update={"reader": "openslide"}), source=got.source)

@@ -19,15 +19,16 @@ from collections.abc import Callable, Sequence
 
 import openslide
 
-from pipeline.readers.base import Box, DamageLog, Reader, ReadError
+from pipeline.readers.base import Box, ByteSource, DamageLog, Reader, ReadError
 from pipeline.readers.formats import fast_format_openers
 from pipeline.readers.openslide_reader import OpenSlideReader, read_rgb
 from pipeline.readers.resample import integer_factor, read_resampled
 from pipeline.readers.tiff import open_tiff_reader
 from pipeline.slides import SlideError
 
-__all__ = ["OPENERS", "READERS", "Box", "DamageLog", "OpenSlideReader", "ReadError", "Reader",
-           "choose_reader", "integer_factor", "read_resampled", "read_rgb"]
+__all__ = ["OPENERS", "READERS", "Box", "ByteSource", "DamageLog", "OpenSlideReader",
+           "ReadError", "Reader", "choose_reader", "integer_factor", "read_resampled",
+           "read_rgb"]
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -72,6 +72,19 @@ class DamageLog:
             return sum(1 for k in self._items if levels is None or k[0] in levels)
 
 
+class ByteSource(Protocol):
+    """Where a reader's tile bytes come from when not from its local file (``os.pread``):
+    e.g. ranged GETs of the slide in object storage (:mod:`pipeline.remote`)."""
+
+    def get(self, offsets: list[int], counts: list[int]) -> list[memoryview | None]:
+        """The bytes of each (offset, count) range (count 0: None); thread-safe."""
+        ...
+
+    def plan(self, offsets: np.ndarray, counts: np.ndarray) -> None:
+        """The file tiles about to be read, in reading order (to fetch them ahead)."""
+        ...
+
+
 class Reader:
     """Integer RGB boxes of a slide's pyramid levels, composited on white.
 
@@ -112,6 +125,11 @@ class Reader:
     def dct_ok(self, level: int, k: int) -> bool:
         """Whether a box reduced by ``k`` comes out of the JPEG decoder's scaled IDCT."""
         return False
+
+    def read_from(self, source: ByteSource) -> None:
+        """Take the file's bytes from ``source`` rather than the local file (whose holes
+        ``source`` fills); readers that cannot refuse."""
+        raise ReadError(f"the {self.name} reader reads local files only")
 
     def prepare(self, grid: TileGrid, geo: ReadGeometry) -> None:
         """Size caches for reading ``grid`` at ``geo`` (called once, before the tiles)."""

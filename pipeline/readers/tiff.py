@@ -50,7 +50,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import openslide
@@ -58,7 +58,7 @@ import simplejpeg
 import tifffile
 from PIL import Image
 
-from pipeline.readers.base import Box, Reader, ReadError
+from pipeline.readers.base import Box, ByteSource, Reader, ReadError
 from pipeline.readers.openslide_reader import read_rgb
 
 if TYPE_CHECKING:
@@ -102,33 +102,6 @@ _OTHER_FRAMES = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
 
 class TiffReadError(ReadError):
     """A tile that does not decode (corrupt or truncated file)."""
-
-
-class ByteSource(Protocol):
-    """Where a reader's tile bytes come from when not from its local file (``os.pread``):
-    e.g. ranged GETs of the slide in object storage (:mod:`pipeline.remote`)."""
-
-    def get(self, offsets: list[int], counts: list[int]) -> list[memoryview | None]:
-        """The bytes of each (offset, count) range (count 0: None); thread-safe."""
-        ...
-
-    def plan(self, offsets: np.ndarray, counts: np.ndarray) -> None:
-        """The file tiles about to be read, in reading order (to fetch them ahead)."""
-        ...
-
-
-# Byte sources by the real path of the local file a reader opens (a sparse skeleton of a
-# remote slide): set by pipeline.remote around tile_slide, read by TiffJpegReader.
-_SOURCES: dict[str, ByteSource] = {}
-
-
-def register_source(path: str, source: ByteSource | None) -> None:
-    """Readers opened on ``path`` take its tile bytes from ``source`` (None: unregister)."""
-    key = os.path.realpath(path)
-    if source is None:
-        _SOURCES.pop(key, None)
-    else:
-        _SOURCES[key] = source
 
 
 @dataclass(frozen=True)
@@ -252,7 +225,7 @@ class TiffJpegReader(Reader):
         self._levels = list(levels)
         self._fd: int | None = os.open(path, os.O_RDONLY)
         # Tile bytes from elsewhere (ranged GETs of a remote slide), or None: pread of path.
-        self._source: ByteSource | None = _SOURCES.get(os.path.realpath(path))
+        self._source: ByteSource | None = None
         self.tiles_decoded = 0  # for benchmarks: file tiles decoded so far
         self._lock = threading.Lock()
         self._local = threading.local()  # per-thread scratch region buffer
@@ -573,6 +546,13 @@ class TiffJpegReader(Reader):
                 self._seam_bytes += tile.nbytes
             while self._seam_bytes > self.seam_budget:
                 self._seam_bytes -= self._seams.popitem(last=False)[1].nbytes
+
+    def read_from(self, source: ByteSource) -> None:
+        """Take tile bytes from ``source`` (ranged GETs of the remote slide whose skeleton
+        this reader opened) instead of ``pread`` of the local file."""
+        if type(self)._fetch is not TiffJpegReader._fetch:
+            super().read_from(source)  # a subclass with its own fetch: refuse
+        self._source = source
 
     def prepare(self, grid: TileGrid, geo: ReadGeometry) -> None:
         """Size the seam cache to what this slide needs, at most ``SEAM_CACHE_BYTES``.
