@@ -7,6 +7,7 @@ import math
 import threading
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import openslide
 import openslide.lowlevel
@@ -45,15 +46,30 @@ def _region_rgb(slide: openslide.AbstractSlide, level: int, x: int, y: int, w: i
     ds = float(slide.level_downsamples[level])
     location = (int(round(x * ds)), int(round(y * ds)))
     rgba = _rgba(slide, location, level, int(w), int(h))
-    alpha = rgba[..., 3]
     if out is None:
         out = np.empty((int(h), int(w), 3), np.uint8)
-    if alpha.min() < 255:
-        a = alpha[..., None].astype(np.float32) / 255.0
+    if not _opaque(rgba):
+        a = rgba[..., 3:].astype(np.float32) / 255.0
         out[:] = (rgba[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
     else:
-        out[:] = rgba[..., :3]
+        _drop_alpha(rgba, out)
     return out
+
+
+def _opaque(rgba: np.ndarray) -> bool:
+    """No transparent pixel: on little-endian RGBA the alpha byte is each uint32's top byte,
+    so one min over uint32 (~7x faster than over the strided alpha bytes)."""
+    if np.little_endian and rgba.flags.c_contiguous:
+        return int(rgba.view(np.uint32).min()) >= 0xFF000000
+    return int(rgba[..., 3].min()) == 255
+
+
+def _drop_alpha(rgba: np.ndarray, out: np.ndarray) -> None:
+    """RGB of ``rgba`` into ``out`` (a view with rows apart is fine): OpenCV's SIMD copy,
+    ~30x numpy's strided one for a 224 x 1792 run."""
+    got = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB, dst=out)
+    if got is not out and not np.shares_memory(got, out):  # OpenCV would not write into it
+        out[:] = got
 
 
 _RAW = hasattr(openslide.lowlevel, "_read_region") and hasattr(_convert, "argb2rgba")
@@ -85,8 +101,9 @@ WHOLE_BOX_SHARE = 0.9
 def _runs(need: Sequence[Box], x: int, y: int, w: int, h: int
           ) -> list[tuple[int, int, int, int]] | None:
     """Integer (x, y, w, h) boxes covering the ``need`` boxes inside the box: boxes of one
-    row (same top and bottom) merged where they touch or overlap. None: read the whole box
-    (the runs cover nearly all of it)."""
+    row (same top and bottom) merged where they touch or overlap, then runs of the same
+    columns in rows that touch or overlap (fewer calls; OpenSlide decodes a file tile under
+    two rows once). None: read the whole box (the runs cover nearly all of it)."""
     rows: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for bx0, by0, bx1, by1 in need:
         x0, y0 = max(x, math.floor(bx0)), max(y, math.floor(by0))
@@ -104,9 +121,18 @@ def _runs(need: Sequence[Box], x: int, y: int, w: int, h: int
             runs.append((a, y0, b - a, y1 - y0))
             a, b = c, d
         runs.append((a, y0, b - a, y1 - y0))
-    if sum(rw * rh for _, _, rw, rh in runs) >= WHOLE_BOX_SHARE * w * h:
+    runs.sort(key=lambda r: (r[0], r[2], r[1]))
+    tall: list[tuple[int, int, int, int]] = []
+    for r in runs:
+        if tall and tall[-1][0] == r[0] and tall[-1][2] == r[2] and \
+                r[1] <= tall[-1][1] + tall[-1][3]:
+            ax, ay, aw, ah = tall[-1]
+            tall[-1] = (ax, ay, aw, max(ay + ah, r[1] + r[3]) - ay)
+        else:
+            tall.append(r)
+    if sum(rw * rh for _, _, rw, rh in tall) >= WHOLE_BOX_SHARE * w * h:
         return None
-    return runs
+    return tall
 
 
 # Piece edge for re-reading a failed OpenSlide region when the level reports no tile size.
@@ -201,12 +227,12 @@ class OpenSlideReader(Reader):
                     rgba = _rgba(handle, (int(round(rx * ds)), int(round(ry * ds))), level,
                                  rw, rh)
                     dst = out[(ry - y) // k:(ry - y + rh) // k, (rx - x) // k:(rx - x + rw) // k]
-                    if rgba[..., 3].min() < 255:
+                    if not _opaque(rgba):
                         rgb = _region_rgb(handle, level, rx, ry, rw, rh)
                         dst[:] = np.asarray(Image.fromarray(rgb).reduce(k))
                     else:
                         img = Image.frombuffer("RGBA", (rw, rh), rgba, "raw", "RGBA", 0, 1)
-                        dst[:] = np.asarray(img.reduce(k))[..., :3]
+                        _drop_alpha(np.asarray(img.reduce(k)), dst)
                 return out
             except openslide.OpenSlideError:
                 pass  # read_rgb below recovers (fresh handle, piece by piece) or raises
