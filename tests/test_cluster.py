@@ -1,48 +1,44 @@
-"""The job as users run it: a separate process, killed and re-run, and `ray job submit`."""
+"""The job as users run it: a separate process, killed and re-run (`ray job submit` to a head:
+test_multinode.py, on its cluster)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 from jobkit import (
-    BIN,
     CLUSTER_ENV,
     REPO,
     assert_same_lake,
     job_config,
     lake_snapshot,
-    source_snapshot,
     write_job,
     write_manifest,
 )
-from lake_fixtures import free_port
 from slidegen import write_pyramid_svs
 
+from pipeline.config import JobConfig
+from pipeline.run import run_job
 from pipeline.sink import read_slides, read_tiles
 
-SOURCES = source_snapshot()  # what `ray job submit --working-dir` uploads
 ENV = CLUSTER_ENV
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     d = tmp_path_factory.mktemp("cohort")
-    n = 10
+    n = 6  # the kill comes after the 2nd commit: 4 slides are still to do
     rows = []
     for i in range(n):
-        write_pyramid_svs(d / f"s{i}.svs", width=2200, height=1800, mpp=0.5, levels=(1, 4),
+        write_pyramid_svs(d / f"s{i}.svs", width=1400, height=1100, mpp=0.5, levels=(1, 4),
                           seed=100 + i)
         rows.append({"slide_id": f"s{i:02d}", "uri": str(d / f"s{i}.svs"),
                      "cohort": "even" if i % 2 == 0 else "odd"})
@@ -50,16 +46,13 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     return d / "manifest.csv", n
 
 
-def job_file(tmp: Path, manifest: Path, out: Path, name: str) -> Path:
+def job_cfg(manifest: Path, out: Path) -> JobConfig:
     # one commit per slide: the kill lands between commits, or inside one
-    cfg = job_config(str(manifest), str(out), ray={"num_cpus": 2}, sink={"commit_slides": 1})
-    return write_job(tmp / f"{name}.yaml", cfg)
+    return job_config(str(manifest), str(out), ray={"num_cpus": 2}, sink={"commit_slides": 1})
 
 
-def run_cli(job: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(job)], env=ENV,
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+def job_file(tmp: Path, manifest: Path, out: Path, name: str) -> Path:
+    return write_job(tmp / f"{name}.yaml", job_cfg(manifest, out))
 
 
 def committed_files(out: Path) -> list[str]:
@@ -70,24 +63,48 @@ def committed_files(out: Path) -> list[str]:
         return []
 
 
+COMMITTED = re.compile(r" pipeline: committed (\d+) slides of ")
+
+
+def wait_for_commits(proc: subprocess.Popen, slides: int) -> list[str]:
+    """Read the job's log (its stderr) until its driver says ``slides`` slides are committed:
+    the coordinator logs each commit right after the transaction landed. Returns the lines
+    read; fails if the job ends first."""
+    assert proc.stderr is not None
+    lines: list[str] = []
+    done = 0
+    while done < slides:
+        line = proc.stderr.readline()  # blocks until the job writes a line, or ends
+        assert line, "job ended before it could be killed:\n" + "".join(lines[-40:])
+        lines.append(line)
+        if m := COMMITTED.search(line):
+            done += int(m.group(1))
+    return lines
+
+
+@pytest.mark.usefixtures("local_ray")
 def test_kill_mid_job_then_rerun_equals_uninterrupted_run(cohort: tuple[Path, int],
                                                           tmp_path: Path) -> None:
     manifest, n = cohort
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    run_cli(job_file(tmp_path, manifest, clean, "clean"))
+    # The reference run on the tests' shared local Ray (the run to kill is a process of its
+    # own, with the local Ray it starts, as users run the job).
+    assert run_job(job_cfg(manifest, clean))["status"] == "succeeded"
 
     job = job_file(tmp_path, manifest, killed, "killed")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job)], env=ENV,
                             cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 300
-        while len(committed_files(killed)) < 2 and time.time() < deadline:
-            assert proc.poll() is None, "job ended before it could be killed"
-            time.sleep(0.05)
+        # Killed as the driver reports its 2nd slide committed: the other slides are still
+        # being tiled, encoded or committed (each commit is its own transaction).
+        wait_for_commits(proc, 2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        with contextlib.suppress(ProcessLookupError):  # the driver and the local Ray it started
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
+        assert proc.stderr is not None
+        proc.stderr.close()
     visible = committed_files(killed)
     assert 2 <= len(visible) < n, f"kill landed at {len(visible)} of {n} slides"
 
@@ -103,7 +120,9 @@ def test_kill_mid_job_then_rerun_equals_uninterrupted_run(cohort: tuple[Path, in
     (dead,) = [json.loads(f.read_text()) for f in (killed / "runs").glob("*.json")]
     assert dead["status"] == "running"  # nothing could say otherwise when it was killed
 
-    run_cli(job)
+    # The re-run in this process, on the shared local Ray: all it needs of the killed run is
+    # what that left in the lake.
+    assert run_job(job_cfg(manifest, killed))["status"] == "succeeded"
     # Batches group tiles differently between runs; CPU matmul results may differ in the
     # last bits, so embeddings are compared to fp16 resolution.
     assert_same_lake(lake_snapshot(str(clean)), lake_snapshot(str(killed)), atol=2e-3)
@@ -116,85 +135,3 @@ def test_kill_mid_job_then_rerun_equals_uninterrupted_run(cohort: tuple[Path, in
     assert gone["status"] == "abandoned" and gone["abandoned_by"] == rerun
     assert f"process {dead['driver_pid']} on host {dead['driver_host']} was gone" in gone[
         "abandoned_how"]
-
-
-@pytest.fixture
-def ray_head() -> Iterator[str]:
-    """`ray start --head` on 127.0.0.1 in its own temp dir; stopped whatever happens."""
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: unix socket paths are limited
-    dash = free_port()
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=true",
-         # Its own agent port: the default (52365) may be held by another Ray on this machine.
-         f"--dashboard-agent-listen-port={free_port()}",
-         "--disable-usage-stats"],
-        env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert head.poll() is None, "ray start --head exited"
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
-        yield url
-    finally:
-        stop_process_group(head)
-
-
-def stop_process_group(leader: subprocess.Popen) -> None:
-    """SIGTERM lets Ray's processes exit cleanly; `ray start --block` itself then needs KILL."""
-    os.killpg(leader.pid, signal.SIGTERM)
-    deadline = time.time() + 8
-    while time.time() < deadline and any(
-            p.pid != leader.pid for p in psutil.process_iter()
-            if _pgid(p.pid) == leader.pid and _alive(p)):
-        time.sleep(0.5)
-    os.killpg(leader.pid, signal.SIGKILL)
-    leader.wait(10)
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
-
-
-def test_ray_job_submit_to_a_local_head(ray_head: str, cohort: tuple[Path, int],
-                                        tmp_path: Path) -> None:
-    manifest, _ = cohort
-    n = 3  # a few slides are enough to prove the submission path
-    lines = manifest.read_text().splitlines()
-    small = tmp_path / "manifest.csv"
-    small.write_text("\n".join(lines[: n + 1]) + "\n")
-    out = tmp_path / "lake"
-    job = write_job(tmp_path / "job.yaml", job_config(str(small), str(out)))
-    for _ in range(5):  # the head's agent may still be registering right after start-up
-        sub = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir",
-             str(SOURCES), "--submission-id", "nightly-test", "--", "python", "-m", "pipeline",
-             "run", str(job)], env=ENV, capture_output=True, text=True, timeout=600)
-        if "No available agent" not in sub.stdout + sub.stderr:
-            break
-        time.sleep(3)
-    assert sub.returncode == 0, sub.stdout[-4000:] + sub.stderr[-4000:]
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    assert JobSubmissionClient(ray_head).get_job_status("nightly-test") == JobStatus.SUCCEEDED
-    slides = read_slides(str(out))
-    assert slides.num_rows == n
-    assert read_tiles(str(out)).num_rows == sum(slides["num_tiles"].to_pylist())

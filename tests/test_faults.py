@@ -9,7 +9,6 @@ row is committed or has an error row, and that what is committed equals an undis
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -68,34 +67,27 @@ def committed_ids(out: str, storage: StorageConfig) -> set[str]:
         return set()
 
 
-def run_with_outage_after_first_commit(cfg: JobConfig, proxy: FaultProxy, out: str,
-                                       direct: StorageConfig, outage_s: float
+# A PUT of a slides table's commit file: the moment a slide becomes visible.
+SLIDES_COMMIT = r"/slides/[^/]+/_delta_log/\d+\.json$"
+
+
+def run_with_outage_after_first_commit(cfg: JobConfig, proxy: FaultProxy, outage_s: float
                                        ) -> tuple[dict[str, Any] | BaseException, dict]:
-    """Run the job in a thread; once its first slide is committed, every write through the
-    proxy is answered 503 for ``outage_s``. Returns the job's record (or exception) and the
-    proxy's report taken when the job ended."""
-    result: list[Any] = []
-
-    def job() -> None:
-        try:
-            result.append(run_job(cfg))
-        except BaseException as err:  # noqa: BLE001 - handed to the test
-            result.append(err)
-
-    t = threading.Thread(target=job)
-    t.start()
-    started = threading.Event()
-    while t.is_alive() and not started.is_set():
-        if committed_ids(out, direct):
-            proxy.set(methods=["PUT", "POST"], outage_s=outage_s)
-            started.set()
-        else:
-            t.join(0.2)  # the job thread ending, or the next look at the lake
-    t.join()
-    report = proxy.report()
-    proxy.set()
-    assert started.is_set(), "the job ended before its first commit was seen"
-    return result[0], report
+    """Run the job; once its first slide is committed (the proxy has answered the first PUT
+    of a slides commit file), every write through the proxy is answered 503 for
+    ``outage_s``. Returns the job's record (or exception) and the proxy's report taken when
+    the job ended."""
+    proxy.set(methods=["PUT", "POST"], outage_s=outage_s,
+              outage_after={"path": SLIDES_COMMIT, "count": 1})
+    try:
+        result: dict[str, Any] | BaseException = run_job(cfg)
+    except Exception as err:  # noqa: BLE001 - handed to the test
+        result = err
+    finally:
+        report = proxy.report()
+        proxy.set()
+    assert report["outage_started"], "the job ended before its first commit was seen"
+    return result, report
 
 
 def check_nothing_lost(out: str, cohort: dict[str, Any], run_id: str,
@@ -142,8 +134,7 @@ def test_a_write_outage_within_the_budget_is_ridden_out(
     out = f"s3://{BUCKET}/outage"
     cfg = config(fault_proxy.url, out, tmp_path / "scratch", retry_budget_s=120,
                  retry_max_backoff_s=1)
-    record, report = run_with_outage_after_first_commit(cfg, fault_proxy, out,
-                                                        cohort["direct"], outage_s=8)
+    record, report = run_with_outage_after_first_commit(cfg, fault_proxy, outage_s=3)
     print("faults injected:", json.dumps(report))
     assert report["injected"]["outage"] > 0
     assert isinstance(record, dict) and record["status"] == "succeeded", record
@@ -158,8 +149,7 @@ def test_an_outage_past_the_budget_fails_slides_and_keeps_their_records(
                  retry_max_backoff_s=0.3)
     # Storage is down for the rest of the run: slides fail, and neither their error rows nor
     # the run record can be written.
-    err, report = run_with_outage_after_first_commit(cfg, fault_proxy, out, cohort["direct"],
-                                                     outage_s=3600)
+    err, report = run_with_outage_after_first_commit(cfg, fault_proxy, outage_s=3600)
     print("faults injected:", json.dumps(report))
     assert isinstance(err, UnsavedRecords), err
     kept = tmp_path / "unsaved"

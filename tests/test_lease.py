@@ -59,7 +59,7 @@ def test_two_jobs_started_together_end_with_the_rows_of_one(tmp_path: Path) -> N
     manifest = write_manifest(tmp_path / "m.csv", generated_cohort(tmp_path / "slides", 3,
                                                                    seed=20))
     out = str(tmp_path / "lake")
-    cfg = job_config(str(manifest), out, sink={"lease_wait_s": 600})
+    cfg = job_config(str(manifest), out, ["bench-null"], sink={"lease_wait_s": 600})
     start = threading.Barrier(2)
     records: list[dict] = []
 

@@ -1,4 +1,5 @@
-"""A real multi-node Ray cluster on this machine: placement by custom resource, node loss.
+"""A real multi-node Ray cluster on this machine: `ray job submit`, placement by custom
+resource, node loss.
 
 Four `ray start` processes share the host, as the nodes of a cluster launched with
 ray_cluster.yaml would: a head that does no work, CPU "tiler" nodes and an "encoder" node (a
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -88,19 +90,28 @@ def kill_node(leader: int) -> None:
 
 def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
     """SIGTERM the node's process group, wait for Ray's processes, then SIGKILL what is left."""
-    if proc.poll() is None or _group(proc.pid):
+    stop_groups([proc], grace)
+
+
+def stop_groups(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
+    """stop_group for several nodes at once: one grace period for all, not one each."""
+    live = [p for p in procs if p.poll() is None or _group(p.pid)]
+    for proc in live:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        deadline = time.time() + grace
-        while time.time() < deadline and any(p.pid != proc.pid for p in _group(proc.pid)):
-            time.sleep(0.3)
+    deadline = time.time() + grace
+    while time.time() < deadline and any(p.pid != proc.pid for proc in live
+                                         for p in _group(proc.pid)):
+        time.sleep(0.3)
+    for proc in live:
         try:
             kill_node(proc.pid)
         except ProcessLookupError:
             pass
-    proc.wait(10)
+    for proc in procs:
+        proc.wait(10)
 
 
 @dataclass
@@ -178,11 +189,12 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         c.wait_nodes(["encoder"])
         yield c
     finally:
-        # Workers first, while the head still answers their drain requests.
-        for name in [n for n in c.procs if n != "head"]:
-            c.stop_node(name)
+        # Workers first (all at once), while the head still answers their drain requests.
+        # Nodes can take ~15 s to exit on SIGTERM after jobs ran; nothing is checked after
+        # this, so each gets a short grace, then SIGKILL.
+        stop_groups([c.procs.pop(n) for n in list(c.procs) if n != "head"], grace=2.0)
         if "head" in c.procs:
-            c.stop_node("head")
+            stop_group(c.procs.pop("head"), grace=3.0)
         if request.session.testsfailed == failed_before:
             shutil.rmtree(temp, ignore_errors=True)  # kept after a failure: node logs
 
@@ -246,18 +258,6 @@ def committed(out: Path) -> int:
         return 0
 
 
-def tiling_now(pids: list[int]) -> bool:
-    """One of these processes is executing a tiling task (Ray titles it ray::<task name>)."""
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if b"tiling_stage" in fh.read():
-                    return True
-        except OSError:
-            pass
-    return False
-
-
 def run_record(out: Path, run_id: str) -> dict:
     return json.loads((out / "runs" / f"{run_id}.json").read_text())
 
@@ -290,33 +290,86 @@ def test_work_lands_on_the_nodes_advertising_its_resource(cluster: Cluster,
     assert_complete(out)
 
 
+def test_ray_job_submit_to_a_local_head(cluster: Cluster, manifest: Path,
+                                        tmp_path: Path) -> None:
+    """A plain job file (no placement labels) through `ray job submit --working-dir`: the
+    head places the work on whichever nodes have CPUs."""
+    n = 3  # a few slides are enough to prove the submission path
+    lines = manifest.read_text().splitlines()
+    small = tmp_path / "manifest.csv"
+    small.write_text("\n".join(lines[: n + 1]) + "\n")
+    out = tmp_path / "lake"
+    sub = submit(cluster, write_job(tmp_path / "job.yaml", job_config(str(small), str(out))),
+                 "nightly-test")
+    assert sub.returncode == 0, sub.stdout[-4000:] + sub.stderr[-4000:]
+    assert job_status(cluster, "nightly-test") == "SUCCEEDED"
+    slides = read_slides(str(out))
+    assert slides.num_rows == n
+    assert read_tiles(str(out)).num_rows == sum(slides["num_tiles"].to_pylist())
+
+
+HOLD = """
+import threading
+import ray
+
+ray.init()
+
+
+@ray.remote(num_cpus=1, resources={"tiler": 0.001})
+class Hold:
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+hold = Hold.remote()
+print("holding", ray.get(hold.node.remote()), flush=True)
+threading.Event().wait()  # until `ray job stop`
+"""
+
+
+def hold_tiler_cpu(c: Cluster, sid: str) -> str:
+    """Occupy the one CPU of the only tiler node there is now with an actor of a job of its
+    own; returns that node's id once the actor runs there (the job's log says so)."""
+    sub = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", c.dashboard,
+                          "--submission-id", sid, "--no-wait", "--", "python", "-c", HOLD],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert sub.returncode == 0, sub.stdout[-4000:] + sub.stderr[-4000:]
+    deadline = time.time() + 180
+    while not (m := re.search(r"^holding (\w+)$", job_logs(c, sid), re.M)):
+        assert job_status(c, sid) in {"PENDING", "RUNNING"}, job_logs(c, sid)
+        assert time.time() < deadline, "the holding actor did not start"
+        time.sleep(0.5)
+    return m.group(1)
+
+
 def test_losing_a_tiler_node_mid_job_changes_no_row(cluster: Cluster, manifest: Path,
                                                    undisturbed: tuple[Path, dict],
                                                    tmp_path: Path) -> None:
-    cluster.start_node("tiler-b", {"tiler": 1})
-    cluster.wait_nodes(["tiler-b"])
-    out = tmp_path / "lossy"
-    sub = submit(cluster, cluster_job(tmp_path, manifest, out), "mn-lossy", "--no-wait")
-    assert sub.returncode == 0, sub.stdout[-4000:] + sub.stderr[-4000:]
-    doomed = cluster.procs["tiler-b"]
-    # Kill once a slide is committed and tiler-b is in the middle of tiling one: the lost
-    # node takes a running task and the tile chunks in its object store with it.
-    # A task tiles a slide in well under a second, and the next one starts as a slide
-    # commits: watch tiler-b's processes through /proc, every few milliseconds.
-    deadline = time.time() + 240
-    pids: list[int] = []
-    listed = 0.0
-    while not (pids and tiling_now(pids) and committed(out)):
-        if time.time() - listed > 0.5:
-            pids, listed = [p.pid for p in _group(doomed.pid)], time.time()
+    from ray.job_submission import JobSubmissionClient
+
+    # tiler-a's CPU is held while tiler-b joins: until tiler-b is lost, it tiles every slide,
+    # so when a slide has committed the other slides' tiling is on tiler-b (in a running
+    # task, or as chunks in its object store: the small object-store budget keeps tiling
+    # only a few chunks ahead of the encoder), and nothing can have been tiled elsewhere.
+    assert hold_tiler_cpu(cluster, "mn-hold") == cluster.ids["tiler-a"]
+    try:
+        cluster.start_node("tiler-b", {"tiler": 1})
+        cluster.wait_nodes(["tiler-b"])
+        out = tmp_path / "lossy"
+        sub = submit(cluster, cluster_job(tmp_path, manifest, out), "mn-lossy", "--no-wait")
+        assert sub.returncode == 0, sub.stdout[-4000:] + sub.stderr[-4000:]
+        deadline = time.time() + 240
+        while not committed(out):  # a state that lasts: the job cannot finish without tiler-a
             assert job_status(cluster, "mn-lossy") in {"PENDING", "RUNNING"}, \
                 job_logs(cluster, "mn-lossy")
-            assert time.time() < deadline, f"no kill point: {committed(out)} committed"
-        time.sleep(0.003)
-    # The whole node at once: raylet, object store, its workers and agents.
-    kill_node(doomed.pid)
-    committed_at_kill = committed(out)
-    cluster.stop_node("tiler-b")
+            assert time.time() < deadline, "no slide committed"
+            time.sleep(0.2)
+        # The whole node at once: raylet, object store, its workers and agents.
+        kill_node(cluster.procs["tiler-b"].pid)
+        committed_at_kill = committed(out)
+        cluster.stop_node("tiler-b")
+    finally:
+        JobSubmissionClient(cluster.dashboard).stop_job("mn-hold")  # tiler-a takes over
 
     deadline = time.time() + 240
     while (status := job_status(cluster, "mn-lossy")) in {"PENDING", "RUNNING"}:
@@ -327,6 +380,7 @@ def test_losing_a_tiler_node_mid_job_changes_no_row(cluster: Cluster, manifest: 
     record = run_record(out, "mn-lossy")
     assert record["status"] == "succeeded" and record["counts"]["errors"] == 0
     tilers = {s["tiler_node"] for s in record["slides"]}
+    assert cluster.ids["tiler-b"] in tilers  # the slides committed before the loss
     assert tilers <= {cluster.ids["tiler-a"], cluster.ids["tiler-b"]}
     assert_complete(out)
     # Batches group tiles differently between runs; CPU matmuls may differ in the last bits.
