@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -116,18 +115,8 @@ class NdpiReader(TiffJpegReader):
         whole = int(hi_row[-1] - offs[a])
         spans = [(int(offs[a]), int(hi_row[-1]))] if whole <= 2 * need + (64 << 10) else \
             list(zip(lo_row.tolist(), hi_row.tolist(), strict=True))
-        buf = memoryview(self._scratch("bytes", (sum(b - a_ for a_, b in spans),)))
-        starts, at = [], 0
-        views = []
-        for s0, s1 in spans:
-            view = buf[at:at + s1 - s0]
-            got = os.preadv(self._fd, [view], s0)
-            if got != s1 - s0:
-                raise TiffReadError(f"rows {r0}-{r1} of page {nd.page} are truncated: read "
-                                    f"{got} of {s1 - s0} bytes at offset {s0}")
-            starts.append(s0)
-            views.append(view)
-            at += s1 - s0
+        starts = [s0 for s0, _ in spans]
+        views = self._pread_spans(spans, f"rows {r0}-{r1} of page {nd.page}")
         head = self._header(nd, r1 - r0)
         out: list[memoryview | None] = []
         one = len(spans) == 1

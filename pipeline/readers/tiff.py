@@ -476,18 +476,8 @@ class TiffJpegReader(Reader):
         # Into this thread's reusable buffer: a fresh 0.5 MB bytes object per row would be
         # page-faulted in and trimmed away again every time, and page faults of threads of
         # one process contend in the kernel.
-        starts, blobs = [], []
-        buf = memoryview(self._scratch("bytes", (sum(b - a for a, b in spans),)))
-        at = 0
-        for a, b in spans:
-            view = buf[at:at + b - a]
-            got = os.preadv(self._fd, [view], a)
-            if got != b - a:
-                raise TiffReadError(f"row {ty} of page {lv.page} is truncated: read "
-                                    f"{got} of {b - a} bytes at offset {a}")
-            starts.append(a)
-            blobs.append(view)
-            at += b - a
+        starts = [a for a, _ in spans]
+        blobs = self._pread_spans(spans, f"row {ty} of page {lv.page}")
         found: list[memoryview | None] = []
         for o, c in zip(offs, counts, strict=True):
             if c == 0:
@@ -496,6 +486,23 @@ class TiffJpegReader(Reader):
             j = bisect.bisect_right(starts, o) - 1
             found.append(blobs[j][o - starts[j]:o - starts[j] + c])
         return found
+
+    def _pread_spans(self, spans: list[tuple[int, int]], what: str) -> list[memoryview]:
+        """Each [a, b) byte span of the file, one ``preadv`` each, into this thread's
+        reusable byte buffer (valid until the thread's next fetch)."""
+        if self._fd is None:
+            raise ValueError("reader is closed")
+        buf = memoryview(self._scratch("bytes", (sum(b - a for a, b in spans),)))
+        views, at = [], 0
+        for a, b in spans:
+            view = buf[at:at + b - a]
+            got = os.preadv(self._fd, [view], a)
+            if got != b - a:
+                raise TiffReadError(f"{what}: the file is truncated, read {got} of {b - a} "
+                                    f"bytes at offset {a}")
+            views.append(view)
+            at += b - a
+        return views
 
     def _decode(self, lv: _Level, data: bytes | memoryview, tx: int, ty: int, scale: int,
                 out: np.ndarray | None = None) -> np.ndarray:
