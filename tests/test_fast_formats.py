@@ -9,6 +9,7 @@ tiling picks, and give way to OpenSlide with a note when its self-check fails.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openslide
@@ -110,17 +111,23 @@ def test_ndpi_reduced_decoding_is_openslides_reduced_level(ndpi_slides: dict[str
 
 
 def test_tiling_picks_the_ndpi_reader(ndpi_slides: dict[str, Path]) -> None:
-    path = str(ndpi_slides["clean"])
+    _, ours, theirs = _fast_and_openslide(str(ndpi_slides["clean"]), NdpiReader.name)
+    _assert_close(ours, theirs)
+
+
+def _fast_and_openslide(path: str, reader: str) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The slide tiled as ``auto`` picks (which must be ``reader``) and by OpenSlide: the
+    fast path's plan and both tile stacks (same tile count)."""
     plan, fast = tile_slide(path, mpp_override=None, cfg=_cfg())
     with fast:
-        assert fast.reader == NdpiReader.name
+        assert fast.reader == reader, fast.report.note
         ours = np.concatenate([c.tiles for c in fast])
     plan2, slow = tile_slide(path, mpp_override=None, cfg=_cfg(reader="openslide"))
     with slow:
         assert slow.reader == "openslide"
         theirs = np.concatenate([c.tiles for c in slow])
     assert plan.num_tiles == plan2.num_tiles > 0
-    _assert_close(ours, theirs)
+    return plan, ours, theirs
 
 
 def test_ndpi_damaged_tile_is_white_and_recorded(ndpi_slides: dict[str, Path]) -> None:
@@ -344,16 +351,7 @@ def test_dicom_fast_reader_agrees_with_wsidicom(
 
 def test_tiling_picks_the_format_reader(slides: tuple[str, dict[str, Path]]) -> None:
     fmt, paths = slides
-    path = str(paths["clean"])
-    plan, fast = tile_slide(path, mpp_override=None, cfg=_cfg())
-    with fast:
-        assert fast.reader == READER[fmt], fast.report.note
-        ours = np.concatenate([c.tiles for c in fast])
-    plan2, slow = tile_slide(path, mpp_override=None, cfg=_cfg(reader="openslide"))
-    with slow:
-        assert slow.reader == "openslide"
-        theirs = np.concatenate([c.tiles for c in slow])
-    assert plan.num_tiles == plan2.num_tiles > 0
+    plan, ours, theirs = _fast_and_openslide(str(paths["clean"]), READER[fmt])
     assert plan.mpp == pytest.approx(0.5) and plan.vendor == {
         "ome": "ome-tiff", "philips": "philips", "dicom": "dicom"}[fmt]
     _assert_close(ours, theirs)
