@@ -379,33 +379,45 @@ class RangeSource:
             self._spent_bytes -= old.size
 
     def get(self, offsets: list[int], counts: list[int]) -> list[memoryview | None]:
-        """The bytes of each tile: skeleton, prefetched chunk, or fetched now."""
-        out: list[memoryview | None] = []
+        """The bytes of each tile: skeleton, prefetched chunk, or fetched now. A row's tiles
+        of one chunk are taken together (one wait, one lock: a row is ~10 tiles)."""
+        out: list[memoryview | None] = [None] * len(offsets)
         missing: list[int] = []  # positions in out
-        for o, c in zip(offsets, counts, strict=True):
+        by_chunk: dict[int, tuple[_Chunk, list[int]]] = {}
+        for i, (o, c) in enumerate(zip(offsets, counts, strict=True)):
             if c <= 0:
-                out.append(None)
                 continue
             if self._local(o, c):
                 if self._fd is None:
                     raise ValueError("range source is closed")
-                out.append(memoryview(os.pread(self._fd, c, o)))
+                out[i] = memoryview(os.pread(self._fd, c, o))
                 self.local_reads += 1
                 continue
             ch = self._of.get(o)
-            data = self._take(ch, o, c) if ch is not None else None
-            if data is None:
-                missing.append(len(out))
-            out.append(data)
+            if ch is None:
+                missing.append(i)
+            else:
+                by_chunk.setdefault(ch.index, (ch, []))[1].append(i)
+        for ch, idx in by_chunk.values():
+            views = self._take(ch, [(offsets[i], counts[i]) for i in idx])
+            for i, view in zip(idx, views, strict=True):
+                if view is None:
+                    missing.append(i)
+                out[i] = view
         if missing:
+            missing.sort()
             self._fetch_now(offsets, counts, missing, out)
         return out
 
-    def _take(self, ch: _Chunk, o: int, c: int) -> memoryview | None:
+    def _take(self, ch: _Chunk, tiles: list[tuple[int, int]]) -> list[memoryview | None]:
+        """Views of (offset, count) tiles in ``ch`` once it is fetched; None for each when
+        it was already freed (evicted): the caller fetches those again."""
         with self._cond:
             if ch.freed:
                 data = ch.data  # spent but maybe still kept
-                return None if data is None else memoryview(data)[o - ch.start:o - ch.start + c]
+                if data is None:
+                    return [None] * len(tiles)
+                return [memoryview(data)[o - ch.start:o - ch.start + c] for o, c in tiles]
             if not ch.submitted:
                 self._submit(ch)  # the reader got ahead of the prefetch: this one first
         ch.done.wait()
@@ -414,15 +426,18 @@ class RangeSource:
         with self._cond:
             data = ch.data
             if data is None:  # freed meanwhile (evicted)
-                return None
-            view = memoryview(data)[o - ch.start:o - ch.start + c]
+                return [None] * len(tiles)
+            whole = memoryview(data)
+            views: list[memoryview | None] = [whole[o - ch.start:o - ch.start + c]
+                                              for o, c in tiles]
             self._frontier = max(self._frontier, ch.index)
-            if o not in ch.taken:  # a seam tile may be asked for twice: count it once
-                ch.taken.add(o)
-                ch.pending -= 1
+            for o, _ in tiles:
+                if o not in ch.taken:  # a seam tile may be asked for twice: count it once
+                    ch.taken.add(o)
+                    ch.pending -= 1
             if ch.pending <= 0:
-                self._free(ch)  # the view keeps the bytes alive while the reader uses them
-        return view
+                self._free(ch)  # the views keep the bytes alive while the reader uses them
+        return views
 
     def _fetch_now(self, offsets: list[int], counts: list[int], missing: list[int],
                    out: list[memoryview | None]) -> None:
