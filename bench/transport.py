@@ -6,13 +6,16 @@ Both run ``pipeline.tiling.tiling_stage`` on an embedded local Ray with 2 CPUs o
 generated slides (full tissue, 0.5 um/px, 224 px tiles, 64-tile chunks). Plain tasks count the
 tiles inside the task (nothing leaves it); the Ray Data stage hands every chunk on as a block,
 as the job does, to a stage that drops the pixels at once. The ratio is the cost of Ray Data's
-block handling of uint8 tiles, with no encoder and no sink. Writes
-bench/results/transport_<host>.json.
+block handling of uint8 tiles, with no encoder and no sink. The CPU seconds of the whole
+machine (/proc/stat: Ray's workers, raylet and object store) and of the driver are recorded
+for each run, so what the Ray Data path costs beyond the tiling itself shows as CPU, not only
+as a rate. Writes bench/results/transport_<host>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -34,12 +37,31 @@ from pipeline.config import StorageConfig, TilingConfig  # noqa: E402
 from pipeline.tiling import tiling_stage  # noqa: E402
 
 TILING = TilingConfig(mpp=0.5, tile_size=224)
+TILE_BYTES = TILING.tile_size ** 2 * 3
 STORAGE = StorageConfig()
 
 
 def _batch(path: str) -> dict[str, np.ndarray]:
     return {"slide_id": np.array(["s"], object), "uri": np.array([path], object),
             "mpp": np.array([np.nan]), "models": np.array(["m"], object)}
+
+
+def machine_cpu_s() -> float:
+    """CPU seconds (user + nice + system) of every process on this machine so far: Ray's
+    workers, raylet and object store included (/proc/stat, Linux)."""
+    with open("/proc/stat") as f:
+        user, nice, system = (int(v) for v in f.readline().split()[1:4])
+    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
+
+
+def costed(fn: Any) -> dict[str, float]:
+    """``fn()``'s result with the machine's and this driver's CPU seconds while it ran."""
+    m0, d0 = machine_cpu_s(), time.process_time()
+    out = fn()
+    out["machine_cpu_s"] = machine_cpu_s() - m0
+    out["driver_cpu_s"] = time.process_time() - d0
+    out["machine_cpu_s_per_gb"] = out["machine_cpu_s"] / (out["tiles"] * TILE_BYTES / 1e9)
+    return out
 
 
 def plain_tasks(paths: list[str]) -> dict[str, float]:
@@ -92,17 +114,21 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         runs: dict[str, list[dict[str, float]]] = {"plain_tasks": [], "ray_data_stage": []}
         for _ in range(2):  # the first of each warms workers up; the better one counts
-            runs["plain_tasks"].append(plain_tasks(paths))
-            runs["ray_data_stage"].append(ray_data_stage(paths))
+            runs["plain_tasks"].append(costed(lambda: plain_tasks(paths)))
+            runs["ray_data_stage"].append(costed(lambda: ray_data_stage(paths)))
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     best = {k: max(r["tiles_per_s"] for r in v) for k, v in runs.items()}
     ratio = best["ray_data_stage"] / best["plain_tasks"]
+    cpu = {k: min(r["machine_cpu_s"] for r in v) for k, v in runs.items()}
     for k, v in best.items():
-        print(f"{k}: {v:.0f} tiles/s")
-    print(f"Ray Data stage / plain tasks = {ratio:.2f}")
-    out.update({"runs": runs, "best_tiles_per_s": best, "ray_data_vs_plain": ratio})
+        print(f"{k}: {v:.0f} tiles/s, machine CPU {cpu[k]:.1f} s (least of the runs)")
+    print(f"Ray Data stage / plain tasks = {ratio:.2f}; machine CPU for the same tiles "
+          f"{cpu['ray_data_stage'] / cpu['plain_tasks']:.2f}x")
+    out.update({"runs": runs, "best_tiles_per_s": best, "ray_data_vs_plain": ratio,
+                "machine_cpu_s_least": cpu,
+                "ray_data_cpu_over_plain": cpu["ray_data_stage"] / cpu["plain_tasks"]})
     dest = write_results("transport", out)
     print(f"wrote {dest.relative_to(ROOT)}")
 
