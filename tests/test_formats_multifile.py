@@ -372,6 +372,36 @@ def test_mrxs_shaped_layout_from_s3(s3_endpoint: str, s3_bucket: str, tmp_path: 
         "MRXS slide x.mrxs: its data folder x/ is missing (Slidedat.ini not found)")
 
 
+def test_vms_staged_from_s3_with_the_files_its_index_names(s3_endpoint: str, s3_bucket: str,
+                                                          tmp_path: Path) -> None:
+    """The .vms and the files it names, staged side by side; a file beside it that the index
+    does not name stays behind; a named one missing is named. Not opened: no real VMS."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.vms").write_text(VMS, encoding="utf-8")
+    for name in vms_members(VMS):
+        (src / name).write_bytes(os.urandom(700))
+    (src / "unrelated.jpg").write_bytes(b"not named by x.vms")
+    _upload(s3_endpoint, s3_bucket, src, "v")
+    storage = StorageConfig(endpoint_url=s3_endpoint, scratch_dir=str(tmp_path / "scratch"))
+    uri = f"s3://{s3_bucket}/v/x.vms"
+    fp = fingerprints([uri], storage)[uri]
+    assert isinstance(fp, Fingerprint) and fp.version.startswith("set=vms:5:")
+    with staged_slide(uri, storage, str(fp)) as local:
+        root = Path(local).parent
+        assert Path(local).name == "x.vms"
+        got = sorted(p.name for p in root.iterdir())
+        assert got == sorted(["x.vms", *vms_members(VMS)])
+        assert all((root / n).read_bytes() == (src / n).read_bytes() for n in got)
+    boto3.client("s3", endpoint_url=s3_endpoint).delete_object(Bucket=s3_bucket,
+                                                               Key="v/x_map.jpg")
+    got = fingerprints([uri], storage)[uri]
+    assert isinstance(got, FileSetError) and "x_map.jpg" in str(got)
+    with pytest.raises(StagingError, match=r"x_map\.jpg named by x\.vms is missing"):
+        with staged_slide(uri, storage):
+            pass
+
+
 def test_vsi_is_staged_as_a_unit_and_failed_with_what_to_do(s3_endpoint: str, s3_bucket: str,
                                                             tmp_path: Path) -> None:
     src = tmp_path / "src"
