@@ -17,8 +17,10 @@ Opener = Callable[[str, openslide.AbstractSlide, Sequence[int], int], tuple[Read
 
 def _ndpi(path: str, slide: openslide.AbstractSlide, levels: Sequence[int], k: int
           ) -> tuple[Reader | None, str]:
-    from pipeline.readers.ndpi import open_ndpi_reader
+    from pipeline.readers.ndpi import VENDOR, open_ndpi_reader
 
+    if slide.properties.get(openslide.PROPERTY_NAME_VENDOR) != VENDOR:
+        return None, ""  # said once by the TIFF opener: not a plain tiled TIFF
     return open_ndpi_reader(path, slide, levels, dct_factor=k)
 
 
