@@ -11,6 +11,7 @@ No tile embedding reaches the driver: encoders hand them to writers on the clust
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -129,25 +131,31 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
     from pipeline.encode import TileEncoder
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    # Ray Core never restarts an actor whose constructor raised; Ray Data starts another in
-    # its place this many times in a row, then fails the dataset (and so the job) with it.
-    ctx.max_consecutive_actor_init_deaths = cfg.ray.actor_start_failures
-    # Blocks of ~16 MB of tiles (a few chunks). At Ray Data's default (128 MB) a block holds
-    # a whole slide or more, an encoder task takes several slides at once, and with the pixels
-    # dropped its output reaches the writers only when all of them are done: commits come in
-    # bursts, late, and a failure loses more work. Much smaller blocks cost Ray Data more in
-    # per-block scheduling than the tiles are worth.
-    ctx.target_max_block_size = max(16 << 20, tiling.chunk_tiles * tiling.tile_size ** 2 * 3)
+    limits = ctx.execution_options.resource_limits
     if cfg.ray.object_store_budget_gb:
-        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-            object_store_memory=int(cfg.ray.object_store_budget_gb * 2**30))
+        limits = limits.copy(object_store_memory=int(cfg.ray.object_store_budget_gb * 2**30))
+    settings = {
+        "enable_progress_bars": sys.stderr.isatty(),
+        # Ray Core never restarts an actor whose constructor raised; Ray Data starts another
+        # in its place this many times in a row, then fails the dataset (and the job) with it.
+        "max_consecutive_actor_init_deaths": cfg.ray.actor_start_failures,
+        # Blocks of ~16 MB of tiles (a few chunks). At Ray Data's default (128 MB) a block
+        # holds a whole slide or more, an encoder task takes several slides at once, and with
+        # the pixels dropped its output reaches the writers only when all of them are done:
+        # commits come in bursts, late, and a failure loses more work. Much smaller blocks
+        # cost Ray Data more in per-block scheduling than the tiles are worth.
+        "target_max_block_size": max(16 << 20, tiling.chunk_tiles * tiling.tile_size ** 2 * 3),
+        "execution_options": replace_limits(ctx.execution_options, limits),
+    }
     items = [{SLIDE_ID: t.entry.slide_id, "uri": t.entry.uri,
               "mpp": t.entry.mpp if t.entry.mpp is not None else float("nan"),
               MODELS_COLUMN: ",".join(t.models), "cohort": t.entry.cohort,
               # the bytes tiled must be these (pipeline.storage.staged_slide checks)
               "fingerprint": str(t.fingerprint)} for t in tasks]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # The dataset takes a copy of the context as it is created: this pass's settings go
+    # into that copy only, and later jobs in this process start from Ray's defaults.
+    with data_context(ctx, settings):
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
     # A task of N decode threads reserves N CPUs; a single-threaded one what the config says
     # (a fraction on small machines, where tiling needs a few % of a core per encoder core).
     cpus = max(cfg.ray.tiling_cpus, tiling.threads) if tiling.threads > 1 else cfg.ray.tiling_cpus
@@ -179,6 +187,30 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
             zero_copy_batch=True,  # the encoder only reads the tiles: no copy of each batch
             compute=ActorPoolStrategy(size=m.actors), fn_constructor_kwargs=kwargs, **enc_args)
     return ds
+
+
+def replace_limits(options: Any, limits: Any) -> Any:
+    """A copy of Ray Data's execution options with other resource limits."""
+    import copy
+
+    out = copy.copy(options)
+    out.resource_limits = limits
+    return out
+
+
+@contextlib.contextmanager
+def data_context(ctx: Any, settings: dict[str, Any]) -> Iterator[None]:
+    """Ray Data's context is one per process: a job that set its object-store budget there
+    left it to every later job of that process (a notebook; the test suite, where a 10 MB
+    budget slowed the next jobs 4x). Set for the block, then put back as it was."""
+    before = {name: getattr(ctx, name) for name in settings}
+    for name, value in settings.items():
+        setattr(ctx, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(ctx, name, value)
 
 
 def routing_encoder() -> type:

@@ -13,6 +13,7 @@ import numpy as np
 import openslide
 import pyarrow as pa
 import pytest
+import ray
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 from jobkit import (
@@ -269,11 +270,15 @@ def test_streaming_commits_before_tiling_ends_and_tiler_memory_is_flat(
         rows.append({"slide_id": f"s{i:02d}", "uri": str(d / f"s{i}.svs"), "cohort": "c"})
     manifest = write_manifest(tmp_path / "m.csv", rows)
     out = str(tmp_path / "lake")
+    before = ray.data.DataContext.get_current().execution_options.resource_limits
     # A 10 MB budget holds ~70 tiles of 224 px: tiling may run only a few slides ahead of
     # the encoder, as it would with large slides and a full object store on a cluster.
     record = run_job(job_config(str(manifest), out,
                                 ray={"tiling_concurrency": 1,
                                      "object_store_budget_gb": 0.01}))
+    # The budget was this job's: the next job in this process starts from Ray's defaults.
+    after = ray.data.DataContext.get_current().execution_options.resource_limits
+    assert after.object_store_memory == before.object_store_memory != 0.01 * 2**30
     assert record["counts"]["committed"] == {"kaiko-vits16": n}
     timings = record["slides"]
     last_tiled = max(s["last_chunk_at"] for s in timings)
