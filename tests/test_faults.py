@@ -117,7 +117,7 @@ def test_every_kind_of_fault_loses_nothing(cohort: dict[str, Any], fault_proxy: 
     fault_proxy.set(every={"slowdown": 5, "reset": 7, "truncate": 11, "lost_reply": 13})
     try:
         record = run_job(config(fault_proxy.url, out, tmp_path / "scratch",
-                                retry_max_backoff_s=0.5))
+                                retry_max_backoff_s=0.05))
     finally:
         report = fault_proxy.report()
         fault_proxy.set()
