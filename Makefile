@@ -23,9 +23,14 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/python -m pipeline demo --output demo-output
 
+# Two pytest workers (pytest-xdist), a whole test file each at a time (--dist loadfile keeps a
+# file's shared Ray, S3 server and clusters in one worker); each worker starts its own
+# 2-CPU local Ray. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+
 test: setup
 	$(BIN)/ruff check pipeline tests
-	$(BIN)/pytest -q -ra --durations=15 tests
+	$(BIN)/pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
 
 # The throughput benchmarks, each side by side in one run (bench/README.md). The large slides
 # are generated into bench/data/ on first use (~1.3 GB, ~20 min); results: bench/results/.
