@@ -255,8 +255,8 @@ def delta_storage_options(url: str, storage: StorageConfig) -> dict[str, str] | 
     opts["max_retries"] = str(storage.retries)
     opts["retry_timeout"] = f"{max(1, round(storage.retry_budget_s))}s"
     # Whole seconds, at least one: with sub-second backoff the fault-injection test made
-    # delta-rs panic ("TokioMultiThreadExecutor has crashed", delta-rs #4085), and after
-    # that panic no delta-rs call of the process worked again.
+    # delta-rs panic ("TokioMultiThreadExecutor has crashed", as in delta-rs #4085), and
+    # after that panic no delta-rs call of the process worked again.
     opts["backoff_config.max_backoff"] = f"{max(1, round(storage.retry_max_backoff_s))}s"
     return opts
 
