@@ -12,6 +12,7 @@ No tile embedding reaches the driver: encoders hand them to writers on the clust
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -131,9 +132,10 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
     from pipeline.encode import TileEncoder
 
     ctx = ray.data.DataContext.get_current()
-    limits = ctx.execution_options.resource_limits
+    options = copy.copy(ctx.execution_options)
     if cfg.ray.object_store_budget_gb:
-        limits = limits.copy(object_store_memory=int(cfg.ray.object_store_budget_gb * 2**30))
+        options.resource_limits = options.resource_limits.copy(
+            object_store_memory=int(cfg.ray.object_store_budget_gb * 2**30))
     settings = {
         "enable_progress_bars": sys.stderr.isatty(),
         # Ray Core never restarts an actor whose constructor raised; Ray Data starts another
@@ -145,7 +147,7 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
         # commits come in bursts, late, and a failure loses more work. Much smaller blocks
         # cost Ray Data more in per-block scheduling than the tiles are worth.
         "target_max_block_size": max(16 << 20, tiling.chunk_tiles * tiling.tile_size ** 2 * 3),
-        "execution_options": replace_limits(ctx.execution_options, limits),
+        "execution_options": options,
     }
     items = [{SLIDE_ID: t.entry.slide_id, "uri": t.entry.uri,
               "mpp": t.entry.mpp if t.entry.mpp is not None else float("nan"),
@@ -187,15 +189,6 @@ def build_dataset(cfg: JobConfig, tiling: TilingConfig, tasks: list[SlideTask],
             zero_copy_batch=True,  # the encoder only reads the tiles: no copy of each batch
             compute=ActorPoolStrategy(size=m.actors), fn_constructor_kwargs=kwargs, **enc_args)
     return ds
-
-
-def replace_limits(options: Any, limits: Any) -> Any:
-    """A copy of Ray Data's execution options with other resource limits."""
-    import copy
-
-    out = copy.copy(options)
-    out.resource_limits = limits
-    return out
 
 
 @contextlib.contextmanager
