@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -124,3 +125,21 @@ def assert_same_lake(a: dict[str, Any], b: dict[str, Any], atol: float = 0.0) ->
     for key, emb in a["emb"].items():
         np.testing.assert_allclose(emb.astype(np.float32), b["emb"][key].astype(np.float32),
                                    atol=atol, rtol=0)
+
+
+def readme_blocks(start: str, end: str = "\n### ") -> list[str]:
+    """The python blocks of the README between the heading ``start`` and the next ``end``."""
+    section = (REPO / "README.md").read_text().split(start, 1)[1].split(end, 1)[0]
+    return re.findall(r"```python\n(.*?)```", section.split("<!--", 1)[0], flags=re.S)
+
+
+def readme_read_snippets() -> list[str]:
+    """The python blocks of the README's "Reading the outputs" section, in order."""
+    return readme_blocks("### Reading the outputs")
+
+
+def exec_snippet(code: str, out: str) -> dict[str, Any]:
+    """Run a README block as written, its ``"OUT`` standing for the lake ``out``."""
+    scope: dict[str, Any] = {}
+    exec(compile(code.replace('"OUT', '"' + out), "README.md", "exec"), scope)
+    return scope

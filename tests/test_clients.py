@@ -18,7 +18,8 @@ What each client gives for ``embedding`` (asserted below):
   and Polars, ``FLOAT[]`` in plain DuckDB, ``array<float>`` in Spark; ``read_slides`` and the
   DuckDB views give ``fixed_size_list<float, D>`` / ``FLOAT[D]`` back.
 
-Spark (``-m spark``) reads the Parquet files the Delta snapshot lists (no delta-spark jars).
+Spark (``-m spark``) reads the Parquet files the Delta snapshot lists (no delta-spark jars),
+through the README's own ``read_committed``, run as written.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
+from jobkit import exec_snippet, readme_read_snippets
 from rowkit import PLAN, meta_column
 
 from pipeline.handoff import embedding_column
@@ -432,11 +434,14 @@ def test_spark_reads_the_committed_parquet_files(lake: Written) -> None:
              .config("spark.driver.extraJavaOptions", "-XX:TieredStopAtLevel=1 -Xshare:auto")
              .getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
+    # The README's Spark snippet, as written: tiles from the files the slides rows name
+    # (basePath makes cohort a column), slides from the data files of the Delta snapshot.
+    (read_committed,) = (exec_snippet(code, lake.url)["read_committed"]
+                         for code in readme_read_snippets() if "def read_committed" in code)
     try:
         for model, dim in MODELS.items():
-            # tiles: the files the slides rows name; basePath makes cohort a column
-            tiles = (spark.read.option("basePath", lake.table("tiles", model))
-                     .parquet(*committed_files(lake, model)))
+            committed_files(lake, model)  # the premise: committed slides only, no orphan
+            tiles, slides = read_committed(spark, lake.url, model)
             assert tiles.schema["embedding"].dataType == ArrayType(FloatType(), True)
             rows = tiles.select("slide_id", "tile_index", "cohort", "work_key",
                                 "embedding").collect()
@@ -444,9 +449,6 @@ def test_spark_reads_the_committed_parquet_files(lake: Written) -> None:
                         [r.embedding for r in rows], [r.cohort for r in rows],
                         [r.work_key for r in rows])
 
-            # slides: the data files of the Delta snapshot (delta-rs lists them)
-            uris = DeltaTable(lake.table("slides", model)).file_uris()
-            slides = spark.read.option("basePath", lake.table("slides", model)).parquet(*uris)
             assert slides.schema["embedding"].dataType == ArrayType(FloatType(), True)
             rows = slides.select("slide_id", "cohort", "tiles_path", "embedding").collect()
             check_slides(lake, model, [r.slide_id for r in rows], [r.embedding for r in rows],
