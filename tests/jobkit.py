@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from pipeline.config import JobConfig, StorageConfig, build_config
+from pipeline.config import JobConfig, SinkConfig, StorageConfig, build_config
 from pipeline.sink import read_errors, read_slides, read_tiles
 
 DATA = Path(__file__).parent / "data"
@@ -69,6 +69,13 @@ def write_manifest(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
     return path
 
 
+# Writer actors per pass in test jobs, where a test does not set sink.writers itself. Each is
+# a process of its own (~1 CPU-s to start) and most test jobs have two or three slides; the
+# tests of several writers (streaming, faults, kills, nodes lost) ask for the default.
+TEST_WRITERS = 1
+SEVERAL_WRITERS = SinkConfig().writers
+
+
 def job_config(manifest: str, output: str, models: list[str] | None = None,
                **extra: Any) -> JobConfig:
     data: dict[str, Any] = {
@@ -78,7 +85,8 @@ def job_config(manifest: str, output: str, models: list[str] | None = None,
         "tiling": {"mpp": 0.5, "tile_size": 224, "chunk_tiles": 16},
         "errors_flush_seconds": 1.0,
     }
-    data.update(extra)
+    sink = {"writers": TEST_WRITERS, **extra.pop("sink", {})}
+    data.update(extra, sink=sink)
     return build_config(data)
 
 

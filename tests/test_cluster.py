@@ -17,6 +17,7 @@ import pytest
 from jobkit import (
     CLUSTER_ENV,
     REPO,
+    SEVERAL_WRITERS,
     assert_same_lake,
     job_config,
     lake_snapshot,
@@ -46,9 +47,19 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     return d / "manifest.csv", n
 
 
+# The killed run's encoder takes this long per tile, as a GPU would, without using a CPU (the
+# benchmark model's stand-in wait); batches of 8 tiles (about a slide) finish slides one by
+# one: after its 2nd commit, 4 slides hold seconds of encoding, so the kill lands mid-job
+# however slowly this test reads the job's log.
+KILLED_RUN_ENV = {**ENV, "WSI_BENCH_DEVICE_MS_PER_TILE": "300"}
+
+
 def job_cfg(manifest: Path, out: Path) -> JobConfig:
     # one commit per slide: the kill lands between commits, or inside one
-    return job_config(str(manifest), str(out), ray={"num_cpus": 2}, sink={"commit_slides": 1})
+    cfg = job_config(str(manifest), str(out), ["bench-null"], ray={"num_cpus": 2},
+                     sink={"commit_slides": 1, "writers": SEVERAL_WRITERS})
+    cfg.models[0].batch_size = 8
+    return cfg
 
 
 def job_file(tmp: Path, manifest: Path, out: Path, name: str) -> Path:
@@ -92,7 +103,8 @@ def test_kill_mid_job_then_rerun_equals_uninterrupted_run(cohort: tuple[Path, in
     assert run_job(job_cfg(manifest, clean))["status"] == "succeeded"
 
     job = job_file(tmp_path, manifest, killed, "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job)], env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job)],
+                            env=KILLED_RUN_ENV,
                             cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -124,7 +136,8 @@ def test_kill_mid_job_then_rerun_equals_uninterrupted_run(cohort: tuple[Path, in
     # what that left in the lake.
     assert run_job(job_cfg(manifest, killed))["status"] == "succeeded"
     # Batches group tiles differently between runs; CPU matmul results may differ in the
-    # last bits, so embeddings are compared to fp16 resolution.
+    # last bits, so embeddings are compared to fp16 resolution (the model pools each tile's
+    # pixels: its embeddings are the tiles', as a network's would be).
     assert_same_lake(lake_snapshot(str(clean)), lake_snapshot(str(killed)), atol=2e-3)
     # The re-run took over the dead run's lease, and so knows it died: its record says so.
     records = {r["run_id"]: r for r in (json.loads(f.read_text())

@@ -15,6 +15,7 @@ from typing import Any
 import boto3
 import pytest
 from jobkit import (
+    SEVERAL_WRITERS,
     assert_same_lake,
     errors_by_slide,
     generated_cohort,
@@ -57,6 +58,7 @@ def config(endpoint: str, out: str, scratch: Path, **storage: Any) -> JobConfig:
     return job_config(f"s3://{BUCKET}/m.csv", out, ["bench-null"],
                       storage={"endpoint_url": endpoint, "scratch_dir": str(scratch), **storage},
                       sink={"commit_slides": 1, "commit_seconds": 0.2,
+                            "writers": SEVERAL_WRITERS,
                             "unsaved_dir": str(scratch.parent / "unsaved")})
 
 

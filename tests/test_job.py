@@ -19,6 +19,7 @@ import yaml
 from fsspec.implementations.local import LocalFileSystem
 from jobkit import (
     DATA,
+    SEVERAL_WRITERS,
     assert_same_lake,
     embeddings,
     errors_by_slide,
@@ -265,7 +266,8 @@ def test_streaming_commits_before_tiling_ends_and_tiler_memory_is_flat(
     # the encoder, as it would with large slides and a full object store on a cluster.
     record = run_job(job_config(str(manifest), out,
                                 ray={"tiling_concurrency": 1,
-                                     "object_store_budget_gb": 0.01}))
+                                     "object_store_budget_gb": 0.01},
+                                sink={"writers": SEVERAL_WRITERS}))
     # The budget was this job's: the next job in this process starts from Ray's defaults.
     after = ray.data.DataContext.get_current().execution_options.resource_limits
     assert after.object_store_memory == before.object_store_memory != 0.01 * 2**30

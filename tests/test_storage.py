@@ -97,18 +97,39 @@ def test_retries_transient_but_not_permanent_errors() -> None:
     assert len(calls) == 1
 
 
-def test_retries_stop_at_the_budget_with_a_clear_error() -> None:
+@pytest.fixture
+def test_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """This thread's monotonic clock, advanced only by its own sleeps: a retry loop's
+    decisions without the real clock (a loaded machine oversleeps), other threads untouched."""
+    me, real_sleep, real_monotonic = threading.get_ident(), time.sleep, time.monotonic
+    now = [1000.0]
+
+    def sleep(seconds: float) -> None:
+        if threading.get_ident() != me:
+            return real_sleep(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    monkeypatch.setattr(time, "monotonic",
+                        lambda: now[0] if threading.get_ident() == me else real_monotonic())
+    return now
+
+
+def test_retries_stop_at_the_budget_with_a_clear_error(test_clock: list[float]) -> None:
     calls = []
 
     def throttled() -> None:
         calls.append(time.monotonic())
         raise OSError(16, "Please reduce your request rate.")  # s3fs's SlowDown
 
-    with pytest.raises(StorageUnavailable, match=r"put x: storage kept failing for .* "
+    with pytest.raises(StorageUnavailable, match=r"put x: storage kept failing for 0\.[23] s .* "
                        r"storage.retry_budget_s=0.3") as info:
         with_retries(throttled, RetryPolicy(retries=1000, budget_s=0.3, base_s=0.01,
                                             max_backoff_s=0.05), what="put x")
-    assert len(calls) > 2 and calls[-1] - calls[0] <= 0.3
+    # Retried while a next wait still fitted in the budget, and not after.
+    waits = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    assert len(calls) > 2 and calls[-1] - calls[0] <= 0.3 and max(waits) <= 0.05
+    assert calls[-1] - calls[0] >= 0.3 - 0.05, "stopped while a wait still fitted"
     assert "reduce your request rate" in str(info.value)
     # an inner call that spent its budget is not retried again by an outer one
     assert not is_transient(info.value)

@@ -12,9 +12,10 @@ entry says ``preprocess_on="model"``: the generic float conversion and normalisa
 cost ~20x the pooling). It also accepts the generic preprocessing's output (N, 3, H, W), which
 for this entry (mean 0, std 1) is pixels / 255; both give the same embedding up to rounding.
 
-``WSI_BENCH_DEVICE_MS_PER_TILE`` (benchmarks only) makes each forward also wait that long per
-tile without using a CPU: a stand-in for a GPU's time, so that a benchmark on a machine
-without GPUs can show whether several encoder pools really work at the same time.
+``WSI_BENCH_DEVICE_MS_PER_TILE`` (benchmarks and tests, never a job's config) makes each forward
+also wait that long per tile without using a CPU: a stand-in for a GPU's time, so that a
+benchmark on a machine without GPUs can show whether several encoder pools really work at the
+same time, and a test can hold a job mid-run (killed, or a node lost) without computing.
 """
 
 from __future__ import annotations
