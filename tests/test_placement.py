@@ -69,6 +69,7 @@ def test_the_slide_encoder_follows_its_own_device() -> None:
     assert cpu_tiles.slide_gpus == {"gigapath-slide": 0.25}
 
 
+@pytest.mark.slow
 def test_a_job_on_a_ray_that_declares_one_gpu_runs_both_models_on_it(tmp_path: Path) -> None:
     """A real local Ray that says it has one GPU (it has none: the actors fall back to CPU,
     placement is what is tested): two GPU models of one pass ask half a GPU each."""
