@@ -35,14 +35,6 @@ def serve(args: list[str], what: str) -> tuple[subprocess.Popen, int]:
     return proc, int(line)
 
 
-def free_port() -> int:
-    """A port nothing listens on now (for Ray's own servers, which need one given, and for a
-    dead endpoint); our own servers bind port 0 instead (serve)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def dead_endpoint() -> Iterator[str]:
     """The URL of a port that refuses connections for as long as the block runs: bound by

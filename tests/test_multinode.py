@@ -34,7 +34,6 @@ from jobkit import (
     write_job,
     write_manifest,
 )
-from lake_fixtures import free_port
 from slidegen import write_pyramid_svs
 
 from pipeline.config import build_config
@@ -125,12 +124,30 @@ class Cluster:
 
     def start_node(self, name: str, resources: dict[str, float], cpus: int = 1) -> None:
         # No --temp-dir: a node joining a head on the same host takes the head's session dir.
-        # Each node's dashboard agent needs its own HTTP port (Ray's default is fixed).
+        # Each node's dashboard agent needs a port of its own (Ray's default is one fixed
+        # port): 0, so that it binds a free one itself.
         self.procs[name] = self.spawn(name, [
             str(BIN / "ray"), "start", "--block", f"--address={self.gcs}",
             "--node-ip-address=127.0.0.1", f"--node-name={name}", f"--num-cpus={cpus}",
             "--num-gpus=0", f"--resources={json.dumps(resources)}", STORE,
-            f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"])
+            "--dashboard-agent-listen-port=0", "--disable-usage-stats"])
+
+    def read_head_addresses(self, timeout: float = 120) -> None:
+        """The GCS and dashboard addresses of a head that chose its own ports (``--port=0``,
+        ``--dashboard-port=0``: no port picked here and bound later, which another process
+        could take meanwhile), from the lines `ray start` prints once the head is up."""
+        log = Path(f"{self.temp}/head.log")
+        deadline = time.time() + timeout
+        while True:
+            assert self.procs["head"].poll() is None, log.read_text()[-3000:]
+            text = log.read_text(errors="replace")
+            gcs = re.search(r"ray start --address='[^']*:(\d+)'", text)
+            dashboard = re.search(r"RAY_API_SERVER_ADDRESS='(http://127\.0\.0\.1:\d+)'", text)
+            if gcs and dashboard:
+                self.gcs, self.dashboard = f"127.0.0.1:{gcs.group(1)}", dashboard.group(1)
+                return
+            assert time.time() < deadline, "the head did not print its addresses:\n" + text
+            time.sleep(0.5)
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         """A node in its own process group (so it can be stopped, or lost, as a whole)."""
@@ -164,16 +181,14 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """Head (0 CPUs, no custom resources) + one tiler node + one encoder node; always stopped."""
     temp = tempfile.mkdtemp(prefix="rm", dir="/tmp")  # short: unix socket paths are limited
     failed_before = request.session.testsfailed
-    dash_port = free_port()
-    c = Cluster(gcs=f"127.0.0.1:{free_port()}", dashboard=f"http://127.0.0.1:{dash_port}",
-                temp=temp)
+    c = Cluster(gcs="", dashboard="", temp=temp)  # addresses: read once the head is up
     c.procs["head"] = c.spawn("head", [
         str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={c.gcs.rsplit(':', 1)[1]}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash_port}", "--num-cpus=0", "--num-gpus=0", f"--temp-dir={temp}",
-         "--include-dashboard=true", STORE, f"--dashboard-agent-listen-port={free_port()}",
-         "--disable-usage-stats"])
+         "--port=0", "--dashboard-host=127.0.0.1", "--dashboard-port=0", "--num-cpus=0",
+         "--num-gpus=0", f"--temp-dir={temp}", "--include-dashboard=true", STORE,
+         "--dashboard-agent-listen-port=0", "--disable-usage-stats"])
     try:
+        c.read_head_addresses()
         deadline = time.time() + 120
         while True:
             assert c.procs["head"].poll() is None, "ray start --head exited"
