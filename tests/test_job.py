@@ -558,8 +558,7 @@ def test_readme_python_api_runs_verbatim(tmp_path: Path, monkeypatch: pytest.Mon
     cfg = job_config("m.csv", "lake", ["bench-null"])
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg.model_dump(exclude_defaults=True)))
     monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    scope = exec_snippet(code, "lake")
     assert scope["record"]["status"] == "succeeded"
     assert scope["record"]["config"]["tiling"]["min_tissue"] == 0.5
     assert sorted(scope["slides"]["slide_id"].to_pylist()) == ["s0", "s1"]

@@ -122,6 +122,10 @@ class Cluster:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     ids: dict[str, str] = field(default_factory=dict)
 
+    def log(self, name: str) -> Path:
+        """Where the node ``name`` writes its output (kept after a failed test)."""
+        return Path(self.temp) / f"{name}.log"
+
     def start_node(self, name: str, resources: dict[str, float], cpus: int = 1) -> None:
         # No --temp-dir: a node joining a head on the same host takes the head's session dir.
         # Each node's dashboard agent needs a port of its own (Ray's default is one fixed
@@ -136,7 +140,7 @@ class Cluster:
         """The GCS and dashboard addresses of a head that chose its own ports (``--port=0``,
         ``--dashboard-port=0``: no port picked here and bound later, which another process
         could take meanwhile), from the lines `ray start` prints once the head is up."""
-        log = Path(f"{self.temp}/head.log")
+        log = self.log("head")
         deadline = time.time() + timeout
         while True:
             assert self.procs["head"].poll() is None, log.read_text()[-3000:]
@@ -151,7 +155,7 @@ class Cluster:
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         """A node in its own process group (so it can be stopped, or lost, as a whole)."""
-        with open(f"{self.temp}/{name}.log", "ab") as log:
+        with self.log(name).open("ab") as log:
             return subprocess.Popen(args, env=ENV, start_new_session=True, stdout=log,
                                     stderr=subprocess.STDOUT)
 
@@ -162,8 +166,7 @@ class Cluster:
         deadline = time.time() + timeout
         while True:
             for name in names:
-                assert self.procs[name].poll() is None, \
-                    Path(f"{self.temp}/{name}.log").read_text()[-3000:]
+                assert self.procs[name].poll() is None, self.log(name).read_text()[-3000:]
             alive = {n.node_name: n for n in list_nodes(address=self.dashboard, timeout=10)
                      if n.state == "ALIVE"}
             if all(n in alive for n in names):
