@@ -1,4 +1,6 @@
-"""End-to-end jobs on a real local Ray: outputs per the contract, refresh, streaming, S3."""
+"""End-to-end jobs on a real local Ray: outputs per the contract, the README's read paths and
+Python API, progress and status, the plan's estimate, plain images, the whole job in S3.
+(Re-runs and failures: test_refresh.py; a job over time: test_streaming.py.)"""
 
 from __future__ import annotations
 
@@ -14,19 +16,14 @@ import numpy as np
 import openslide
 import pyarrow as pa
 import pytest
-import ray
 import yaml
-from fsspec.implementations.local import LocalFileSystem
 from jobkit import (
     DATA,
-    SEVERAL_WRITERS,
-    assert_same_lake,
     embeddings,
     errors_by_slide,
     exec_snippet,
     generated_cohort,
     job_config,
-    lake_snapshot,
     readme_blocks,
     readme_read_snippets,
     write_manifest,
@@ -34,10 +31,9 @@ from jobkit import (
 from PIL import Image
 from slidegen import write_blank_slide, write_not_a_slide, write_pyramid_svs, write_truncated
 
-from pipeline.config import ConfigError, StorageConfig
+from pipeline.config import StorageConfig
 from pipeline.run import run_job
-from pipeline.sink import duckdb_connect, read_errors, read_slides, read_tiles
-from pipeline.storage import fingerprint
+from pipeline.sink import read_slides, read_tiles
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -203,96 +199,6 @@ def test_readme_read_paths_run_verbatim(contract_lake: tuple[str, dict]) -> None
     assert callable(spark["read_committed"])
 
 
-def test_incremental_refresh(slide_dir: Path, tmp_path: Path) -> None:
-    d = tmp_path / "slides"
-    d.mkdir()
-    for name in ("a", "b"):
-        write_pyramid_svs(d / f"{name}.svs", width=1400, height=1100, mpp=0.5, levels=(1, 4),
-                          seed=ord(name))
-    rows = [{"slide_id": n, "uri": str(d / f"{n}.svs"), "cohort": "c"} for n in ("a", "b")]
-    manifest = write_manifest(tmp_path / "m.csv", rows)
-    out = str(tmp_path / "lake")
-    # The refresh rules are the model's work key, not its maths: the benchmark model
-    # (pixels pooled, no network) stands in for a real one.
-    cfg = job_config(str(manifest), out, models=["bench-null"])
-
-    first = run_job(cfg)
-    assert first["counts"]["committed"] == {"bench-null": 2}
-    before = lake_snapshot(out)
-
-    second = run_job(cfg)  # nothing changed: no model work at all
-    assert second["plan"]["slides_to_process"] == 0
-    assert second["counts"]["tiles_encoded"] == {"bench-null": 0}
-    assert_same_lake(before, lake_snapshot(out))
-
-    write_pyramid_svs(d / "c.svs", width=1400, height=1100, mpp=0.5, levels=(1, 4), seed=3)
-    write_manifest(tmp_path / "m.csv", [*rows, {"slide_id": "c", "uri": str(d / "c.svs"),
-                                                "cohort": "c"}])
-    third = run_job(cfg)  # a new slide: only it
-    assert [s["slide_id"] for s in third["slides"]] == ["c"]
-
-    write_pyramid_svs(d / "a.svs", width=1500, height=1100, mpp=0.5, levels=(1, 4), seed=9)
-    fourth = run_job(cfg)  # a rewritten file: only it, replacing its rows
-    assert [s["slide_id"] for s in fourth["slides"]] == ["a"]
-    a_tiles = read_tiles(out).filter(pa.compute.equal(read_tiles(out)["slide_id"], "a"))
-    a_row = read_slides(out).filter(pa.compute.equal(read_slides(out)["slide_id"], "a"))
-    assert a_tiles.num_rows == a_row["num_tiles"][0].as_py()
-    assert a_row["width"][0].as_py() == 1500
-
-    # bench-null-256: 256 px tiles and 1024 dimensions, as UNI has, without its ViT-L on CPU
-    cfg2 = job_config(str(manifest), out, models=["bench-null", "bench-null-256"])
-    fifth = run_job(cfg2)  # a new model: all slides, that model only
-    assert fifth["counts"]["tiles_encoded"]["bench-null"] == 0
-    assert fifth["counts"]["committed"] == {"bench-null": 0, "bench-null-256": 3}
-    other = read_tiles(out, model="bench-null-256")
-    assert other.schema.field("embedding").type == pa.list_(pa.float32(), 1024)
-    assert run_job(cfg2)["plan"]["slides_to_process"] == 0
-
-
-def test_streaming_commits_before_tiling_ends_and_tiler_memory_is_flat(
-        tmp_path: Path) -> None:
-    d = tmp_path / "slides"
-    d.mkdir()
-    n = 14
-    rows = []
-    for i in range(n):
-        write_pyramid_svs(d / f"s{i}.svs", width=1400, height=1100, mpp=0.5, levels=(1, 4),
-                          seed=i)
-        rows.append({"slide_id": f"s{i:02d}", "uri": str(d / f"s{i}.svs"), "cohort": "c"})
-    manifest = write_manifest(tmp_path / "m.csv", rows)
-    out = str(tmp_path / "lake")
-    before = ray.data.DataContext.get_current().execution_options.resource_limits
-    # A 10 MB budget holds ~70 tiles of 224 px: tiling may run only a few slides ahead of
-    # the encoder, as it would with large slides and a full object store on a cluster.
-    record = run_job(job_config(str(manifest), out,
-                                ray={"tiling_concurrency": 1,
-                                     "object_store_budget_gb": 0.01},
-                                sink={"writers": SEVERAL_WRITERS}))
-    # The budget was this job's: the next job in this process starts from Ray's defaults.
-    after = ray.data.DataContext.get_current().execution_options.resource_limits
-    assert after.object_store_memory == before.object_store_memory != 0.01 * 2**30
-    assert record["counts"]["committed"] == {"kaiko-vits16": n}
-    timings = record["slides"]
-    last_tiled = max(s["last_chunk_at"] for s in timings)
-    first_commit = min(s["committed_at"] for s in timings)
-    assert first_commit < last_tiled, "no slide was committed before the last slide was tiled"
-    # The generated TIFFs take the direct JPEG reader, and the record says so per slide.
-    assert {s["reader"] for s in timings} == {"tiff"}
-    # The first encoded rows reached the driver no later than the first commit.
-    assert record["first_batch"]["rows"] > 0 and record["first_batch"]["at"] <= first_commit
-    # Slides committed while the job ran, in several transactions, not all at its end.
-    assert record["commits"]["count"] >= 2
-    assert len({s["committed_at"] for s in timings}) >= 2
-    # Tiler memory does not grow with the number of slides processed by a worker.
-    by_pid: dict[int, list[float]] = {}
-    for s in sorted(timings, key=lambda s: s["tiling_started_at"]):
-        by_pid.setdefault(s["tiler_pid"], []).append(s["tiler_peak_rss_mb"])
-    longest = max(by_pid.values(), key=len)
-    assert len(longest) >= 4
-    early, late = max(longest[:3]), max(longest)
-    assert late <= early * 1.15 + 40, f"tiler RSS grew from {early:.0f} to {late:.0f} MB"
-
-
 def test_whole_job_in_s3(slide_dir: Path, s3_endpoint: str, s3_bucket: str,
                          tmp_path: Path) -> None:
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -323,167 +229,6 @@ def test_whole_job_in_s3(slide_dir: Path, s3_endpoint: str, s3_bucket: str,
     assert not os.listdir(tmp_path / "scratch") or all(
         f.startswith(".") for f in os.listdir(tmp_path / "scratch"))  # staged slides removed
     assert run_job(cfg)["plan"]["slides_to_process"] == 0
-
-
-def test_models_of_different_tile_specs_run_at_once(tmp_path: Path) -> None:
-    """Three tiling specs (224, 256 and 512 px): three passes, streaming at the same time."""
-    rows = generated_cohort(tmp_path / "slides", 4, seed=40, width=2400, height=1800)
-    manifest = write_manifest(tmp_path / "m.csv", rows)
-    out = str(tmp_path / "lake")
-    models = ["bench-null", "bench-null-256", "bench-null-512"]
-    cfg = job_config(str(manifest), out, models=models, tiling={"chunk_tiles": 16},
-                     ray={"tiling_cpus": 0.4, "encoder_cpus": 0.2},
-                     sink={"commit_slides": 1})
-    record = run_job(cfg)
-    assert record["passes"] == "concurrent"
-    assert record["counts"]["committed"] == {m: 4 for m in models}
-    spans = {}
-    for m in models:
-        mine = [s for s in record["slides"] if s["models"] == [m]]
-        assert len(mine) == 4
-        spans[m] = (min(s["tiling_started_at"] for s in mine),
-                    max(s["committed_at"] for s in mine))
-    # every pass started before any pass had finished
-    assert max(a for a, _ in spans.values()) < min(b for _, b in spans.values()), spans
-    px = {m: read_tiles(out, model=m)["tile_px"].unique().to_pylist() for m in models}
-    assert px == {"bench-null": [224], "bench-null-256": [256], "bench-null-512": [512]}
-
-
-def test_too_many_failed_slides_fail_the_run(slide_dir: Path, tmp_path: Path) -> None:
-    rows = generated_cohort(tmp_path / "slides", 1, seed=23) + [
-        {"slide_id": f"gone{i}", "uri": str(slide_dir / f"gone{i}.svs")} for i in range(3)]
-    manifest = write_manifest(tmp_path / "m.csv", rows)
-    out = str(tmp_path / "lake")
-    record = run_job(job_config(str(manifest), out, ["bench-null"], max_failed_fraction=0.5))
-    assert record["counts"]["committed"] == {"bench-null": 1}
-    assert record["status"] == "failed" and "75% of the slides failed" in record["error"]
-    # the default fails only a run that committed nothing
-    record = run_job(job_config(str(manifest), str(tmp_path / "lake2"), ["bench-null"]))
-    assert record["status"] == "succeeded"
-
-
-def test_a_slide_replaced_after_planning_is_not_committed_as_planned(
-        slide_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.run
-
-    d = tmp_path / "slides"
-    rows = generated_cohort(d, 2, seed=5)
-    manifest = write_manifest(tmp_path / "m.csv", rows)
-    real_plan = pipeline.run.plan_job
-
-    def plan_then_replace(*args: object, **kwargs: object) -> object:
-        plan = real_plan(*args, **kwargs)
-        # A user replaces s1 with another scan just after the job planned it.
-        write_pyramid_svs(d / "s1.svs", width=1400, height=1100, mpp=0.5, levels=(1, 4),
-                          seed=99)
-        return plan
-
-    monkeypatch.setattr(pipeline.run, "plan_job", plan_then_replace)
-    out = str(tmp_path / "lake")
-    record = run_job(job_config(str(manifest), out, ["bench-null"]))
-    assert record["counts"]["committed"] == {"bench-null": 1}
-    err = errors_by_slide(out, record["run_id"])["s1"]
-    assert err["stage"] == "changed" and "changed during the run" in err["reason"]
-    monkeypatch.undo()
-    # The next run plans the new bytes and commits them with their own fingerprint.
-    again = run_job(job_config(str(manifest), out, ["bench-null"]))
-    assert again["counts"]["committed"] == {"bench-null": 1}
-    slides = read_slides(out)
-    fp = dict(zip(slides["slide_id"].to_pylist(), slides["fingerprint"].to_pylist(), strict=True))
-    assert fp["s1"] == str(fingerprint(LocalFileSystem(), str(d / "s1.svs")))
-
-
-def test_an_encoder_that_cannot_start_fails_the_job_with_its_cause(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The weights pass the driver's check, then vanish before the actors load them (a node
-    without the file): the job ends, and says why in plain text, in the record and rows."""
-    import timm
-    from safetensors.torch import save_file
-
-    import pipeline.run
-    from pipeline.models import registry
-
-    rows = generated_cohort(tmp_path / "slides", 2, seed=3)
-    manifest = write_manifest(tmp_path / "m.csv", rows)
-    spec = registry.get("kaiko-vits16")
-    model = timm.create_model(spec.timm_name, pretrained=False, **dict(spec.timm_kwargs))
-    weights = tmp_path / "kaiko.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    real_plan = pipeline.run.plan_job
-
-    def plan_then_remove(*args: object, **kwargs: object) -> object:
-        plan = real_plan(*args, **kwargs)
-        weights.unlink()
-        return plan
-
-    monkeypatch.setattr(pipeline.run, "plan_job", plan_then_remove)
-    cfg = job_config(str(manifest), str(tmp_path / "lake"))
-    cfg.models[0].weights = str(weights)
-    with pytest.raises(Exception, match="creation task"):
-        run_job(cfg)
-    (record_file,) = (tmp_path / "lake" / "runs").glob("*.json")
-    record = json.loads(record_file.read_text())
-    cause = ("an actor failed to start: WeightsError: kaiko-vits16: weights file "
-             f"'{weights}' not found on this node")
-    assert record["status"] == "failed" and record["error"].startswith(cause)
-    errs = errors_by_slide(str(tmp_path / "lake"), record["run_id"])
-    assert set(errs) == {"s0", "s1"}
-    assert all(cause in e["reason"] and "\x1b" not in e["reason"] for e in errs.values())
-
-
-def test_two_cpu_models_on_two_cores_fit_themselves(tmp_path: Path) -> None:
-    """One tiling task (1 CPU) and two CPU encoder actors (1 CPU each) cannot all hold a slot
-    on 2 cores: Ray would wait for ever. The job lowers ray.encoder_cpus to fit."""
-    rows = generated_cohort(tmp_path / "slides", 2, seed=21)
-    manifest = write_manifest(tmp_path / "m.csv", rows)
-    cfg = job_config(str(manifest), str(tmp_path / "lake"), ["bench-null", "kaiko-vits16"])
-    for m in cfg.models:
-        m.device = "cpu"
-    assert cfg.ray.encoder_cpus == 1.0 and cfg.ray.tiling_cpus == 1.0
-    record = run_job(cfg)
-    assert record["status"] == "succeeded"
-    assert record["placement"]["encoder_cpus"] == 0.5
-    assert record["counts"]["committed"] == {"bench-null": 2, "kaiko-vits16": 2}
-
-
-def test_more_actors_than_cores_can_hold_are_refused(tmp_path: Path) -> None:
-    rows = generated_cohort(tmp_path / "slides", 1, seed=22)
-    manifest = write_manifest(tmp_path / "m.csv", rows)
-    cfg = job_config(str(manifest), str(tmp_path / "lake"), ["bench-null"])
-    cfg.models[0].actors = 12
-    cfg.models[0].device = "cpu"
-    with pytest.raises(ConfigError, match=r"12 encoder actors .* need 13 CPUs but this Ray "
-                       r"has 2: lower models\[\]\.actors, or --set ray.tiling_cpus=0.5 --set "
-                       r"ray.encoder_cpus=0.12"):
-        run_job(cfg)
-
-
-def test_errors_now_is_the_status_per_slide_and_model(tmp_path: Path) -> None:
-    d = tmp_path / "slides"
-    rows = generated_cohort(d, 2, seed=31)
-    rows.append({"slide_id": "late", "uri": str(d / "late.svs"), "cohort": "c"})
-    rows.append({"slide_id": "never", "uri": str(d / "never.svs"), "cohort": "c"})
-    write_blank_slide(d / "blank.svs")  # fails in tiling: a row per model
-    rows.append({"slide_id": "blank", "uri": str(d / "blank.svs"), "cohort": "c"})
-    manifest = write_manifest(tmp_path / "m.csv", rows)
-    out = str(tmp_path / "lake")
-    cfg = job_config(str(manifest), out, ["bench-null", "bench-null-256"])
-    first = run_job(cfg)
-    shutil.copy(d / "s0.svs", d / "late.svs")  # the missing slide arrives
-    second = run_job(cfg)
-    models = ("bench-null", "bench-null-256")
-    history = {(r["slide_id"], r["model"], r["run_id"]) for r in read_errors(out).to_pylist()}
-    # missing files fail before any model: one row (no model); tiling failures: one per model
-    assert history == {("late", None, first["run_id"])} | {
-        ("never", None, run["run_id"]) for run in (first, second)} | {
-        ("blank", m, run["run_id"]) for m in models for run in (first, second)}
-    now = {(r["slide_id"], r["model"], r["run_id"])
-           for r in read_errors(out, current=True).to_pylist()}
-    assert now == {("never", None, second["run_id"])} | {
-        ("blank", m, second["run_id"]) for m in models}
-    con = duckdb_connect(out)
-    assert con.sql("SELECT count(*) FROM errors_now").fetchall() == [(3,)]
-    assert con.sql("SELECT count(DISTINCT run_id) FROM errors").fetchall() == [(2,)]
 
 
 def test_plan_estimate_matches_the_run(slide_dir: Path, tmp_path: Path, capsys) -> None:

@@ -1,4 +1,5 @@
-"""GPU placement fits the cluster or stops with the settings to change (pipeline.placement)."""
+"""Placement (pipeline.placement): encoder actors' GPU and CPU shares fit the cluster, or the job
+stops with the settings to change."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from jobkit import REPO, generated_cohort, job_config, write_job, write_manifest
 
 from pipeline.config import ConfigError, JobConfig, build_config
 from pipeline.placement import place
+from pipeline.run import run_job
 
 
 def cfg_of(models: list[dict[str, Any]], **ray: Any) -> JobConfig:
@@ -86,3 +88,32 @@ def test_a_job_on_a_ray_that_declares_one_gpu_runs_both_models_on_it(tmp_path: P
     record = json.loads(record_file.read_text())
     assert record["placement"]["gpus_per_actor"] == {"bench-null": 0.5, "kaiko-vits16": 0.5}
     assert record["counts"]["committed"] == {"bench-null": 2, "kaiko-vits16": 2}
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_two_cpu_models_on_two_cores_fit_themselves(tmp_path: Path) -> None:
+    """One tiling task (1 CPU) and two CPU encoder actors (1 CPU each) cannot all hold a slot
+    on 2 cores: Ray would wait for ever. The job lowers ray.encoder_cpus to fit."""
+    rows = generated_cohort(tmp_path / "slides", 2, seed=21)
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    cfg = job_config(str(manifest), str(tmp_path / "lake"), ["bench-null", "kaiko-vits16"])
+    for m in cfg.models:
+        m.device = "cpu"
+    assert cfg.ray.encoder_cpus == 1.0 and cfg.ray.tiling_cpus == 1.0
+    record = run_job(cfg)
+    assert record["status"] == "succeeded"
+    assert record["placement"]["encoder_cpus"] == 0.5
+    assert record["counts"]["committed"] == {"bench-null": 2, "kaiko-vits16": 2}
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_more_actors_than_cores_can_hold_are_refused(tmp_path: Path) -> None:
+    rows = generated_cohort(tmp_path / "slides", 1, seed=22)
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    cfg = job_config(str(manifest), str(tmp_path / "lake"), ["bench-null"])
+    cfg.models[0].actors = 12
+    cfg.models[0].device = "cpu"
+    with pytest.raises(ConfigError, match=r"12 encoder actors .* need 13 CPUs but this Ray "
+                       r"has 2: lower models\[\]\.actors, or --set ray.tiling_cpus=0.5 --set "
+                       r"ray.encoder_cpus=0.12"):
+        run_job(cfg)
