@@ -4,9 +4,10 @@ import os
 
 # Each pytest worker (pytest-xdist, Makefile: TEST_WORKERS) gets its share of the cores for
 # torch and OpenBLAS: with every worker taking all of them, the cores are oversubscribed and
-# idle OpenMP threads spin (measured: a tenth of the suite's CPU time). Ray's workers set their
-# own (the job's encoder CPUs); a value set by the caller wins. (Only in a worker: xdist's
-# controller imports this file too, and its workers inherit its environment.)
+# idle OpenMP threads spin (measured: the torch-heavy test files ran in a third less time).
+# Ray's workers set their own (the job's encoder CPUs); a value set by the caller wins. Only
+# in a worker: xdist's controller imports this file too, and its workers inherit its
+# environment.
 if "PYTEST_XDIST_WORKER" in os.environ:
     _WORKERS = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))

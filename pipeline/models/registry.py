@@ -282,11 +282,9 @@ def embed(spec: TileModelSpec, model: torch.nn.Module, x: torch.Tensor) -> torch
 
 
 @functools.cache
-@functools.cache
 def flops_per_tile(model_id: str) -> float:
     """Forward FLOPs for one tile at the model's input size, counted on the meta device (no
-    memory, no weights): the compute cost that sets GPU-hours for a cohort. A fact of the
-    registry entry, so counted once per process (the README table sorts by it, then prints it)."""
+    memory, no weights): the compute cost that sets GPU-hours for a cohort."""
     from torch.utils.flop_counter import FlopCounterMode
 
     spec = get(model_id)
