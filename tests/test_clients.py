@@ -423,6 +423,7 @@ def test_spark_reads_the_committed_parquet_files(lake: Written) -> None:
     pytest.importorskip("pyspark")
     if not _java_ok():
         pytest.skip("no Java runtime for Spark (JAVA_HOME or java on PATH)")
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
     from pyspark.sql.types import ArrayType, FloatType
 
@@ -456,3 +457,10 @@ def test_spark_reads_the_committed_parquet_files(lake: Written) -> None:
             assert {len(r.embedding) for r in rows} == {dim}
     finally:
         spark.stop()
+        # stop() leaves the JVM up (and ticking: a few % of a core) for the rest of this pytest
+        # worker; an EOF on its stdin is pyspark's own signal for it to exit.
+        gateway = SparkContext._gateway
+        gateway.shutdown()
+        gateway.proc.stdin.close()
+        gateway.proc.wait(60)
+        SparkContext._gateway = SparkContext._jvm = None
