@@ -23,12 +23,10 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/python -m pipeline demo --output demo-output
 
-# Three pytest workers (pytest-xdist), a whole test file each at a time (--dist loadfile keeps
-# a file's shared Ray, S3 server and clusters in one worker); each worker starts its own
-# 2-CPU local Ray. Three on a 2-core CI machine: many tests wait (storage retries and
-# outages, a stand-in GPU's time, node health checks), and a third worker fills those waits
-# (measured there: 453 s with two, 408 s with three). TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 3
+# Two pytest workers (pytest-xdist), a whole test file each at a time (--dist loadfile keeps a
+# file's shared Ray, S3 server and clusters in one worker); each worker starts its own
+# 2-CPU local Ray. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 
 test: setup
 	$(BIN)/ruff check pipeline tests
