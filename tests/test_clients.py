@@ -460,7 +460,8 @@ def test_spark_reads_the_committed_parquet_files(lake: Written) -> None:
         # stop() leaves the JVM up (and ticking: a few % of a core) for the rest of this pytest
         # worker; an EOF on its stdin is pyspark's own signal for it to exit.
         gateway = SparkContext._gateway
-        gateway.shutdown()
-        gateway.proc.stdin.close()
-        gateway.proc.wait(60)
-        SparkContext._gateway = SparkContext._jvm = None
+        if gateway is not None and getattr(gateway, "proc", None) is not None:  # we launched it
+            gateway.shutdown()
+            gateway.proc.stdin.close()
+            gateway.proc.wait(60)
+            SparkContext._gateway = SparkContext._jvm = None
