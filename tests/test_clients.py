@@ -441,7 +441,7 @@ def test_spark_reads_the_committed_parquet_files(lake: Written) -> None:
                          for code in readme_read_snippets() if "def read_committed" in code)
     try:
         for model, dim in MODELS.items():
-            committed_files(lake, model)  # the premise: committed slides only, no orphan
+            committed_files(lake, model)  # asserts: the slides rows name committed slides only
             tiles, slides = read_committed(spark, lake.url, model)
             assert tiles.schema["embedding"].dataType == ArrayType(FloatType(), True)
             rows = tiles.select("slide_id", "tile_index", "cohort", "work_key",

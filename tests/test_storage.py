@@ -98,7 +98,7 @@ def test_retries_transient_but_not_permanent_errors() -> None:
 
 
 @pytest.fixture
-def test_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """This thread's monotonic clock, advanced only by its own sleeps: a retry loop's
     decisions without the real clock (a loaded machine oversleeps), other threads untouched."""
     me, real_sleep, real_monotonic = threading.get_ident(), time.sleep, time.monotonic
@@ -115,7 +115,7 @@ def test_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return now
 
 
-def test_retries_stop_at_the_budget_with_a_clear_error(test_clock: list[float]) -> None:
+def test_retries_stop_at_the_budget_with_a_clear_error(fake_clock: list[float]) -> None:
     calls = []
 
     def throttled() -> None:
